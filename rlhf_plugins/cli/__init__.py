@@ -1,0 +1,1 @@
+"""The `rlhf-plugins` command line: one module per command group, discovered by `main`."""
