@@ -1,0 +1,286 @@
+"""The whole pipeline in one command: SFT -> reward model -> rejection sampling -> PPO.
+
+Each stage is run by its own stage module (they wire TRL); this module only orders them, passes
+each stage the previous stage's output, evaluates held-out verifiable accuracy after every
+stage, skips stages whose output is up to date (same config hash), resumes interrupted ones
+from their last checkpoint, and writes the report.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ..config import build_dataclass, config_hash, load_yaml
+from ..errors import ConfigError
+from ..report import atomic_write_text, write_report
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("sft", "reward_model", "rejection_sampling", "ppo")
+DONE_FILE = "stage_done.json"
+
+
+@dataclass
+class TaskSettings:
+    """The built-in synthetic verifiable task: sizes and seed."""
+
+    n_train: int = 256
+    n_eval: int = 40
+    seed: int = 0
+
+
+@dataclass
+class EvalSettings:
+    """Held-out evaluation after every stage (greedy decoding, `exact_answer`)."""
+
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    samples_in_report: int = 3
+    reward_functions: list[str] = field(default_factory=lambda: ["exact_answer"])
+
+
+@dataclass
+class PipelineSettings:
+    """A pipeline config: shared settings plus one section per stage (each stage's own fields)."""
+
+    model: str | None = None
+    output_dir: str = "runs/quickstart"
+    seed: int = 0
+    template: str = "chatml"
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    task: TaskSettings = field(default_factory=TaskSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    quantization: dict[str, Any] | None = None
+    lora: dict[str, Any] | None = None
+    sft: dict[str, Any] = field(default_factory=dict)
+    reward_model: dict[str, Any] = field(default_factory=dict)
+    rejection_sampling: dict[str, Any] = field(default_factory=dict)
+    ppo: dict[str, Any] = field(default_factory=dict)
+    smoke: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown stage(s) {unknown}; available: {list(STAGES)}")
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `override` merged in, recursively for nested mappings."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_pipeline_config(source: str | os.PathLike | Mapping[str, Any], *, smoke: bool = False,
+                         output_dir: str | None = None) -> PipelineSettings:
+    """Read a pipeline YAML (or mapping); `smoke` merges its `smoke:` section over the rest."""
+    data = dict(source) if isinstance(source, Mapping) else load_yaml(source)
+    where = "config" if isinstance(source, Mapping) else str(source)
+    if smoke:
+        data = deep_merge(data, data.get("smoke") or {})
+    if output_dir is not None:
+        data["output_dir"] = output_dir
+    return build_dataclass(PipelineSettings, data, where)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far (MB); GPU peak when CUDA is in use."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        import sys
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            return max(rss, torch.cuda.max_memory_allocated() / 2**20)
+    except Exception:  # noqa: BLE001 - memory reporting never fails a run
+        pass
+    return rss
+
+
+@dataclass
+class StageRecord:
+    """What a stage produced, as stored in its `stage_done.json`."""
+
+    name: str
+    hash: str
+    outputs: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    components: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    skipped: bool = False
+
+
+def run_stage(name: str, stage_dir: Path, stage_hash: str,
+              body: Callable[[Path], StageRecord]) -> StageRecord:
+    """Run `body` unless `stage_dir` holds a finished run with the same hash (then reuse it)."""
+    done = stage_dir / DONE_FILE
+    if done.is_file():
+        data = json.loads(done.read_text())
+        if data.get("hash") == stage_hash:
+            logger.info("stage %s: up to date (hash %s), skipped", name, stage_hash)
+            record = StageRecord(**data)
+            record.skipped = True
+            return record
+        logger.info("stage %s: config changed, rerunning", name)
+        done.unlink()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    record = body(stage_dir)
+    record.hash = stage_hash
+    record.wall_time_s = round(time.perf_counter() - start, 1)
+    record.peak_memory_mb = round(peak_memory_mb(), 1)
+    atomic_write_text(done, json.dumps(dataclasses.asdict(record), indent=2, default=str))
+    return record
+
+
+# --- the stages ---------------------------------------------------------------------------
+
+class Pipeline:
+    """Runs the configured stages in order, threading each stage's output into the next."""
+
+    def __init__(self, settings: PipelineSettings, config_label: str = "", smoke: bool = False):
+        self.s = settings
+        self.run_dir = Path(settings.output_dir)
+        self.data_dir = self.run_dir / "data"
+        self.config_label = config_label
+        self.smoke = smoke
+        self.records: dict[str, StageRecord] = {}
+        self.evals: dict[str, dict[str, Any]] = {}
+
+    # shared pieces ------------------------------------------------------------------------
+    def base_model(self) -> str:
+        from ..models import resolve_model
+        return resolve_model(self.s.model)
+
+    def common(self) -> dict[str, Any]:
+        """Fields every training stage inherits unless its section sets them."""
+        out: dict[str, Any] = {"template": self.s.template, "seed": self.s.seed}
+        if self.s.lora is not None:
+            out["lora"] = self.s.lora
+        if self.s.quantization is not None:
+            out["quantization"] = self.s.quantization
+        return out
+
+    def write_data(self) -> dict[str, str]:
+        """The synthetic task's datasets as JSONL under `run_dir/data` (deterministic)."""
+        from ..data import synth
+
+        t = self.s.task
+        files = {
+            "sft": ("sft_train.jsonl", synth.sft_rows(t.n_train, t.seed, "train")),
+            "preference": ("preference_train.jsonl", synth.preference_rows(t.n_train, t.seed + 1, "train")),
+            "rl": ("rl_train.jsonl", synth.rl_rows(t.n_train, t.seed + 2, "train")),
+            "eval": ("rl_test.jsonl", synth.rl_rows(t.n_eval, t.seed, "test")),
+        }
+        paths = {}
+        for key, (name, rows) in files.items():
+            path = self.data_dir / name
+            synth.write_jsonl(path, rows)
+            paths[key] = str(path)
+        return paths
+
+    def evaluate(self, label: str, model_dir: str, adapter_dir: str | None = None) -> None:
+        """Held-out verifiable accuracy of a model (+ adapter); cached next to the run."""
+        cache = self.run_dir / "evals" / f"{label}.json"
+        key = config_hash(model_dir, adapter_dir, dataclasses.asdict(self.s.eval),
+                          dataclasses.asdict(self.s.task), self.s.template,
+                          self.records.get(label).hash if label in self.records else None)
+        if cache.is_file():
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                self.evals[label] = data["result"]
+                return
+        from ..evaluation import evaluate_policy
+        from ..models import load_causal_lm, load_tokenizer
+
+        rows = [json.loads(line) for line in Path(self.paths["eval"]).read_text().splitlines()]
+        tokenizer = load_tokenizer(adapter_dir or model_dir)
+        model = load_causal_lm(model_dir)
+        if adapter_dir:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        e = self.s.eval
+        result = evaluate_policy(model, tokenizer, rows, template=self.s.template,
+                                 reward_functions=e.reward_functions,
+                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                 samples=e.samples_in_report)
+        del model
+        atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=2))
+        self.evals[label] = result
+        logger.info("after %s: accuracy %.3f", label, result["accuracy"])
+
+    def stage_hash(self, name: str, section: Mapping[str, Any], upstream: str | None) -> str:
+        return config_hash(name, section, upstream, dataclasses.asdict(self.s.task))
+
+    # stage bodies -------------------------------------------------------------------------
+    def _sft(self, name: str, model: str, dataset: str, section: Mapping[str, Any],
+             upstream: str | None) -> StageRecord:
+        """Run the SFT stage module on `dataset` from `model`; its merged model is the new policy."""
+        from trl import SFTConfig
+
+        from ..config import load_stage_config
+        from .sft import run_sft
+
+        data = deep_merge({**self.common(), "model": model, "dataset": dataset, "merge": True},
+                          section)
+        settings, trl_kwargs = load_stage_config(data, SFTSettings_(), SFTConfig, where=name)
+
+        def body(stage_dir: Path) -> StageRecord:
+            result = run_sft(settings, trl_kwargs, stage_dir)
+            policy = str(result.merged_dir) if result.merged_dir else str(stage_dir)
+            metrics = {k: v for k, v in result.metrics.items() if k != "log_history"}
+            return StageRecord(name, "", {"policy": policy}, metrics,
+                               result.metrics.get("log_history", []),
+                               {"template": settings.template, "masking": settings.masking})
+        return run_stage(name, self.run_dir / name, self.stage_hash(name, data, upstream), body)
+
+    def stage_sft(self, policy: str, section: Mapping[str, Any], upstream: str | None) -> StageRecord:
+        return self._sft("sft", policy, self.paths["sft"], section, upstream)
+
+    # run --------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Run every configured stage; returns the report path."""
+        from .. import registry
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.paths = self.write_data()
+        policy = self.base_model()
+        self.evaluate("base", policy)
+        upstream: str | None = config_hash(policy)
+        for name in self.s.stages:
+            runner = getattr(self, f"stage_{name}")
+            section = getattr(self.s, name)
+            record = runner(policy, section, upstream)
+            self.records[name] = record
+            upstream = record.hash
+            if "policy" in record.outputs:
+                policy = record.outputs["policy"]
+            if record.outputs.get("evaluate", True):
+                self.evaluate(name, record.outputs.get("policy", policy),
+                              record.outputs.get("policy_adapter"))
+        summary = {
+            "config": self.config_label, "smoke": self.smoke,
+            "evals": self.evals,
+            "stages": {n: {**dataclasses.asdict(r)} for n, r in self.records.items()},
+            "plugins": [p.as_dict() for p in registry().plugins],
+        }
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        return write_report(self.run_dir, summary)
+
+
+def SFTSettings_() -> type:  # noqa: N802 - lazy import of the SFT settings class
+    from .sft import SFTSettings
+    return SFTSettings
