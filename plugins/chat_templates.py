@@ -1,4 +1,471 @@
-"""Built-in chat_templates plugin components (placeholder: filled by its issue)."""
+"""Built-in chat templates: chatml, zephyr, tulu, harmony, tokenizer (family ``chat_templates``).
+
+Every template renders segment-aware: it produces `Segment`s (scaffolding, message content,
+end-of-turn markers) and `rlhf_plugins.conversation.encode_segments` tokenizes them, so
+per-token roles/turns are exact and message content can never produce a control token.
+`render_text` joins the same segments, so text and ids always agree. `jinja` is the
+equivalent Jinja source (from `templates/NAME.jinja`), saved as the tokenizer's chat_template;
+the tests prove the three agree byte for byte. `stop_strings(tokenizer)` gives the strings
+that end an assistant turn (generation stops there).
+"""
 from __future__ import annotations
 
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
 from rlhf_plugins import hookimpl
+from rlhf_plugins.conversation import (DEFAULT_ROLES, TEMPLATE_ROLE, Encoded, Segment, encode_segments,
+                                       scaffold, validate_messages)
+from rlhf_plugins.errors import ConfigError, DataError
+
+
+@functools.lru_cache(maxsize=None)
+def load_jinja(name: str) -> str:
+    """The Jinja source shipped as `rlhf_plugins/templates/{name}.jinja`."""
+    from importlib.resources import files
+
+    return files("rlhf_plugins.templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def _eos(tokenizer: Any, template: str) -> str:
+    eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else None
+    if not isinstance(eos, str) or not eos:
+        raise ConfigError(f"template {template!r} needs a tokenizer with an eos_token")
+    return eos
+
+
+def _need_tokenizer(tokenizer: Any, template: str) -> None:
+    if tokenizer is None:
+        raise ConfigError(f"template {template!r}: encode() needs a tokenizer")
+
+
+def tool_call_text(call: dict) -> str:
+    """A tool call as ChatML/Hermes text: `\\n<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`."""
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return ('\n<tool_call>\n{"name": ' + json.dumps(fn["name"], ensure_ascii=False)
+            + ', "arguments": ' + args_text + '}\n</tool_call>')
+
+
+@dataclass(frozen=True)
+class _SegmentTemplate:
+    """Shared behaviour: validate, build segments, join them (text) or encode them (ids)."""
+
+    name: str = ""
+    description: str = ""
+    roles: tuple[str, ...] = ("system", "user", "assistant")
+
+    @property
+    def jinja(self) -> str:
+        """The Jinja source of this format (a tokenizer's `chat_template`)."""
+        return load_jinja(self.name)
+
+    def validate(self, messages: Any, *, row: Any = None, for_training: bool = False) -> list[dict]:
+        """`validate_messages` with the roles this template supports."""
+        return validate_messages(messages, row=row, for_training=for_training,
+                                 allowed_roles=self.roles, template=self.name)
+
+    def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                 add_generation_prompt: bool = False) -> list[Segment]:  # pragma: no cover
+        """The rendered conversation as owned segments."""
+        raise NotImplementedError
+
+    def render_text(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                    add_generation_prompt: bool = False) -> str:
+        """The rendered conversation text."""
+        msgs = self.validate(messages)
+        return "".join(s.text for s in self.segments(msgs, tokenizer=tokenizer,
+                                                     add_generation_prompt=add_generation_prompt))
+
+    def encode(self, messages: Sequence[dict], *, tokenizer: Any = None,
+               add_generation_prompt: bool = False) -> Encoded:
+        """Token ids with per-token roles/turns (scaffolding: "template"/-1)."""
+        _need_tokenizer(tokenizer, self.name)
+        msgs = self.validate(messages)
+        segs = self.segments(msgs, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt)
+        return encode_segments(segs, tokenizer, messages=msgs)
+
+    def stop_strings(self, tokenizer: Any = None) -> list[str]:
+        """Strings that end an assistant turn (generation stops at any of them)."""
+        return [_eos(tokenizer, self.name)]
+
+
+@dataclass(frozen=True)
+class ChatML(_SegmentTemplate):
+    """ChatML: `<|im_start|>{role}\\n{content|trim}<|im_end|>\\n`; BOS first unless it is `<|im_start|>`."""
+
+    name: str = "chatml"
+    description: str = "ChatML (<|im_start|>role ... <|im_end|>), content trimmed; BOS unless it is <|im_start|>"
+    roles: tuple[str, ...] = DEFAULT_ROLES
+
+    def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        """The rendered conversation as owned segments."""
+        out: list[Segment] = []
+        bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else None
+        if isinstance(bos, str) and bos and bos != "<|im_start|>":
+            out.append(scaffold(bos))
+        for i, m in enumerate(messages):
+            role = m["role"]
+            body = (m.get("content") or "").strip()
+            for call in m.get("tool_calls") or ():
+                body += tool_call_text(call)
+            out += [scaffold(f"<|im_start|>{role}\n"), Segment(body, role, i, True),
+                    Segment("<|im_end|>", role, i, False), scaffold("\n")]
+        if add_generation_prompt:
+            out.append(scaffold("<|im_start|>assistant\n"))
+        return out
+
+    def stop_strings(self, tokenizer: Any = None) -> list[str]:
+        """`<|im_end|>` ends every ChatML turn."""
+        return ["<|im_end|>"]
+
+
+@dataclass(frozen=True)
+class Zephyr(_SegmentTemplate):
+    """Zephyr-7B-beta: `<|{role}|>\\n{content}{eos}\\n`; generation prompt `<|assistant|>\\n`."""
+
+    name: str = "zephyr"
+    description: str = "Zephyr-7B-beta (<|role|>\\n content eos \\n)"
+
+    def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        """The rendered conversation as owned segments."""
+        eos = _eos(tokenizer, self.name)
+        out: list[Segment] = []
+        for i, m in enumerate(messages):
+            role = m["role"]
+            out += [scaffold(f"<|{role}|>\n"), Segment(m["content"], role, i, True),
+                    Segment(eos, role, i, False), scaffold("\n")]
+        if add_generation_prompt:
+            out.append(scaffold("<|assistant|>\n"))
+        return out
+
+
+@dataclass(frozen=True)
+class Tulu(_SegmentTemplate):
+    """Tulu 3 (open-instruct): `<|user|>\\n{c}\\n`, `<|assistant|>\\n{c}{eos}` + `\\n` unless last."""
+
+    name: str = "tulu"
+    description: str = "Tulu 3 (<|user|>\\n c \\n, <|assistant|>\\n c eos [\\n])"
+
+    def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        """The rendered conversation as owned segments."""
+        eos = _eos(tokenizer, self.name)
+        out: list[Segment] = []
+        last = len(messages) - 1
+        for i, m in enumerate(messages):
+            role = m["role"]
+            out += [scaffold(f"<|{role}|>\n"), Segment(m["content"], role, i, True)]
+            if role == "assistant":
+                out.append(Segment(eos, role, i, False))
+                if i != last:
+                    out.append(scaffold("\n"))
+            else:  # the newline ends a system/user turn
+                out.append(Segment("\n", role, i, False))
+        if add_generation_prompt:
+            out.append(scaffold("<|assistant|>\n"))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The tokenizer's own chat_template (or a Jinja file), rendered in a sandbox
+# --------------------------------------------------------------------------------------------
+
+_PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"  # private-use: placeholders for message content
+_MARK_OPEN, _MARK_CLOSE = "\ue002", "\ue003"  # private-use: control tokens inside other fields
+
+
+def _special_context(tokenizer: Any) -> dict[str, Any]:
+    ctx: dict[str, Any] = {}
+    for key, value in (getattr(tokenizer, "special_tokens_map", None) or {}).items():
+        ctx[key] = value
+    return ctx
+
+
+@dataclass(frozen=True)
+class TokenizerTemplate(_SegmentTemplate):
+    """The tokenizer's own Jinja `chat_template` (sandboxed); roles recovered with placeholders.
+
+    Each message's content is replaced by a unique placeholder, the template is rendered, and
+    the placeholders give exact content spans; the result is checked against the real
+    rendering. The control token right after a content span is the message's end-of-turn.
+    Text a template renders from other fields (tool calls, reasoning) counts as scaffolding,
+    but control tokens inside it are still encoded as plain text.
+    """
+
+    name: str = "tokenizer"
+    description: str = "the tokenizer's own Jinja chat_template (sandboxed), roles recovered per token"
+    roles: tuple[str, ...] = DEFAULT_ROLES
+    source: str | None = None
+
+    def configure(self, *, jinja: str | None = None, path: str | None = None) -> "TokenizerTemplate":
+        """A copy that renders the given Jinja source (or file) instead of the tokenizer's."""
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    jinja = fh.read()
+            except OSError as exc:
+                raise ConfigError(f"template file {path}: {exc.strerror}") from None
+        if not isinstance(jinja, str) or not jinja.strip():
+            raise ConfigError("template 'tokenizer': configure(jinja=...) needs a non-empty Jinja source")
+        return TokenizerTemplate(source=jinja)
+
+    @property
+    def jinja(self) -> str:  # type: ignore[override]
+        """The configured Jinja source ('' when the tokenizer's own template is used)."""
+        return self.source or ""
+
+    def _source(self, tokenizer: Any) -> str:
+        if self.source:
+            return self.source
+        tpl = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+        if isinstance(tpl, dict):
+            tpl = tpl.get("default")
+        if not isinstance(tpl, str) or not tpl:
+            raise ConfigError("template 'tokenizer': the tokenizer has no chat_template "
+                              "(choose a built-in template or give a Jinja file)")
+        return tpl
+
+    def _render(self, source: str, messages: Sequence[dict], tokenizer: Any, add_generation_prompt: bool) -> str:
+        from rlhf_plugins.jinja_sandbox import render_template
+
+        return render_template(source, messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               **_special_context(tokenizer))
+
+    def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        """The rendered conversation as owned segments."""
+        import re
+
+        source = self._source(tokenizer)
+        text = self._render(source, messages, tokenizer, add_generation_prompt)
+        controls = sorted(getattr(tokenizer, "added_tokens_encoder", {}) or {}, key=len, reverse=True)
+        control_re = re.compile("|".join(map(re.escape, controls))) if controls else None
+
+        def mark(value: Any) -> Any:
+            if isinstance(value, str):
+                value = value.replace(_MARK_OPEN, "").replace(_MARK_CLOSE, "")
+                if control_re is None:
+                    return value
+                return control_re.sub(lambda m: _MARK_OPEN + m.group(0) + _MARK_CLOSE, value)
+            if isinstance(value, dict):
+                return {k: mark(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [mark(v) for v in value]
+            return value
+
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            if isinstance(content, str) and (_PH_OPEN in content or _PH_CLOSE in content):
+                raise DataError(f"message {i}: content holds reserved private-use characters U+E000/U+E001")
+        # Placeholders for every content first (so empty messages keep their end-of-turn token),
+        # then only for non-empty ones (templates that test `if message.content`).
+        for with_empty in (True, False):
+            probe = []
+            for i, m in enumerate(messages):
+                marked = {k: (v if k in ("role", "content") else mark(v)) for k, v in m.items()}
+                if m.get("content") or with_empty:
+                    marked["content"] = f"{_PH_OPEN}{i}{_PH_CLOSE}"
+                probe.append(marked)
+            rendered = self._render(source, probe, tokenizer, add_generation_prompt)
+            pieces = re.split(f"{_PH_OPEN}(\\d+){_PH_CLOSE}", rendered)
+            for strip in (False, True):
+                out = self._assemble(pieces, messages, strip, control_re)
+                if "".join(s.text for s in out) == text:
+                    return out
+        raise DataError("template 'tokenizer': cannot locate message contents in the rendered "
+                        "chat template (the template transforms content); use a built-in template")
+
+    def _assemble(self, pieces: list[str], messages: Sequence[dict], strip: bool, control_re: Any) -> list[Segment]:
+        out: list[Segment] = []
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                i = int(piece)
+                body = messages[i]["content"].strip() if strip else messages[i]["content"]
+                out.append(Segment(body, messages[i]["role"], i, True))
+                continue
+            if not piece:
+                continue
+            if k and control_re is not None and out and out[-1].turn >= 0:
+                # the control token right after a content span ends that message's turn
+                first = control_re.match(piece)
+                if first:
+                    prev = out[-1]
+                    out.append(Segment(first.group(0), prev.role, prev.turn, False))
+                    piece = piece[first.end():]
+            out += self._scaffold_pieces(piece)
+        return out
+
+    @staticmethod
+    def _scaffold_pieces(text: str) -> list[Segment]:
+        if _MARK_OPEN not in text:
+            return [scaffold(text)] if text else []
+        out: list[Segment] = []
+        # marked spans (control tokens from user fields) are plain text; stray markers are dropped
+        for k, part in enumerate(text.split(_MARK_OPEN)):
+            if k == 0:
+                if part:
+                    out.append(scaffold(part.replace(_MARK_CLOSE, "")))
+                continue
+            literal, _, rest = part.partition(_MARK_CLOSE)
+            if literal:
+                out.append(Segment(literal, TEMPLATE_ROLE, -1, True))
+            if rest:
+                out.append(scaffold(rest.replace(_MARK_CLOSE, "")))
+        return out
+
+    def render_text(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                    add_generation_prompt: bool = False) -> str:
+        """The tokenizer's chat_template rendered in the sandbox."""
+        msgs = self.validate(messages)
+        return self._render(self._source(tokenizer), msgs, tokenizer, add_generation_prompt)
+
+    def stop_strings(self, tokenizer: Any = None) -> list[str]:
+        """The tokenizer's eos plus common end-of-turn tokens it has (`<|im_end|>`, `<|eot_id|>`, ...)."""
+        out = [_eos(tokenizer, self.name)]
+        added = getattr(tokenizer, "added_tokens_encoder", {}) or {}
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|return|>"):
+            if tok in added and tok not in out:
+                out.append(tok)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Harmony (gpt-oss), rendered by openai-harmony itself
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Harmony:
+    """OpenAI Harmony (gpt-oss) rendered by `openai-harmony`; per-token roles derived here.
+
+    Messages map one to one (no system message is invented): system/developer/user as text;
+    assistant content on its `channel` (default `final`), `thinking`/`reasoning_content` as a
+    preceding `analysis` message, `tool_calls` as `commentary` messages to `functions.NAME`
+    (`<|constrain|>json`); `tool` results come from `functions.NAME` on `commentary`.
+    Training renders (last message from the assistant) use `render_conversation_for_training`
+    (`<|return|>`), others `render_conversation`; `add_generation_prompt` uses
+    `render_conversation_for_completion`. Per token: `<|start|>` + the author is scaffolding;
+    an assistant message owns the rest of its header (channel, recipient - the model writes
+    them after `<|start|>assistant`), its content and its `<|end|>`/`<|return|>`/`<|call|>`;
+    other messages own their content and `<|end|>`. Analysis messages that harmony drops from
+    earlier turns have no tokens. The `tokenizer` argument is ignored (o200k_harmony is used).
+    """
+
+    name: str = "harmony"
+    description: str = "OpenAI Harmony (gpt-oss) via openai-harmony; channels analysis/commentary/final"
+    roles: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")
+
+    @property
+    def jinja(self) -> str:
+        """A Jinja equivalent for conversations without tool calls (templates/harmony.jinja)."""
+        return load_jinja(self.name)
+
+    @property
+    def encoding(self) -> Any:
+        """openai-harmony's gpt-oss encoding (offline o200k vocabulary)."""
+        from rlhf_plugins.harmony_vocab import harmony_encoding
+
+        return harmony_encoding()
+
+    def validate(self, messages: Any, *, row: Any = None, for_training: bool = False) -> list[dict]:
+        """`validate_messages` with Harmony's roles."""
+        return validate_messages(messages, row=row, for_training=for_training,
+                                 allowed_roles=self.roles, template=self.name)
+
+    def harmony_messages(self, messages: Sequence[dict]) -> list[tuple[int, Any]]:
+        """(message index, openai_harmony.Message) pairs for a validated conversation."""
+        from openai_harmony import Author, Message, Role
+
+        out: list[tuple[int, Any]] = []
+        calls: list[str] = []
+        for i, m in enumerate(messages):
+            role = m["role"]
+            if role in ("system", "developer", "user"):
+                out.append((i, Message.from_role_and_content(Role(role), m["content"])))
+            elif role == "assistant":
+                thinking = m.get("thinking") or m.get("reasoning_content")
+                if thinking:
+                    out.append((i, Message.from_role_and_content(Role.ASSISTANT, thinking).with_channel("analysis")))
+                if m["content"] or not m.get("tool_calls"):
+                    out.append((i, Message.from_role_and_content(Role.ASSISTANT, m["content"])
+                                .with_channel(m.get("channel") or "final")))
+                calls = []
+                for call in m.get("tool_calls") or ():
+                    fn = call.get("function", call)
+                    args = fn.get("arguments", {})
+                    text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+                    calls.append(fn["name"])
+                    out.append((i, Message.from_role_and_content(Role.ASSISTANT, text).with_channel("commentary")
+                                .with_recipient(f"functions.{fn['name']}").with_content_type("<|constrain|>json")))
+            else:  # tool result: named by the message, else by the pending call it answers
+                name = m.get("name") or (calls.pop(0) if calls else "tool")
+                author = Author.new(Role.TOOL, name if "." in name else f"functions.{name}")
+                out.append((i, Message.from_author_and_content(author, m["content"]).with_channel("commentary")))
+        return out
+
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> tuple[list[int], list[tuple[int, Any]]]:
+        from openai_harmony import Conversation, Role
+
+        enc = self.encoding
+        pairs = self.harmony_messages(messages)
+        convo = Conversation.from_messages([m for _, m in pairs])
+        if add_generation_prompt:
+            ids = enc.render_conversation_for_completion(convo, Role.ASSISTANT)
+        elif messages[-1]["role"] == "assistant":
+            ids = enc.render_conversation_for_training(convo)
+        else:
+            ids = enc.render_conversation(convo)
+        return list(ids), pairs
+
+    def render_text(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                    add_generation_prompt: bool = False) -> str:
+        """The Harmony text openai-harmony renders."""
+        ids, _ = self._render(self.validate(messages), add_generation_prompt)
+        return self.encoding.decode_utf8(ids)
+
+    def encode(self, messages: Sequence[dict], *, tokenizer: Any = None,
+               add_generation_prompt: bool = False) -> Encoded:
+        """openai-harmony's token ids with per-token roles/turns derived by aligning each message."""
+        msgs = self.validate(messages)
+        ids, pairs = self._render(msgs, add_generation_prompt)
+        enc = self.encoding
+        ends = {enc.encode(t, allowed_special="all")[0] for t in ("<|end|>", "<|return|>", "<|call|>")}
+        message_tok = enc.encode("<|message|>", allowed_special="all")[0]
+        roles = [TEMPLATE_ROLE] * len(ids)
+        turns = [-1] * len(ids)
+        pos = 0
+        for index, message in pairs:
+            piece = enc.render(message)
+            n = len(piece)
+            window = ids[pos:pos + n]
+            if not (window[:-1] == piece[:-1] and window and window[-1] in ends and piece[-1] in ends):
+                continue  # dropped by harmony (analysis of an earlier turn)
+            role = msgs[index]["role"]
+            own_from = 2 if role == "assistant" else piece.index(message_tok) + 1
+            for k in range(pos + own_from, pos + n):
+                roles[k], turns[k] = role, index
+            pos += n
+        return Encoded(ids, roles, turns, enc.decode_utf8(ids), list(msgs))
+
+    def stop_strings(self, tokenizer: Any = None) -> list[str]:
+        """`<|return|>` (final answer) and `<|call|>` (tool call) end an assistant turn."""
+        return ["<|return|>", "<|call|>"]
+
+    def stop_token_ids(self) -> list[int]:
+        """Harmony's stop tokens for assistant actions."""
+        return list(self.encoding.stop_tokens_for_assistant_actions())
+
+
+@hookimpl
+def register_chat_templates(register: Any) -> None:
+    """Register the built-in chat templates."""
+    register(ChatML())
+    register(Zephyr())
+    register(Tulu())
+    register(TokenizerTemplate())
+    register(Harmony())
