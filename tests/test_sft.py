@@ -148,7 +148,9 @@ def test_trainer_loss_equals_hand_masked_cross_entropy(tmp_path, tiny_dir, maski
     if masking == "none":
         assert got == pytest.approx(unmasked, rel=1e-4)
     else:
-        assert abs(got - unmasked) > 1e-3  # the mask really changes the loss
+        # the mask really changes the loss: the masked value is far closer to the trainer's
+        # loss than the unmasked one (on a random tiny model both are near ln(V))
+        assert abs(got - want) * 10 < abs(got - unmasked)
 
 
 def test_a_third_party_masking_plugin_is_what_trains(tmp_path, tiny_dir, rlhf_plugin):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
+from ..conversation import validate_messages
 from ..errors import ConfigError, DataError, RlhfPluginsError
 from ..models import LoraSettings, QuantSettings
 
@@ -251,10 +252,13 @@ def build_sft_dataset(rows: Iterable[Mapping[str, Any]], tokenizer: Any, templat
             if not isinstance(row, Mapping):
                 raise DataError(f"expected a mapping, got {type(row).__name__}")
             messages = row_messages(row, messages_field)
-            last = messages[-1]
-            if isinstance(last, Mapping) and last.get("role") != "assistant":
-                raise DataError(f"message {len(messages) - 1}: the conversation ends with a "
-                                f"{last.get('role')!r} turn; training needs a final assistant turn")
+            # Full validation (roles the template supports, system first, tool results after
+            # calls, ends with an assistant turn); third-party templates may lack `validate`.
+            validate = getattr(tpl, "validate", None)
+            if callable(validate):
+                messages = validate(messages, for_training=True)
+            else:
+                messages = validate_messages(messages, for_training=True)
             encoded = tpl.encode(messages, tokenizer=tokenizer, add_generation_prompt=False)
             mask = [int(m) for m in msk.mask(encoded)]
         except RlhfPluginsError as exc:
@@ -343,7 +347,8 @@ def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
     logger.info("SFT data: %d train / %d eval conversations from %s", len(train_ds),
                 0 if eval_ds is None else len(eval_ds), source)
     # The saved tokenizer (and every checkpoint) carries the template it was trained with.
-    tokenizer.chat_template = template.jinja
+    if template.jinja:  # the `tokenizer` template has none of its own: keep the tokenizer's
+        tokenizer.chat_template = template.jinja
 
     checkpointing = bool(args.gradient_checkpointing)
     if is_adapter_dir(model_path):
