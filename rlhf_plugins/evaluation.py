@@ -16,14 +16,22 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
     Rows carry a conversational `prompt` plus the columns the reward functions read (`answer`).
     Returns `{"accuracy", "mean_reward", "n", "samples": [...]}`.
     """
-    from .generation import generate_completions
+    from tqdm.auto import tqdm
+
+    from . import registry
     from .rewarding import call_reward_functions, resolve_reward_functions
+    from .stages.generation import HFGenerator, encode_prompt, end_of_turn_token_ids
 
     funcs, weights = resolve_reward_functions(list(reward_functions))
+    tpl = registry().chat_templates.get(template) if isinstance(template, str) else template
     prompts = [list(r["prompt"]) for r in rows]
-    completions = generate_completions(model, tokenizer, prompts, template=template,
-                                       max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       do_sample=False, desc="evaluating")
+    ids = [encode_prompt(tpl, tokenizer, p) for p in prompts]
+    generator = HFGenerator(model, tokenizer, stop_ids=end_of_turn_token_ids(tpl, tokenizer),
+                            max_new_tokens=max_new_tokens, temperature=0.0,
+                            batch_size=batch_size)
+    with tqdm(total=len(ids), desc="evaluating", leave=False) as bar:
+        generated = generator.generate(ids, list(range(len(ids))), 1, progress=bar.update)
+    completions = [c[0].text for c in generated]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
     total, per_function = call_reward_functions(funcs, weights, prompts, completions, **columns)
     first = next(iter(per_function.values()))

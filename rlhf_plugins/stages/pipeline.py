@@ -182,6 +182,7 @@ class Pipeline:
         files = {
             "sft": ("sft_train.jsonl", synth.sft_rows(t.n_train, t.seed, "train")),
             "preference": ("preference_train.jsonl", synth.preference_rows(t.n_train, t.seed + 1, "train")),
+            "preference_eval": ("preference_test.jsonl", synth.preference_rows(t.n_eval, t.seed + 1, "test")),
             "rl": ("rl_train.jsonl", synth.rl_rows(t.n_train, t.seed + 2, "train")),
             "eval": ("rl_test.jsonl", synth.rl_rows(t.n_eval, t.seed, "test")),
         }
@@ -250,6 +251,85 @@ class Pipeline:
     def stage_sft(self, policy: str, section: Mapping[str, Any], upstream: str | None) -> StageRecord:
         return self._sft("sft", policy, self.paths["sft"], section, upstream)
 
+    def stage_reward_model(self, policy: str, section: Mapping[str, Any],
+                           upstream: str | None) -> StageRecord:
+        """A reward head (QLoRA adapter + head) on the current policy, from preference pairs."""
+        from trl import RewardConfig
+
+        from ..config import load_stage_config
+        from .reward import RMSettings, run_rm
+
+        data = deep_merge({**self.common(), "model": policy, "dataset": self.paths["preference"],
+                           "eval_dataset": self.paths["preference_eval"]}, section)
+        settings, trl_kwargs = load_stage_config(data, RMSettings, RewardConfig, where="reward_model")
+
+        def body(stage_dir: Path) -> StageRecord:
+            result = run_rm(settings, trl_kwargs, stage_dir)
+            metrics = _flat_metrics(result.metrics)
+            return StageRecord("reward_model", "", {"reward_model": str(stage_dir), "evaluate": False},
+                               metrics, result.metrics.get("log_history", []),
+                               {"head": settings.head, "loss": settings.loss or "default",
+                                "template": settings.template})
+        return run_stage("reward_model", self.run_dir / "reward_model",
+                         self.stage_hash("reward_model", data, upstream), body)
+
+    def stage_rejection_sampling(self, policy: str, section: Mapping[str, Any],
+                                 upstream: str | None) -> StageRecord:
+        """Sample N per prompt, score (verifier + reward model), select, SFT on the selection."""
+        from ..config import build_dataclass
+        from .sampling import SamplingSettings, run_sampling
+
+        rm = self.records.get("reward_model")
+        sft_common = {k: v for k, v in self.common().items() if k in ("lora", "quantization", "seed")}
+        data = deep_merge({"model": policy, "dataset": self.paths["rl"], "template": self.s.template,
+                           "seed": self.s.seed, "reward_functions": ["exact_answer"],
+                           "reward_model": rm.outputs["reward_model"] if rm else None,
+                           "finetune": True, "sft": {**sft_common, "merge": True}}, section)
+        settings = build_dataclass(SamplingSettings, data, "rejection_sampling")
+
+        def body(stage_dir: Path) -> StageRecord:
+            result = run_sampling(settings, stage_dir)
+            summary = result.summary
+            metrics = {k: v for k, v in summary.items()
+                       if isinstance(v, (int, float, str)) and k not in ("policy", "config_hash")}
+            sft = result.sft
+            outputs = {"policy": str(sft.merged_dir) if sft is not None and sft.merged_dir else policy}
+            history = sft.metrics.get("log_history", []) if sft is not None else []
+            return StageRecord("rejection_sampling", "", outputs, metrics, history,
+                               {"selection": settings.selection,
+                                "reward_functions": [str(f) for f in settings.reward_functions],
+                                "reward_model": bool(settings.reward_model)})
+        return run_stage("rejection_sampling", self.run_dir / "rejection_sampling",
+                         self.stage_hash("rejection_sampling", data, upstream), body)
+
+    def stage_ppo(self, policy: str, section: Mapping[str, Any], upstream: str | None) -> StageRecord:
+        """Policy optimisation on one 4-bit base: LoRA policy, value head, reward adapter + verifier."""
+        from trl import GRPOConfig
+
+        from ..config import load_stage_config
+        from .ppo import PPOSettings, run_ppo
+
+        rm = self.records.get("reward_model")
+        data = deep_merge({**self.common(), "model": policy, "dataset": self.paths["rl"],
+                           "reward_functions": ["exact_answer"],
+                           "reward_adapter": rm.outputs["reward_model"] if rm else None}, section)
+        settings, trl_kwargs = load_stage_config(data, PPOSettings, GRPOConfig, where="ppo")
+
+        def body(stage_dir: Path) -> StageRecord:
+            result = run_ppo(settings, trl_kwargs, stage_dir)
+            outputs: dict[str, Any] = {"policy": policy}
+            if result.adapter:
+                outputs["policy_adapter"] = str(stage_dir)
+            else:
+                outputs["policy"] = str(stage_dir)
+            return StageRecord("ppo", "", outputs, _flat_metrics(result.metrics),
+                               result.metrics.get("log_history", []),
+                               {"advantage_estimator": settings.advantage_estimator,
+                                "reward_functions": [str(f) for f in settings.reward_functions],
+                                "reward_adapter": bool(settings.reward_adapter),
+                                "kl_penalty": settings.kl_penalty})
+        return run_stage("ppo", self.run_dir / "ppo", self.stage_hash("ppo", data, upstream), body)
+
     # run --------------------------------------------------------------------------------
     def run(self) -> Path:
         """Run every configured stage; returns the report path."""
@@ -284,3 +364,17 @@ class Pipeline:
 def SFTSettings_() -> type:  # noqa: N802 - lazy import of the SFT settings class
     from .sft import SFTSettings
     return SFTSettings
+
+
+def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Scalars of a metrics dict, nested dicts flattened as `outer.inner` (log history dropped)."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key == "log_history":
+            continue
+        if isinstance(value, Mapping):
+            for k, v in _flat_metrics(value).items():
+                out[f"{key}.{k}"] = v
+        elif isinstance(value, (int, float, str)) or value is None:
+            out[key] = value
+    return out

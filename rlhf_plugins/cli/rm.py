@@ -1,0 +1,108 @@
+"""`rlhf-plugins rm --config rm.yaml`: train a reward head; `rm mc-labels`: Monte Carlo PRM labels."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the `rm` command (and its `mc-labels` subcommand)."""
+    parser = subparsers.add_parser(
+        "rm", help="reward models: bradley_terry / orm / prm / value heads (LoRA, QLoRA)",
+        description="Train a reward head on a causal LM. The YAML holds TRL RewardConfig fields "
+                    "plus model, head, loss, aggregation, template, dataset, lora, quantization "
+                    "(see examples/rm.yaml). Writes the adapter + head, rm_metrics.json and "
+                    "rm_training.png to the output directory.")
+    parser.add_argument("--config", metavar="YAML", help="stage config file")
+    parser.add_argument("--output-dir", metavar="DIR",
+                        help="where the model, metrics and plot go (overrides output_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable; dotted keys for sections)")
+    parser.set_defaults(func=handle)
+    sub = parser.add_subparsers(dest="rm_command", metavar="SUBCOMMAND")
+    mc = sub.add_parser(
+        "mc-labels", help="label solution steps by Monte Carlo rollouts (Math-Shepherd)",
+        description="For each step prefix of each solution, sample continuations with a policy "
+                    "and score them with a reward function; write step rows (prompt, steps, "
+                    "labels) as JSONL for the prm head.")
+    mc.add_argument("--problems", required=True, metavar="JSONL",
+                    help="rows with prompt, steps (and the verifier's columns, e.g. answer); "
+                         "'synthetic' uses the built-in task's step rows")
+    mc.add_argument("--out", required=True, metavar="JSONL", help="output step rows")
+    mc.add_argument("--policy", default="default", help="policy model (dir, hub id, 'default')")
+    mc.add_argument("--reward", default="exact_answer", help="verifier reward function plugin")
+    mc.add_argument("--template", default="chatml", help="chat template plugin")
+    mc.add_argument("--num-rollouts", type=int, default=8)
+    mc.add_argument("--mode", choices=("hard", "soft"), default="hard")
+    mc.add_argument("--threshold", type=float, default=0.0,
+                    help="hard labels: +1 when the success rate exceeds this")
+    mc.add_argument("--num-problems", type=int, default=None)
+    mc.add_argument("--max-new-tokens", type=int, default=128)
+    mc.add_argument("--temperature", type=float, default=1.0)
+    mc.add_argument("--seed", type=int, default=0)
+    mc.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Dispatch `rm` / `rm mc-labels`."""
+    from ..errors import ConfigError
+
+    if getattr(args, "rm_command", None) == "mc-labels":
+        return handle_mc_labels(args)
+    if not args.config:
+        raise ConfigError("rm: --config is required (or use `rm mc-labels`)")
+    from ..stages.reward import METRICS_FILE, rm_from_config
+
+    result = rm_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
+    m = result.metrics
+    parts = [f"saved {m['head']} reward model to {result.output_dir}"]
+    for key in ("train_loss", "eval_loss", "eval_accuracy"):
+        if m.get(key) is not None:
+            parts.append(f"{key}={m[key]:.4f}")
+    held = m.get("heldout") or {}
+    for key in ("pairwise_accuracy", "accuracy", "best_of_n_top1", "step_accuracy",
+                "first_error_accuracy"):
+        if key in held:
+            parts.append(f"heldout_{key}={held[key]:.4f}")
+    print("; ".join(parts) + f" (metrics: {result.output_dir / METRICS_FILE})")
+    return 0
+
+
+def handle_mc_labels(args: argparse.Namespace) -> int:
+    """Write Monte Carlo step labels for a problem set."""
+    import json
+    from pathlib import Path
+
+    from .. import registry
+    from ..data import synth
+    from ..errors import ConfigError, DataError
+    from ..models import load_causal_lm, load_tokenizer, resolve_model
+    from ..stages.reward import mc_step_labels, policy_sampler
+
+    if args.problems == "synthetic":
+        problems = synth.step_rows(args.num_problems or 16, seed=args.seed, split="train")
+        problems = [{k: v for k, v in r.items() if k != "labels"} for r in problems]
+    else:
+        path = Path(args.problems)
+        if not path.is_file():
+            raise ConfigError(f"--problems: {path}: no such file")
+        problems = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    problems.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        problems = problems[:args.num_problems] if args.num_problems else problems
+    template = registry().chat_templates.get(args.template)
+    reward = registry().reward_functions.get(args.reward)
+    model_path = resolve_model(args.policy)
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path)
+    sampler = policy_sampler(model, tokenizer, template, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, seed=args.seed)
+    rows = mc_step_labels(problems, sampler, reward, num_rollouts=args.num_rollouts, mode=args.mode,
+                          threshold=args.threshold)
+    synth.write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} step rows to {args.out}")
+    return 0

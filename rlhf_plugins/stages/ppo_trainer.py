@@ -1,0 +1,428 @@
+"""A policy-optimisation trainer on TRL's GRPOTrainer whose advantage estimator is a plugin.
+
+Why ``GRPOTrainer`` and not ``RLOOTrainer``: TRL 1.16's GRPOTrainer keeps the PPO objective per
+token - its ``_compute_loss`` takes the clipped surrogate ``min(rho_t A_t, clip(rho_t) A_t)``
+with token-level ratios and explicitly accepts ``[B, T]`` advantages from subclasses (it only
+unsqueezes ``[B]`` ones) - which is what GAE needs. RLOOTrainer sums the log-probabilities into
+one sequence-level ratio before the clip, so per-token advantages cannot be expressed there.
+GRPOTrainer also brings the reference handling we rely on (a PEFT policy's reference is the
+adapter-disabled base, no second model) and TRL's k3 KL term (``beta``) in the loss.
+
+What this subclass changes, and nothing else (no TRL code is copied):
+
+- ``_calculate_rewards``: unchanged; the subclass only remembers the gathered per-function
+  rewards. Reward callables are wrapped to be validated by
+  :func:`rlhf_plugins.rewarding.call_reward_functions` (wrong length, non-number, NaN/inf ->
+  an error naming the function; None allowed).
+- ``_generate_and_score_completions``: TRL's rollout runs unchanged; afterwards the
+  advantages TRL computed are replaced by those of the configured estimator, called with the
+  weighted rewards (TRL's ``nansum`` rule, unscorable rows NaN), the completion mask and, for
+  estimators with ``needs_values``, the value head's predictions at rollout time. With
+  ``kl_penalty="reward"`` the per-token ``-beta * KL`` (InstructGPT) is added to the rewards.
+- ``_compute_loss``: TRL's loss, plus ``vf_coef * value_loss`` (PPO-clipped) when the batch has
+  value targets; the values come from the same forward pass (a hook on the backbone).
+- ``_save`` / ``_load_from_checkpoint``: the value head travels with checkpoints.
+
+The trainer never looks at the estimator's name: it asks ``needs_values`` and calls it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from trl import GRPOConfig, GRPOTrainer
+
+from ..errors import ConfigError
+from ..losses import KL_KINDS, kl_estimate, masked_mean, value_loss
+from .kl import AdaptiveKLController, make_kl_controller
+from .value_head import ValueHead, capture_values, hidden_size_of, unwrap
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PolicyOptimizationTrainer", "resolve_estimator", "validated_reward_function",
+           "KL_PENALTIES", "CRITICS"]
+
+KL_PENALTIES = ("loss", "reward")
+CRITICS = ("value_head", "none")
+#: batch keys TRL forwards to the model besides ids/masks (multimodal inputs)
+_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                 "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                 "mm_token_type_ids", "image_position_ids")
+
+
+def resolve_estimator(estimator: Any, options: Mapping[str, Any] | None = None) -> Any:
+    """An advantage estimator component: a registered name (looked up, configured) or a component."""
+    if isinstance(estimator, str):
+        from .. import registry
+
+        return registry().advantage_estimators.get(estimator, **dict(options or {}))
+    if options:
+        configure = getattr(estimator, "configure", None)
+        if configure is None:
+            raise ConfigError("estimator_options given but the estimator has no configure()")
+        estimator = configure(**dict(options))
+    if not callable(estimator):
+        raise ConfigError(f"advantage estimator must be a registered name or a callable, got "
+                          f"{type(estimator).__name__}")
+    return estimator
+
+
+def validated_reward_function(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a TRL-style reward function so its outputs are checked (errors name the function)."""
+    from ..rewarding import call_reward_functions, reward_function_name
+
+    name = reward_function_name(func)
+
+    def checked(prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        _, per_function = call_reward_functions([func], None, prompts, completions, **columns)
+        return next(iter(per_function.values()))
+
+    checked.__name__ = checked.__qualname__ = name  # TRL logs rewards/<__name__>/mean
+    checked.__doc__ = getattr(func, "__doc__", None)
+    checked.__wrapped_reward_function__ = func  # type: ignore[attr-defined]
+    return checked
+
+
+def _adapter_is_fresh(model: nn.Module) -> bool:
+    """True for a PEFT model whose active LoRA adapter is freshly initialised (all lora_B == 0).
+
+    Then the policy equals the adapter-disabled base, which can serve as the reference with no
+    copy at all; a pretrained adapter (e.g. an SFT stage) instead needs TRL's "ref" adapter copy.
+    """
+    active = getattr(model, "active_adapter", None)
+    if active is None or not hasattr(model, "peft_config"):
+        return False
+    found = False
+    for name, param in model.named_parameters():
+        if ".lora_B." in name and f".{active}." in name:
+            found = True
+            if bool(param.detach().ne(0).any()):
+                return False
+    return found
+
+
+class PolicyOptimizationTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer with a pluggable advantage estimator, a value head and KL shaping.
+
+    Extra keyword arguments (everything else is TRL's GRPOTrainer):
+
+    - ``advantage_estimator``: a registered name (family ``advantage_estimators``) or a
+      component; ``estimator_options`` go to its ``configure``.
+    - ``gamma``, ``lam``: discount and GAE lambda passed to the estimator.
+    - ``critic``: ``"value_head"`` (a linear head on the policy's last hidden state, shared
+      backbone) or ``"none"``; used only by estimators with ``needs_values``.
+    - ``vf_coef``, ``value_clip``: value-loss weight and PPO value clipping (None: unclipped).
+    - ``kl_penalty``: ``"loss"`` (TRL's k3 term, weight ``args.beta``) or ``"reward"``
+      (``-beta * KL_t`` added to every token's reward; estimator ``kl_estimator``, k1 default).
+    - ``kl_target``, ``kl_horizon``: adaptive KL controller (None: ``beta`` stays fixed).
+    - ``whiten_advantages``: normalise advantages to zero mean / unit std over the batch's real
+      tokens (PPO practice); off by default.
+    - ``validate_rewards``: wrap reward callables with :func:`validated_reward_function`.
+    """
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: GRPOConfig | None = None, *,
+                 advantage_estimator: Any = "grpo", estimator_options: Mapping[str, Any] | None = None,
+                 gamma: float = 1.0, lam: float = 0.95, critic: str = "value_head",
+                 vf_coef: float = 0.1, value_clip: float | None = 0.2, kl_penalty: str = "loss",
+                 kl_estimator: str = "k1", kl_target: float | None = None,
+                 kl_horizon: float = 10000.0, whiten_advantages: bool = False,
+                 validate_rewards: bool = True, **kwargs: Any) -> None:
+        self.estimator = resolve_estimator(advantage_estimator, estimator_options)
+        self.needs_values = bool(getattr(self.estimator, "needs_values", False))
+        check_trainer_options(self.estimator, critic=critic, kl_penalty=kl_penalty,
+                              kl_estimator=kl_estimator, vf_coef=vf_coef, value_clip=value_clip,
+                              gamma=gamma, lam=lam)
+        if args is None:
+            raise ConfigError("PolicyOptimizationTrainer needs `args` (a trl.GRPOConfig)")
+        if args.multi_objective_aggregation != "sum_then_normalize":
+            raise ConfigError("multi_objective_aggregation: only 'sum_then_normalize' is supported "
+                              "(the advantage estimator normalises the summed reward)")
+        if self.needs_values:
+            # The value head runs on the backbone's output *outside* DDP's forward. With
+            # find_unused_parameters, DDP would mark its parameters unused (ready) at the end of
+            # the forward and then again when their gradients arrive ("marked ready twice").
+            if args.ddp_find_unused_parameters:
+                raise ConfigError("ddp_find_unused_parameters: must be false with a value head "
+                                  "(its parameters are used outside the model's forward)")
+            args.ddp_find_unused_parameters = False
+        self.gamma, self.lam = float(gamma), float(lam)
+        self.vf_coef = float(vf_coef)
+        self.value_clip = None if value_clip is None else float(value_clip)
+        self.kl_penalty, self.kl_estimator = kl_penalty, kl_estimator
+        self.whiten_advantages = bool(whiten_advantages)
+        self.kl_controller = make_kl_controller(float(args.beta), kl_target, kl_horizon)
+
+        if reward_funcs is not None and validate_rewards:
+            funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+            reward_funcs = [validated_reward_function(f) if callable(f) and not isinstance(f, nn.Module)
+                            else f for f in funcs]
+
+        # The reference: TRL builds it from `args.beta`. For a freshly initialised LoRA policy the
+        # adapter-disabled base *is* the initial policy, so TRL is told beta=0 while it sets up
+        # (no "ref" adapter copy) and the reference log-probs come from disabling the adapter.
+        # Otherwise TRL's own choice stands (a "ref" adapter copy, or a reference model).
+        beta = float(args.beta)
+        init_beta = 0.0 if (beta == 0.0 or _adapter_is_fresh(model)) else beta
+        args.beta = init_beta
+        try:
+            super().__init__(model, reward_funcs, args, **kwargs)
+        finally:
+            args.beta = beta
+        # TRL's loss adds beta * k3 only in "loss" mode; in "reward" mode the KL is in the rewards.
+        self.beta = self.kl_controller.value if kl_penalty == "loss" else 0.0
+        if beta != 0.0 and self.ref_model is None and not hasattr(unwrap(self.model), "peft_config"):
+            raise ConfigError("no reference model could be set up for the KL penalty")  # pragma: no cover
+
+        self.value_head: ValueHead | None = None
+        if self.needs_values:
+            device = next(p.device for p in self.model.parameters())
+            self.value_head = ValueHead(hidden_size_of(self.model)).to(device)
+            # A submodule of the policy: the optimizer and DDP see its parameters like any other.
+            self.model.add_module("v_head", self.value_head)
+        self._last_rewards_per_func: torch.Tensor | None = None
+
+    # -- rewards ------------------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _total_rewards(self) -> torch.Tensor:
+        """Weighted rewards of the whole (gathered) batch, TRL's rule; unscorable rows NaN."""
+        per_func = self._last_rewards_per_func
+        weights = self.reward_weights.to(per_func.device).unsqueeze(0)
+        rewards = (per_func * weights).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
+        return rewards
+
+    # -- rollout-time statistics --------------------------------------------------------------
+    def _gather_rows(self, tensor: torch.Tensor, pad: float = 0) -> torch.Tensor:
+        """All processes' rows of a local [b, T] tensor (T padded to the longest)."""
+        if self.accelerator.num_processes == 1:
+            return tensor
+        tensor = self.accelerator.pad_across_processes(tensor, dim=1, pad_index=pad)
+        return self.accelerator.gather(tensor)
+
+    def _reference_logps(self, ids: torch.Tensor, attention: torch.Tensor, keep: int,
+                         batch_size: int, forward: dict[str, Any]) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._get_per_token_logps_and_entropies(
+                self.ref_model, ids, attention, keep, batch_size=batch_size, **forward)[0]
+        from trl.trainer.utils import use_adapter
+
+        peft_model = self.accelerator.unwrap_model(self.model)
+        name = "ref" if "ref" in peft_model.peft_config else None
+        with use_adapter(peft_model, adapter_name=name):
+            return self._get_per_token_logps_and_entropies(
+                self.model, ids, attention, keep, batch_size=batch_size, **forward)[0]
+
+    def _rollout_statistics(self, output: dict[str, Any], need_logps: bool) -> dict[str, Any]:
+        """Values (critic) and policy/reference log-probs of the rollout, as needed."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        keep = output["completion_ids"].size(1)
+        mode = "train" if self.model.training else "eval"
+        batch_size = (self.args.per_device_train_batch_size if mode == "train"
+                      else self.args.per_device_eval_batch_size)
+        forward = {k: output[k] for k in _FORWARD_KEYS if k in output}
+        stats: dict[str, Any] = {"values": None, "logps": None, "ref_logps": None}
+        if not (self.needs_values or need_logps):
+            return stats
+        with torch.no_grad(), disable_gradient_checkpointing(
+                self.model, self.args.gradient_checkpointing_kwargs):
+            if self.value_head is not None:
+                with capture_values(self.model, self.value_head, keep) as capture:
+                    logps = self._get_per_token_logps_and_entropies(
+                        self.model, ids, attention, keep, batch_size=batch_size, **forward)[0]
+                stats["values"] = capture.values().float()
+            elif need_logps:
+                logps = self._get_per_token_logps_and_entropies(
+                    self.model, ids, attention, keep, batch_size=batch_size, **forward)[0]
+            if need_logps:
+                stats["logps"] = logps
+                ref = output.get("ref_per_token_logps")
+                stats["ref_logps"] = ref if ref is not None else self._reference_logps(
+                    ids, attention, keep, batch_size, forward)
+        return stats
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        device = output["completion_ids"].device
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        mask = mask.to(torch.int64)
+        local_rows, local_len = mask.shape
+        kl_coef = float(self.kl_controller.value)
+        adaptive = isinstance(self.kl_controller, AdaptiveKLController)
+        kl_in_reward = self.kl_penalty == "reward" and kl_coef != 0.0
+        need_logps = kl_in_reward or (adaptive and kl_coef != 0.0)
+        stats = self._rollout_statistics(output, need_logps)
+
+        rewards = self._total_rewards().to(device)  # [B_global]
+        process_slice = slice(self.accelerator.process_index * local_rows,
+                              (self.accelerator.process_index + 1) * local_rows)
+        kl_tokens = None
+        if need_logps:
+            kl_tokens = kl_estimate(stats["logps"].float(), stats["ref_logps"].float(),
+                                    self.kl_estimator if kl_in_reward else "k1") * mask
+        if kl_in_reward:
+            # InstructGPT: r_t = -beta * KL_t on every real token, + R on the last real one.
+            token_rewards = -kl_coef * kl_tokens
+            local_r = rewards[process_slice]
+            last = local_len - 1 - mask.flip(1).argmax(dim=1)
+            has_tokens = mask.sum(dim=1) > 0
+            rows = torch.nonzero(has_tokens).squeeze(1)
+            token_rewards[rows, last[rows]] += local_r[rows]
+            est_rewards = self._gather_rows(token_rewards)
+        else:
+            est_rewards = rewards
+        global_mask = self._gather_rows(mask)
+        values = stats["values"]
+        global_values = None if values is None else self._gather_rows(values * mask)
+
+        result = self.estimator(est_rewards, num_generations=num_generations, mask=global_mask,
+                                values=global_values, gamma=self.gamma, lam=self.lam)
+        advantages = result.advantages.to(device=device, dtype=torch.float32)
+        if self.whiten_advantages:
+            advantages = _whiten(advantages, global_mask if advantages.dim() == 2 else None)
+        all_advantages = advantages
+        advantages = advantages[process_slice]
+        if advantages.dim() == 2:
+            advantages = advantages[:, :local_len]
+        output["advantages"] = advantages
+        returns = result.returns
+        if returns is not None and self.value_head is not None:
+            output["returns"] = returns.to(device=device, dtype=torch.float32)[process_slice, :local_len]
+            output["old_values"] = values
+
+        self._log_rollout(mode, all_advantages, global_mask, kl_tokens, mask, values, returns,
+                          kl_in_reward, kl_coef)
+        if need_logps and mode == "train" and kl_tokens is not None:
+            per_sequence_kl = self._gather_rows(kl_tokens.sum(dim=1, keepdim=True)).float()
+            self.kl_controller.update(float(per_sequence_kl.mean()), int(per_sequence_kl.numel()))
+            if self.kl_penalty == "loss":
+                self.beta = float(self.kl_controller.value)
+        return output
+
+    def _log_rollout(self, mode: str, advantages: torch.Tensor, global_mask: torch.Tensor,
+                     kl_tokens: torch.Tensor | None, mask: torch.Tensor,
+                     values: torch.Tensor | None, returns: torch.Tensor | None,
+                     kl_in_reward: bool, kl_coef: float) -> None:
+        metrics = self._metrics[mode]
+        if advantages.dim() == 2:
+            valid = global_mask.bool()
+            per_sequence = masked_mean(advantages, global_mask, dim=1)
+            flat = advantages[valid]
+        else:
+            per_sequence = flat = advantages
+        # The completions table shows the advantages the loss used (per-sequence mean if [B, T]).
+        logged = self._logs["advantages"]
+        for _ in range(min(len(per_sequence), len(logged))):
+            logged.pop()
+        logged.extend(per_sequence.tolist())
+        if flat.numel():
+            metrics["advantages/mean"].append(float(flat.mean()))
+            metrics["advantages/std"].append(float(flat.std()) if flat.numel() > 1 else 0.0)
+        metrics["kl_coef"].append(kl_coef)
+        if kl_tokens is not None:
+            seq_kl = self._gather_rows(kl_tokens.sum(dim=1, keepdim=True)).float()
+            metrics["rollout_kl"].append(float(seq_kl.mean()))
+            if kl_in_reward:
+                totals = self.accelerator.reduce(
+                    torch.stack([kl_tokens.sum().float(), mask.sum().float()]), reduction="sum")
+                metrics["kl"].append(float(totals[0] / totals[1].clamp(min=1.0)))
+        if values is not None:
+            totals = self.accelerator.reduce(
+                torch.stack([(values * mask).sum().float(), mask.sum().float()]), reduction="sum")
+            metrics["values/mean"].append(float(totals[0] / totals[1].clamp(min=1.0)))
+        if returns is not None:
+            metrics["returns/mean"].append(float(masked_mean(returns.float(), global_mask.to(returns.device))))
+
+    # -- loss ---------------------------------------------------------------------------------
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        if self.value_head is None or "returns" not in inputs:
+            return super()._compute_loss(model, inputs)
+        keep = inputs["completion_ids"].size(1)
+        with capture_values(model, self.value_head, keep) as capture:
+            loss = super()._compute_loss(model, inputs)
+        values = capture.values()
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        v_loss = value_loss(values, inputs["returns"], mask, old_values=inputs["old_values"],
+                            clip=self.value_clip)
+        mode = "train" if self.model.training else "eval"
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        loss = loss + self.vf_coef * v_loss / normalizer
+        self._metrics[mode]["value_loss"].append(self.accelerator.gather(v_loss.detach()).mean().item())
+        if self.value_clip is not None:
+            old = inputs["old_values"]
+            clipped = ((values.detach() - old).abs() > self.value_clip).float()
+            self._metrics[mode]["value_clip_fraction"].append(float(masked_mean(clipped, mask)))
+        return loss
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.value_head is not None and state_dict is None and not hasattr(self.model, "peft_config"):
+            # A full model's checkpoint stays a plain causal LM; the head is saved beside it.
+            state_dict = {k: v for k, v in self.model.state_dict().items() if not k.startswith("v_head.")}
+        super()._save(output_dir, state_dict=state_dict)
+        if self.value_head is not None and self.args.should_save:
+            self.value_head.save(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.value_head is not None and not self.value_head.load(resume_from_checkpoint):
+            logger.warning("%s has no value head weights; the critic restarts from zero",
+                           resume_from_checkpoint)
+
+
+def _whiten(advantages: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero-mean, unit-std advantages over the real tokens (mask) or all entries."""
+    if mask is None:
+        mask = torch.ones_like(advantages)
+    mask = mask.to(advantages.dtype)
+    mean = masked_mean(advantages, mask)
+    var = masked_mean((advantages - mean) ** 2, mask)
+    return (advantages - mean) * torch.rsqrt(var + 1e-8) * mask if advantages.dim() == 2 else \
+        (advantages - mean) * torch.rsqrt(var + 1e-8)
+
+
+def check_trainer_options(estimator: Any, *, critic: str, kl_penalty: str, kl_estimator: str,
+                          vf_coef: float, value_clip: float | None, gamma: float, lam: float) -> None:
+    """ConfigError for inconsistent trainer options (before any model is loaded)."""
+    name = getattr(estimator, "name", type(estimator).__name__)
+    if critic not in CRITICS:
+        raise ConfigError(f"critic must be one of {', '.join(CRITICS)}, got {critic!r}")
+    if getattr(estimator, "needs_values", False) and critic == "none":
+        raise ConfigError(f"advantage estimator {name!r} needs values, but critic is 'none'; "
+                          "use critic: value_head or a critic-free estimator (grpo, rloo, ...)")
+    if kl_penalty not in KL_PENALTIES:
+        raise ConfigError(f"kl_penalty must be one of {', '.join(KL_PENALTIES)}, got {kl_penalty!r}")
+    if kl_estimator not in KL_KINDS:
+        raise ConfigError(f"kl_estimator must be one of {', '.join(KL_KINDS)}, got {kl_estimator!r}")
+    for label, value in (("vf_coef", vf_coef), ("gamma", gamma), ("lam", lam)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0:
+            raise ConfigError(f"{label} must be a finite number >= 0, got {value!r}")
+    for label, value in (("gamma", gamma), ("lam", lam)):
+        if value > 1:
+            raise ConfigError(f"{label} must be in [0, 1], got {value!r}")
+    if value_clip is not None and (isinstance(value_clip, bool) or not isinstance(value_clip, (int, float))
+                                   or not value_clip > 0):
+        raise ConfigError(f"value_clip must be a number > 0 or null, got {value_clip!r}")
+
+
+def reward_function_names(funcs: Sequence[Any]) -> list[str]:
+    """The names TRL logs the given reward functions under."""
+    from ..rewarding import reward_function_name
+
+    return [reward_function_name(f) for f in funcs]

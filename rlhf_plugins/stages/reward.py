@@ -1,0 +1,491 @@
+"""Reward-model stage: a reward head component on a (LoRA / 4-bit) causal LM, trained with
+:class:`RewardHeadTrainer` (a transformers Trainer subclass), evaluated and saved.
+
+Public API (re-exported here): :class:`RewardModel`, :class:`RewardHeadTrainer`,
+:func:`score`, :func:`step_outputs`, :func:`save_reward_model`, :func:`load_reward_model`,
+:func:`attach_reward_adapter`, :func:`encode_rows`, :func:`evaluate_rows`, the metric
+functions, :func:`run_rm` / :func:`rm_from_config` (what ``rlhf-plugins rm --config`` runs) and
+:func:`mc_step_labels` (Monte Carlo PRM labels, Math-Shepherd style).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import ConfigError, DataError
+from ..models import LoraSettings, QuantSettings
+from .reward_data import (EncodedRows, encode_rows, evaluate_rows, first_error, load_rows,
+                          outcome_metrics, pairwise_accuracy, step_metrics)
+from .reward_model import (FeatureDataset, RewardHeadTrainer, RewardModel, attach_reward_adapter,
+                           load_reward_model, read_meta, save_reward_model, score, step_outputs)
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "rm_metrics.json"
+PLOT_FILE = "rm_training.png"
+STAGE_FILE = "rlhf_plugins_stage.json"
+SYNTHETIC = "synthetic"
+_REJECTED_TRL_FIELDS = {
+    "chat_template_path": "use `template` (a chat template plugin name)",
+    "model_init_kwargs": "use `model`, `quantization` and `lora`",
+    "pad_token": "set by the tokenizer",
+    "eos_token": "the chat template decides the end-of-turn token",
+}
+
+__all__ = [
+    "EncodedRows", "FeatureDataset", "RMResult", "RMSettings", "RewardHeadTrainer", "RewardModel",
+    "attach_reward_adapter", "encode_rows", "evaluate_rows", "first_error", "load_reward_model",
+    "mc_step_labels", "normalize_scores", "outcome_metrics", "pairwise_accuracy", "plot_training",
+    "policy_sampler", "prepare_rm", "read_meta", "rm_from_config", "run_rm", "save_reward_model",
+    "score", "step_metrics", "step_outputs",
+]
+
+
+@dataclass
+class RMSettings:
+    """Our part of a reward-model config (the rest are TRL `RewardConfig` fields)."""
+
+    #: HF model directory, hub id, .gguf, saved adapter (e.g. an SFT stage), or None/"default"
+    model: str | None = None
+    #: a reward_heads plugin: bradley_terry, orm, prm, value, ...
+    head: str = "bradley_terry"
+    #: shortcut for the head option `loss` (bradley_terry: pairwise, margin, plackett_luce, balanced)
+    loss: str | None = None
+    #: shortcut for the head option `aggregation` (orm: last/mean/min/product; prm: min/mean/product/last)
+    aggregation: str | None = None
+    #: any other head options, e.g. {delimiter: "\n"} for prm
+    head_options: dict[str, Any] = field(default_factory=dict)
+    template: str = "chatml"
+    #: JSONL/JSON file, saved HF dataset dir, `load_dataset` name, or "synthetic" (the head's format)
+    dataset: str = SYNTHETIC
+    dataset_split: str = "train"
+    dataset_config: str | None = None
+    #: held-out data (same forms); None = synthetic test split for a synthetic dataset, else a
+    #: hold-out of `eval_size`/`eval_fraction` training rows
+    eval_dataset: str | None = None
+    eval_split: str = "test"
+    num_examples: int | None = None
+    num_eval_examples: int | None = None
+    dataset_seed: int = 0
+    eval_fraction: float = 0.0
+    eval_size: int | None = None
+    #: reject bad rows with an error instead of dropping them (with a count and first example)
+    strict: bool = False
+    #: bradley_terry: after training, shift scores so the reference (best) completions of the
+    #: training data score 0 on average (InstructGPT)
+    normalize: bool = False
+    lora: LoraSettings | None = None
+    peft: LoraSettings | None = None
+    quantization: QuantSettings | None = None
+    #: batch size of the final held-out scoring
+    score_batch_size: int = 16
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        from ..config import build_dataclass
+
+        if self.peft is not None and self.peft is not False:
+            if self.lora is not None and self.lora is not False:
+                raise ConfigError("peft: give either `lora` or `peft` (the same settings), not both")
+            self.lora, self.peft = self.peft, None
+        if isinstance(self.lora, Mapping):
+            self.lora = build_dataclass(LoraSettings, self.lora, "lora")
+        if isinstance(self.quantization, Mapping):
+            self.quantization = build_dataclass(QuantSettings, self.quantization, "quantization")
+        self.lora = LoraSettings() if self.lora is True else (None if self.lora is False else self.lora)
+        if self.quantization is True:
+            self.quantization = QuantSettings()
+        elif self.quantization is False:
+            self.quantization = None
+        if self.lora is not None and not isinstance(self.lora, LoraSettings):
+            raise ConfigError(f"lora: expected a mapping or true/false, got {self.lora!r}")
+        if self.quantization is not None and not isinstance(self.quantization, QuantSettings):
+            raise ConfigError(f"quantization: expected a mapping or true/false, got {self.quantization!r}")
+        if self.quantization is not None and self.quantization.load_in_4bit and self.lora is None:
+            raise ConfigError("quantization: a 4-bit base cannot be fully fine-tuned; add `lora` (QLoRA)")
+        for name in ("head", "template", "dataset", "dataset_split", "eval_split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+        if not isinstance(self.head_options, Mapping):
+            raise ConfigError(f"head_options: expected a mapping, got {self.head_options!r}")
+        if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction: expected a number in [0, 1), got {self.eval_fraction!r}")
+        for name in ("eval_size", "num_examples", "num_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+
+    def head_config(self) -> dict[str, Any]:
+        """The options passed to the head component."""
+        options = dict(self.head_options)
+        if self.loss is not None:
+            options["loss"] = self.loss
+        if self.aggregation is not None:
+            options["aggregation"] = self.aggregation
+        if self.normalize:
+            options.setdefault("normalize", True)
+        return options
+
+
+@dataclass
+class RMResult:
+    """What `run_rm` produced."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+    model: RewardModel | None = None
+
+
+def build_rm_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLike) -> Any:
+    """TRL's `RewardConfig` from the YAML's TRL fields, with CPU-friendly defaults."""
+    import torch
+    from trl import RewardConfig
+
+    kwargs = dict(trl_kwargs)
+    for name, why in _REJECTED_TRL_FIELDS.items():
+        if kwargs.get(name) is not None:
+            raise ConfigError(f"{name}: not supported here: {why}")
+    kwargs.pop("output_dir", None)
+    if not torch.cuda.is_available():
+        if "bf16" not in kwargs and "fp16" not in kwargs:
+            kwargs["bf16"] = False
+        kwargs.setdefault("dataloader_pin_memory", False)
+        kwargs.setdefault("gradient_checkpointing", False)  # slower on a CPU, little memory gain
+    kwargs.setdefault("report_to", "none")
+    try:
+        return RewardConfig(output_dir=str(output_dir), **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"RM config: {exc}") from None
+
+
+@dataclass
+class PreparedRM:
+    """Everything `run_rm` trains and evaluates with."""
+
+    trainer: RewardHeadTrainer
+    model: RewardModel
+    head: Any
+    template: Any
+    tokenizer: Any
+    train: EncodedRows
+    train_rows: list[dict]
+    eval: EncodedRows | None
+    eval_rows: list[dict]
+    source: str
+    base_model: str
+
+
+def _split_holdout(rows: list[dict], settings: RMSettings, seed: int) -> tuple[list[dict], list[dict]]:
+    import random
+
+    n = len(rows)
+    k = settings.eval_size if settings.eval_size is not None else int(round(n * settings.eval_fraction))
+    if k <= 0:
+        return rows, []
+    if k >= n:
+        raise ConfigError(f"eval_size/eval_fraction: would hold out {k} of {n} rows, leaving none")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
+               output_dir: str | os.PathLike) -> PreparedRM:
+    """Validate, load and encode the data, build the model and the trainer (config errors first)."""
+    from .. import registry
+    from ..models import (apply_lora, is_adapter_dir, load_causal_lm, load_peft_model,
+                          load_tokenizer, resolve_model)
+
+    args = build_rm_config(trl_kwargs or {}, output_dir)
+    head = registry().reward_heads.get(settings.head, **settings.head_config())
+    template = registry().chat_templates.get(settings.template)
+    rows, source = load_rows(settings.dataset, split=settings.dataset_split, head=head,
+                             num_examples=settings.num_examples, seed=settings.dataset_seed,
+                             dataset_config=settings.dataset_config)
+    if settings.eval_dataset is not None:
+        eval_rows, _ = load_rows(settings.eval_dataset, split=settings.eval_split, head=head,
+                                 num_examples=settings.num_eval_examples, seed=settings.dataset_seed,
+                                 dataset_config=settings.dataset_config, default_synthetic=64)
+    elif settings.dataset == SYNTHETIC and settings.eval_size is None and not settings.eval_fraction:
+        eval_rows = head.synthetic_rows(settings.num_eval_examples or 64, settings.dataset_seed,
+                                        settings.eval_split)
+    else:
+        rows, eval_rows = _split_holdout(list(rows), settings, args.seed)
+    model_path = resolve_model(settings.model)
+    tokenizer = load_tokenizer(model_path)
+    train = encode_rows(rows, head, tokenizer, template, max_length=args.max_length,
+                        strict=settings.strict, where=source)
+    evaluation = None
+    if eval_rows:
+        evaluation = encode_rows(eval_rows, head, tokenizer, template, max_length=args.max_length,
+                                 strict=settings.strict, where=f"{source} (eval)")
+    logger.info("RM data: %d train rows (%d dropped), %d eval rows", len(train.kept), train.dropped,
+                0 if evaluation is None else len(evaluation.kept))
+    checkpointing = bool(args.gradient_checkpointing)
+    if is_adapter_dir(model_path):  # e.g. the SFT stage's adapter: train it on as the RM adapter
+        if settings.lora is not None:
+            raise ConfigError(f"model: {model_path} is a LoRA adapter; drop `lora` to train it on, "
+                              "or give its merged model")
+        backbone = load_peft_model(model_path, quantization=settings.quantization, trainable=True,
+                                   gradient_checkpointing=checkpointing)
+        base_model = json.loads((Path(model_path) / "adapter_config.json").read_text()
+                                )["base_model_name_or_path"]
+    else:
+        backbone = load_causal_lm(model_path, quantization=settings.quantization)
+        if settings.lora is not None:
+            backbone = apply_lora(backbone, settings.lora, gradient_checkpointing=checkpointing)
+        base_model = model_path
+    import torch
+
+    torch.manual_seed(args.seed)  # the head's initialisation
+    model = RewardModel(backbone, head, tokenizer=tokenizer, template=template,
+                        template_name=settings.template, base_model=base_model)
+    trainer = RewardHeadTrainer(model, args, train_dataset=train.features,
+                                eval_dataset=None if evaluation is None else evaluation.features,
+                                processing_class=tokenizer)
+    kept_eval = [] if evaluation is None else [eval_rows[i] for i in evaluation.kept]
+    return PreparedRM(trainer, model, head, template, tokenizer, train,
+                      [rows[i] for i in train.kept], evaluation, kept_eval, source, base_model)
+
+
+def normalize_scores(model: RewardModel, reference_rows: Sequence[Mapping[str, Any]],
+                     batch_size: int = 16) -> float:
+    """Shift a scalar head so `reference_rows` (prompt + completion) score 0 on average; returns the shift."""
+    import torch
+
+    offset = getattr(model.head_module, "offset", None)
+    if offset is None:
+        raise ConfigError(f"normalize: head {model.head.name!r} has no score offset")
+    scores = score(model, reference_rows, batch_size=batch_size, progress=False)
+    shift = sum(scores) / len(scores)
+    with torch.no_grad():
+        offset.add_(torch.as_tensor(shift, dtype=offset.dtype, device=offset.device))
+    return shift
+
+
+def _reference_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
+    out = []
+    for r in rows:
+        best = r["completions"][0] if "completions" in r else r.get("chosen")
+        if best is not None:
+            out.append({"prompt": r.get("prompt"), "completion": best})
+    return out
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_training(log_history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                  title: str = "reward model") -> Path:
+    """PNG of train/eval loss and accuracy (or the head's metric) over steps, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        pts = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
+        return [p[0] for p in pts], [float(p[1]) for p in pts]
+
+    metric = next((m for m in ("accuracy", "mse") if any(m in e or f"eval_{m}" in e
+                                                         for e in log_history)), "accuracy")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (name, keys) in zip(axes, (("loss", ("loss", "eval_loss")),
+                                       (metric, (metric, f"eval_{metric}")))):
+        for key, label in zip(keys, ("train", "eval")):
+            xs, ys = series(key)
+            if xs:
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
+           output_dir: str | os.PathLike = "outputs/rm") -> RMResult:
+    """Train a reward head; save adapter/backbone + head + tokenizer, metrics JSON and a PNG plot."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(output_dir)
+    started = time.time()
+    prepared = prepare_rm(settings, trl_kwargs, out)
+    trainer, model = prepared.trainer, prepared.model
+    metrics: dict[str, Any] = {"head": prepared.head.name, "head_options": dict(prepared.head.options),
+                               "template": settings.template, "dataset": prepared.source,
+                               "train_data": prepared.train.summary(),
+                               "eval_data": None if prepared.eval is None else prepared.eval.summary()}
+    kw = dict(batch_size=settings.score_batch_size, max_length=trainer.args.max_length)
+    resume = get_last_checkpoint(str(out)) if settings.resume and out.is_dir() else None
+    if prepared.eval_rows and resume is None:
+        metrics["heldout_before"] = evaluate_rows(model, prepared.eval_rows, **kw)
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    metrics.update(train_output.metrics)
+    metrics["global_step"] = train_output.global_step
+    if prepared.eval is not None:
+        metrics.update(trainer.evaluate())
+    if settings.normalize or prepared.head.options.get("normalize"):
+        if prepared.head.name != "bradley_terry":
+            raise ConfigError("normalize: only for the bradley_terry head")
+        metrics["normalization_shift"] = normalize_scores(
+            model, _reference_rows(prepared.train_rows), settings.score_batch_size)
+    if prepared.eval_rows:
+        metrics["heldout"] = evaluate_rows(model, prepared.eval_rows, **kw)
+    if trainer.is_world_process_zero():
+        save_reward_model(model, out, extra={"quantization": dataclasses.asdict(settings.quantization)
+                                             if settings.quantization else None})
+    metrics["wall_time_s"] = round(time.time() - started, 3)
+    metrics["log_history"] = trainer.state.log_history
+    if trainer.is_world_process_zero():
+        _write_json_atomic(out / METRICS_FILE, metrics)
+        plot_training(trainer.state.log_history, out / PLOT_FILE,
+                      title=f"{prepared.head.name} reward model ({prepared.source})")
+        _write_json_atomic(out / STAGE_FILE, {
+            "stage": "rm", "head": prepared.head.name, "base_model": prepared.base_model,
+            "adapter": model.is_peft, "template": settings.template, "dataset": prepared.source,
+            "settings": dataclasses.asdict(settings)})
+    return RMResult(out, metrics, model)
+
+
+def rm_from_config(source: str | os.PathLike | Mapping[str, Any],
+                   output_dir: str | os.PathLike | None = None,
+                   overrides: Sequence[str] | Mapping[str, Any] | None = None) -> RMResult:
+    """Run the RM stage from a YAML path or mapping (the Python twin of `rlhf-plugins rm --config`)."""
+    from trl import RewardConfig
+
+    from ..config import load_stage_config, load_yaml
+    from .sft import apply_overrides
+
+    data = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else load_yaml(source)
+    where = "config" if isinstance(source, Mapping) else str(source)
+    if isinstance(overrides, Mapping):
+        data.update(overrides)
+    elif overrides:
+        apply_overrides(data, overrides)
+    out = output_dir or data.get("output_dir")
+    data.pop("output_dir", None)
+    if out is None:
+        raise ConfigError(f"{where}: no output_dir (set it in the config or pass --output-dir)")
+    settings, trl_kwargs = load_stage_config(data, RMSettings, RewardConfig, where=where)
+    return run_rm(settings, trl_kwargs, out)
+
+
+# --------------------------------------------------------------------------------------------
+# Monte Carlo PRM labels (Math-Shepherd)
+# --------------------------------------------------------------------------------------------
+
+def mc_step_labels(problems: Sequence[Mapping[str, Any]], sample: Callable[..., list[str]],
+                   reward: Callable[..., list[float | None]], *, num_rollouts: int = 8,
+                   mode: str = "hard", threshold: float = 0.0, delimiter: str = "\n\n",
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """Step rows labelled by rollouts from each step prefix (Math-Shepherd).
+
+    `problems` rows have ``prompt`` and ``steps`` (a solution to label) plus any columns the
+    verifier needs (e.g. ``answer``). For step i, ``sample(prompt, prefix, n)`` returns `n`
+    continuations of ``delimiter.join(steps[:i+1])``; ``reward(prompts, completions, **columns)``
+    (a reward function, e.g. ``exact_answer``) scores each full solution, success = reward > 0.5.
+    ``hard``: label +1 when the success rate exceeds `threshold` (0: any rollout succeeds), else
+    -1; ``soft``: the label is the success rate (in [0, 1]). Rows get ``labels`` and
+    ``mc_success_rates``.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in ("hard", "soft"):
+        raise ConfigError(f"mc labels: mode must be 'hard' or 'soft', got {mode!r}")
+    if num_rollouts < 1:
+        raise ConfigError(f"mc labels: num_rollouts must be >= 1, got {num_rollouts}")
+    out = []
+    for index, row in enumerate(tqdm(problems, desc="MC step labels", disable=not progress)):
+        steps = row.get("steps")
+        if not isinstance(steps, (list, tuple)) or not steps:
+            raise DataError(f"problem {index}: needs 'steps' (a non-empty list of strings)")
+        columns = {k: v for k, v in row.items() if k not in ("prompt", "steps", "labels")}
+        rates = []
+        for i in range(len(steps)):
+            prefix = delimiter.join(steps[:i + 1])
+            if i == len(steps) - 1:  # a complete solution: the verifier decides directly
+                completions = [prefix]
+            else:
+                completions = [prefix + delimiter + c.lstrip() if c.strip() else prefix
+                               for c in sample(row["prompt"], prefix + delimiter, num_rollouts)]
+            msgs = [[{"role": "assistant", "content": c}] for c in completions]
+            cols = {k: [v] * len(msgs) for k, v in columns.items()}
+            rewards = reward([row["prompt"]] * len(msgs), msgs, **cols)
+            ok = [r is not None and r > 0.5 for r in rewards]
+            rates.append(sum(ok) / len(ok))
+        labels = ([1 if r > threshold else -1 for r in rates] if mode == "hard" else rates)
+        out.append({**dict(row), "labels": labels, "mc_success_rates": rates})
+    return out
+
+
+def policy_sampler(model: Any, tokenizer: Any, template: Any, *, max_new_tokens: int = 128,
+                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> Callable[..., list[str]]:
+    """``sample(prompt, prefix, n)``: `n` sampled continuations of an assistant `prefix` (HF generate)."""
+    import torch
+
+    from .generation import end_of_turn_token_ids
+
+    stops = end_of_turn_token_ids(template, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    device = next(model.parameters()).device
+    calls = [0]
+
+    def sample_impl(prompt: Any, prefix: str, n: int) -> list[str]:
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        ids = template.encode(msgs, tokenizer=tokenizer, add_generation_prompt=True).input_ids
+        ids = list(ids) + tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        batch = torch.tensor([ids] * n, device=device)
+        torch.manual_seed(seed + calls[0])
+        calls[0] += 1
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                gen = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch),
+                                     max_new_tokens=max_new_tokens, do_sample=True,
+                                     temperature=temperature, top_p=top_p, eos_token_id=stops,
+                                     pad_token_id=pad)
+        finally:
+            model.train(was_training)
+        out = []
+        for row in gen[:, len(ids):].tolist():
+            cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+            out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+        return out
+
+    return sample_impl

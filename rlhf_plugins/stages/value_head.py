@@ -1,0 +1,129 @@
+"""The critic of PPO as a value head on the policy's last hidden state (shared backbone).
+
+The head is a linear map ``hidden -> 1`` applied at every completion position. It reads the
+hidden states of the forward passes the trainer already runs: :func:`capture_values` hooks the
+causal LM's transformer body (the module TRL's fused LM head calls), so computing values needs
+no extra backbone pass when a policy forward happens anyway (the loss), and never copies the
+base weights (4-bit or not).
+
+Position convention: the log-probability of completion token ``t`` comes from the hidden state
+at the position before it; the value ``V(s_t)`` of the state in which token ``t`` is chosen is
+read from the same position: ``values = head(hidden[:, -T-1:-1])`` for ``T`` completion tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["ValueHead", "ValueCapture", "backbone_of", "capture_values", "unwrap"]
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ValueHead(nn.Module):
+    """``V(s) = w . h + b`` on the last hidden state (float32; zero-initialised: V = 0 at start).
+
+    Zero initialisation keeps the shared backbone untouched by the value loss on the first step
+    (its gradient w.r.t. the hidden states is ``w = 0``) and starts every value at 0.
+    """
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1, dtype=dtype)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Values [B, T] for hidden states [B, T, H]."""
+        weight = self.summary.weight
+        return self.summary(hidden_states.to(device=weight.device, dtype=weight.dtype)).squeeze(-1)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the head's weights to ``directory/value_head.safetensors`` (atomically)."""
+        import os
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        path = Path(directory) / VALUE_HEAD_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def load(self, directory: str | Path) -> bool:
+        """Load weights saved by :meth:`save` when ``directory`` has them; return whether it did."""
+        from safetensors.torch import load_file
+
+        path = Path(directory) / VALUE_HEAD_FILE
+        if not path.is_file():
+            return False
+        state = load_file(str(path), device=str(self.summary.weight.device))
+        self.load_state_dict(state)
+        return True
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / compile-style wrappers (``.module``) and return the wrapped model."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body (``last_hidden_state`` producer) of a causal LM, PEFT-wrapped or not."""
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    body = getattr(model, "base_model", None)  # transformers: the `base_model_prefix` module
+    return body if isinstance(body, nn.Module) and body is not model else model
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    """The hidden size of a causal LM's last hidden state."""
+    config = unwrap(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.hidden_size)
+
+
+class ValueCapture:
+    """Collects ``head(hidden[:, -T-1:-1])`` from every backbone forward while active."""
+
+    def __init__(self, head: nn.Module, completion_length: int) -> None:
+        self.head = head
+        self.completion_length = completion_length
+        self.chunks: list[torch.Tensor] = []
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook on the backbone."""
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        t = self.completion_length
+        self.chunks.append(self.head(hidden[:, -t - 1:-1]))
+
+    def values(self) -> torch.Tensor:
+        """Values [B, T] of all captured forwards, concatenated along the batch."""
+        if not self.chunks:
+            raise RuntimeError("no backbone forward was captured (the model's transformer body "
+                               "was not called)")
+        return torch.cat(self.chunks, dim=0)
+
+
+@contextlib.contextmanager
+def capture_values(model: nn.Module, head: nn.Module, completion_length: int) -> Iterator[ValueCapture]:
+    """Within the block, every forward of `model`'s backbone also computes values with `head`."""
+    capture = ValueCapture(head, completion_length)
+    handle = backbone_of(model).register_forward_hook(capture.hook)
+    try:
+        yield capture
+    finally:
+        handle.remove()
