@@ -173,7 +173,8 @@ def _never_stop(prompts: list, completions: list, **_: Any) -> list[float]:
     return [float(sum(ch in "aeiou" for ch in completion_text(c)) % 4) for c in completions]
 
 
-def bench_step(steps: int, completion: int, root: Path) -> list[dict[str, Any]]:
+def bench_step(steps: int, completion: int, root: Path, model: str = "tiny",
+               only: str | None = None) -> list[dict[str, Any]]:
     """Seconds per step of TRL's GRPOTrainer and our trainer with several estimators."""
     import torch
     from trl import GRPOConfig, GRPOTrainer
@@ -187,8 +188,13 @@ def bench_step(steps: int, completion: int, root: Path) -> list[dict[str, Any]]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from helpers_models import make_tiny_model_dir
 
-    model_dir = make_tiny_model_dir(root, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                    num_attention_heads=4, num_key_value_heads=2, name="bench-step")
+    if model == "default":  # the embedded SmolLM2-135M-Instruct
+        from rlhf_plugins.models import default_model_path
+        model_dir = default_model_path()
+    else:
+        model_dir = make_tiny_model_dir(root, hidden_size=256, intermediate_size=688,
+                                        num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, name="bench-step")
     rows = synth.rl_dataset(64, seed=0)
     common = dict(max_steps=steps, per_device_train_batch_size=8, num_generations=4,
                   max_completion_length=completion, gradient_checkpointing=False, logging_steps=1,
@@ -212,6 +218,8 @@ def bench_step(steps: int, completion: int, root: Path) -> list[dict[str, Any]]:
         ("ours: gae + value head (beta=0.05, k3 in loss)", "gae", {}, 0.05),
         ("ours: gae + value head (beta=0.05, k1 in reward)", "gae", {"kl_penalty": "reward"}, 0.05),
     ]
+    if only:  # e.g. "0.05": the variants whose label contains one of the comma-separated parts
+        variants = [v for v in variants if any(part in v[0] for part in only.split(","))]
     results = []
     for label, estimator, extra, beta in variants:
         torch.manual_seed(0)
@@ -245,6 +253,9 @@ def main() -> None:
     step = sub.add_parser("step")
     step.add_argument("--steps", type=int, default=6)
     step.add_argument("--completion", type=int, default=32)
+    step.add_argument("--model", choices=("tiny", "default"), default="tiny",
+                      help="tiny: random 4-layer Llama; default: the embedded SmolLM2-135M")
+    step.add_argument("--variants", help="comma-separated label parts to keep (e.g. 0.05)")
     child = sub.add_parser("_child")
     child.add_argument("mode")
     child.add_argument("model_dir")
@@ -274,11 +285,11 @@ def main() -> None:
                   f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['peak_bytes'] / four:.3f}x |")
     else:
         with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
-            results = bench_step(args.steps, args.completion, Path(tmp))
+            results = bench_step(args.steps, args.completion, Path(tmp), args.model, args.variants)
         base = results[0]["median_s"]
-        print(f"steps={args.steps} (first dropped) completion={args.completion} tokens, batch 8 "
-              "(2 prompts x 4 generations)")
-        print("| trainer | median s/step | vs TRL GRPOTrainer (beta=0) |")
+        print(f"model={args.model} steps={args.steps} (first dropped) completion={args.completion} "
+              "tokens, batch 8 (2 prompts x 4 generations)")
+        print(f"| trainer | median s/step | vs {results[0]['variant']} |")
         print("|---|---:|---:|")
         for r in results:
             print(f"| {r['variant']} | {r['median_s']:.3f} | {r['median_s'] / base:.2f}x |")

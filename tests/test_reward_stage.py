@@ -281,10 +281,18 @@ def test_qlora_bradley_terry_on_default_model_beats_chance(tmp_path):
     from rlhf_plugins.models import default_model_path
     from rlhf_plugins.stages.reward import rm_from_config
 
+    from rlhf_plugins.data import synth
+
     model_dir = default_model_path()
+    # Half the rejected answers ramble, half carry an arithmetic error (the synthetic task's two
+    # preference kinds); a 135M model separates the first kind within a CPU-sized run.
+    data = {}
+    for split, n in (("train", 96), ("test", 48)):
+        data[split] = tmp_path / f"pref_{split}.jsonl"
+        synth.write_jsonl(data[split], synth.preference_rows(n, 1, split, rambling_fraction=0.5))
     started = time.time()
-    config = {"model": str(model_dir), "head": "bradley_terry", "num_examples": 96,
-              "num_eval_examples": 48, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    config = {"model": str(model_dir), "head": "bradley_terry", "dataset": str(data["train"]),
+              "eval_dataset": str(data["test"]), "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
               "quantization": {"quant_type": "nf4"}, "num_train_epochs": 1,
               "per_device_train_batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 2,
               "logging_steps": 2, "max_length": 256, "save_strategy": "no", "seed": 0,
@@ -296,4 +304,6 @@ def test_qlora_bradley_terry_on_default_model_beats_chance(tmp_path):
           f"(before {result.metrics['heldout_before']['pairwise_accuracy']:.3f}) on "
           f"{held['pairs']} pairs in {elapsed:.0f}s")
     assert held["pairs"] == 48
-    assert held["pairwise_accuracy"] >= 0.75
+    # chance is 0.5 (binomial sd 0.072 on 48 pairs): 0.65 is more than 2 sd above it
+    assert held["pairwise_accuracy"] >= 0.65
+    assert held["pairwise_accuracy"] > result.metrics["heldout_before"]["pairwise_accuracy"]

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("sft", "reward_model", "rejection_sampling", "ppo")
 DONE_FILE = "stage_done.json"
+STARTED_FILE = "stage_started.json"
 
 
 @dataclass
@@ -123,9 +125,21 @@ class StageRecord:
     skipped: bool = False
 
 
+def _recorded_hash(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("hash")
+    except (OSError, ValueError):
+        return None
+
+
 def run_stage(name: str, stage_dir: Path, stage_hash: str,
               body: Callable[[Path], StageRecord]) -> StageRecord:
-    """Run `body` unless `stage_dir` holds a finished run with the same hash (then reuse it)."""
+    """Run `body` unless `stage_dir` holds a finished run with the same hash (then reuse it).
+
+    An interrupted run with the same hash resumes (the stage finds its last checkpoint in
+    `stage_dir`); a directory left by a different config is cleared first, so a changed stage
+    never resumes from checkpoints of the old one.
+    """
     done = stage_dir / DONE_FILE
     if done.is_file():
         data = json.loads(done.read_text())
@@ -134,9 +148,14 @@ def run_stage(name: str, stage_dir: Path, stage_hash: str,
             record = StageRecord(**data)
             record.skipped = True
             return record
-        logger.info("stage %s: config changed, rerunning", name)
-        done.unlink()
+    if stage_dir.is_dir() and _recorded_hash(stage_dir / STARTED_FILE) != stage_hash:
+        if any(stage_dir.iterdir()):
+            logger.info("stage %s: config changed, starting afresh", name)
+        shutil.rmtree(stage_dir)
+    elif stage_dir.is_dir():
+        logger.info("stage %s: resuming the interrupted run in %s", name, stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stage_dir / STARTED_FILE, json.dumps({"hash": stage_hash}))
     start = time.perf_counter()
     record = body(stage_dir)
     record.hash = stage_hash

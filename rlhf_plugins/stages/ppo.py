@@ -172,19 +172,16 @@ class CheckedPPO:
 def build_grpo_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLike,
                       reward_weights: Sequence[float] | None = None) -> Any:
     """TRL's `GRPOConfig` from the YAML's TRL fields (CPU-friendly defaults; ConfigError on bad values)."""
-    import torch
     from trl import GRPOConfig
+
+    from .trainer_args import device_defaults
 
     kwargs = dict(trl_kwargs)
     for name, why in _REJECTED_TRL_FIELDS.items():
         if name in kwargs:
             raise ConfigError(f"{name}: not supported here: {why}")
     kwargs.pop("output_dir", None)
-    if not torch.cuda.is_available():
-        if "bf16" not in kwargs and "fp16" not in kwargs:
-            kwargs["bf16"] = False  # bf16 autocast is slow and lossy on CPU
-        kwargs.setdefault("dataloader_pin_memory", False)
-    kwargs.setdefault("report_to", "none")
+    device_defaults(kwargs)
     if reward_weights is not None:
         kwargs["reward_weights"] = list(reward_weights)
     try:

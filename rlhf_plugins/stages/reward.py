@@ -147,20 +147,16 @@ class RMResult:
 
 def build_rm_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLike) -> Any:
     """TRL's `RewardConfig` from the YAML's TRL fields, with CPU-friendly defaults."""
-    import torch
     from trl import RewardConfig
+
+    from .trainer_args import device_defaults
 
     kwargs = dict(trl_kwargs)
     for name, why in _REJECTED_TRL_FIELDS.items():
         if kwargs.get(name) is not None:
             raise ConfigError(f"{name}: not supported here: {why}")
     kwargs.pop("output_dir", None)
-    if not torch.cuda.is_available():
-        if "bf16" not in kwargs and "fp16" not in kwargs:
-            kwargs["bf16"] = False
-        kwargs.setdefault("dataloader_pin_memory", False)
-        kwargs.setdefault("gradient_checkpointing", False)  # slower on a CPU, little memory gain
-    kwargs.setdefault("report_to", "none")
+    device_defaults(kwargs)
     try:
         return RewardConfig(output_dir=str(output_dir), **kwargs)
     except (TypeError, ValueError) as exc:

@@ -297,19 +297,16 @@ def split_eval(dataset: "Dataset", settings: SFTSettings, seed: int) -> tuple["D
 
 def build_sft_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLike) -> Any:
     """TRL's `SFTConfig` from the YAML's TRL fields, with CPU-friendly defaults."""
-    import torch
     from trl import SFTConfig
+
+    from .trainer_args import device_defaults
 
     kwargs = dict(trl_kwargs)
     for name, why in _REJECTED_TRL_FIELDS.items():
         if kwargs.get(name):
             raise ConfigError(f"{name}: not supported here: {why}")
     kwargs.pop("output_dir", None)
-    if not torch.cuda.is_available() and "bf16" not in kwargs and "fp16" not in kwargs:
-        kwargs["bf16"] = False  # TRL defaults to bf16 autocast, which is slow and lossy on CPU
-    if not torch.cuda.is_available():
-        kwargs.setdefault("dataloader_pin_memory", False)
-    kwargs.setdefault("report_to", "none")
+    device_defaults(kwargs)
     try:
         return SFTConfig(output_dir=str(output_dir), **kwargs)
     except (TypeError, ValueError) as exc:

