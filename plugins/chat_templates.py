@@ -176,8 +176,18 @@ class Tulu(_SegmentTemplate):
 # The tokenizer's own chat_template (or a Jinja file), rendered in a sandbox
 # --------------------------------------------------------------------------------------------
 
-_PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"  # private-use: placeholders for message content
 _MARK_OPEN, _MARK_CLOSE = "\ue002", "\ue003"  # private-use: control tokens inside other fields
+
+
+def _placeholder_pair(text: str) -> tuple[str, str]:
+    """Two private-use characters (content placeholders) that occur nowhere in `text`."""
+    free = (chr(c) for c in range(0xE000, 0xF900)
+            if chr(c) not in text and chr(c) not in (_MARK_OPEN, _MARK_CLOSE))
+    try:
+        return next(free), next(free)
+    except StopIteration:  # pragma: no cover - content using the whole private-use area
+        raise DataError("template 'tokenizer': the conversation uses every private-use "
+                        "character; no placeholder is left") from None
 
 
 def _special_context(tokenizer: Any) -> dict[str, Any]:
@@ -259,10 +269,8 @@ class TokenizerTemplate(_SegmentTemplate):
                 return [mark(v) for v in value]
             return value
 
-        for i, m in enumerate(messages):
-            content = m.get("content")
-            if isinstance(content, str) and (_PH_OPEN in content or _PH_CLOSE in content):
-                raise DataError(f"message {i}: content holds reserved private-use characters U+E000/U+E001")
+        ph_open, ph_close = _placeholder_pair(
+            text + "".join(m["content"] for m in messages if isinstance(m.get("content"), str)))
         # Placeholders for every content first (so empty messages keep their end-of-turn token),
         # then only for non-empty ones (templates that test `if message.content`).
         for with_empty in (True, False):
@@ -270,10 +278,10 @@ class TokenizerTemplate(_SegmentTemplate):
             for i, m in enumerate(messages):
                 marked = {k: (v if k in ("role", "content") else mark(v)) for k, v in m.items()}
                 if m.get("content") or with_empty:
-                    marked["content"] = f"{_PH_OPEN}{i}{_PH_CLOSE}"
+                    marked["content"] = f"{ph_open}{i}{ph_close}"
                 probe.append(marked)
             rendered = self._render(source, probe, tokenizer, add_generation_prompt)
-            pieces = re.split(f"{_PH_OPEN}(\\d+){_PH_CLOSE}", rendered)
+            pieces = re.split(f"{ph_open}(\\d+){ph_close}", rendered)
             for strip in (False, True):
                 out = self._assemble(pieces, messages, strip, control_re)
                 if "".join(s.text for s in out) == text:

@@ -3,7 +3,7 @@ byte for byte; ids == tokenizing the whole text; no control token ever comes fro
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from helpers_tokenizers import SPECIAL_TOKENS, make_tokenizer
@@ -209,6 +209,11 @@ def test_stop_strings():
 @pytest.mark.parametrize("name", HF_TEMPLATES)
 @SETTINGS
 @given(messages=conversations(), gen=st.booleans())
+# content holding the private-use characters the recovery once used as placeholders
+@example(messages=[{"role": "user", "content": ""}, {"role": "assistant", "content": "\ue000"}],
+         gen=False)
+@example(messages=[{"role": "user", "content": "\ue001\ue000 7 \ue002"},
+                   {"role": "assistant", "content": "\ue003x"}], gen=True)
 def test_tokenizer_template_recovers_the_builtin_encoding(name, messages, gen):
     builtin = registry().chat_templates.get(name)
     tok = make_tokenizer("default", chat_template=builtin.jinja)

@@ -186,3 +186,29 @@ def test_run_stage_resumes_same_config_and_clears_a_changed_one(tmp_path):
     assert seen[2] == ["stage_started.json"]
     record = run_stage("sft", stage_dir, "hash-c", finishes)
     assert seen[3] == ["stage_started.json"] and not record.skipped and record.hash == "hash-c"
+
+
+@pytest.mark.slow
+def test_pipeline_under_accelerate_with_two_processes(tmp_path, tiny_dir):
+    """`accelerate launch ... -m rlhf_plugins.cli pipeline CONFIG`: the same config, 2 processes."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate's CLI is installed with the project"
+    out = tmp_path / "run"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tiny_dir, out)))
+    # accelerate 1.15 starts one process for `--cpu --num_processes 2`; this starts two (gloo DDP)
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true",
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf_plugins.cli", "-v",
+           "pipeline", str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "ppo"}
+    ppo_log = summary["stages"]["ppo"]["log_history"]
+    assert any("reward" in e for e in ppo_log)
+    assert (out / "sft" / "merged" / "config.json").is_file()
+    assert not list(out.glob("sft/.merged.*"))  # no half-written merge left behind

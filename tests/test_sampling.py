@@ -608,6 +608,22 @@ def test_finetune_on_the_selection_with_the_sft_stage(tmp_path, tiny_dir, text_r
     assert summary["sft"]["train_rows"] == len(selected)
 
 
+def test_empty_selection_errors_or_skips_the_finetune(tmp_path, tiny_dir, text_reward):
+    data = _dataset(tmp_path)
+    sft = {"max_steps": 1, "per_device_train_batch_size": 2, "save_strategy": "no",
+           "report_to": "none"}
+    common = dict(selection="threshold", selection_params={"min_reward": 1e9}, sft=sft)
+    with pytest.raises(DataError, match="selection is empty"):
+        S.run_sampling(_settings(tiny_dir, data, **common), tmp_path / "a", finetune=True)
+    result = S.run_sampling(_settings(tiny_dir, data, on_empty_selection="skip", **common),
+                            tmp_path / "b", finetune=True)
+    assert result.sft is None and result.summary["selected"] == 0
+    assert result.summary["sft"] == {"skipped": "empty selection"}
+    assert not (tmp_path / "b" / "sft").exists()
+    with pytest.raises(ConfigError, match="on_empty_selection"):
+        _settings(tiny_dir, data, on_empty_selection="ignore")
+
+
 def test_scoring_with_a_saved_reward_model_plus_reward_functions(tmp_path, tiny_dir, text_reward,
                                                                 counting_model):
     from rlhf_plugins.models import load_causal_lm, load_tokenizer

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 from ..config import build_dataclass, config_hash, load_yaml
 from ..errors import ConfigError
 from ..report import atomic_write_text, write_report
+from .distributed import is_main_process, main_process_first
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +149,15 @@ def run_stage(name: str, stage_dir: Path, stage_hash: str,
             record = StageRecord(**data)
             record.skipped = True
             return record
-    if stage_dir.is_dir() and _recorded_hash(stage_dir / STARTED_FILE) != stage_hash:
-        if any(stage_dir.iterdir()):
-            logger.info("stage %s: config changed, starting afresh", name)
-        shutil.rmtree(stage_dir)
-    elif stage_dir.is_dir():
-        logger.info("stage %s: resuming the interrupted run in %s", name, stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stage_dir / STARTED_FILE, json.dumps({"hash": stage_hash}))
+    with main_process_first():  # under accelerate the other processes then see the new marker
+        if stage_dir.is_dir() and _recorded_hash(stage_dir / STARTED_FILE) != stage_hash:
+            if any(stage_dir.iterdir()):
+                logger.info("stage %s: config changed, starting afresh", name)
+            shutil.rmtree(stage_dir)
+        elif stage_dir.is_dir():
+            logger.info("stage %s: resuming the interrupted run in %s", name, stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stage_dir / STARTED_FILE, json.dumps({"hash": stage_hash}))
     start = time.perf_counter()
     record = body(stage_dir)
     record.hash = stage_hash
@@ -213,7 +215,14 @@ class Pipeline:
         return paths
 
     def evaluate(self, label: str, model_dir: str, adapter_dir: str | None = None) -> None:
-        """Held-out verifiable accuracy of a model (+ adapter); cached next to the run."""
+        """Held-out verifiable accuracy of a model (+ adapter); cached next to the run.
+
+        Under accelerate the main process evaluates; the others read its cached result.
+        """
+        with main_process_first():
+            self._evaluate(label, model_dir, adapter_dir)
+
+    def _evaluate(self, label: str, model_dir: str, adapter_dir: str | None) -> None:
         cache = self.run_dir / "evals" / f"{label}.json"
         key = config_hash(model_dir, adapter_dir, dataclasses.asdict(self.s.eval),
                           dataclasses.asdict(self.s.task), self.s.template,
@@ -303,7 +312,8 @@ class Pipeline:
         data = deep_merge({"model": policy, "dataset": self.paths["rl"], "template": self.s.template,
                            "seed": self.s.seed, "reward_functions": ["exact_answer"],
                            "reward_model": rm.outputs["reward_model"] if rm else None,
-                           "finetune": True, "sft": {**sft_common, "merge": True}}, section)
+                           "finetune": True, "on_empty_selection": "skip",
+                           "sft": {**sft_common, "merge": True}}, section)
         settings = build_dataclass(SamplingSettings, data, "rejection_sampling")
 
         def body(stage_dir: Path) -> StageRecord:
@@ -355,7 +365,8 @@ class Pipeline:
         from .. import registry
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.paths = self.write_data()
+        with main_process_first():
+            self.paths = self.write_data()
         policy = self.base_model()
         self.evaluate("base", policy)
         upstream: str | None = config_hash(policy)
@@ -376,6 +387,8 @@ class Pipeline:
             "stages": {n: {**dataclasses.asdict(r)} for n, r in self.records.items()},
             "plugins": [p.as_dict() for p in registry().plugins],
         }
+        if not is_main_process():
+            return self.run_dir / "report.md"
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         return write_report(self.run_dir, summary)
 

@@ -101,11 +101,16 @@ class SamplingSettings:
     cache: bool = True
     #: fine-tune on the selection with the SFT stage after writing it
     finetune: bool = False
+    #: when the rule selects nothing: "error", or "skip" the fine-tuning (policy unchanged)
+    on_empty_selection: str = "error"
     #: SFT stage config (SFTSettings + TRL SFTConfig fields); model/dataset/template default
     #: to the policy, the selection and `template`
     sft: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.on_empty_selection not in ("error", "skip"):
+            raise ConfigError(f"on_empty_selection: expected 'error' or 'skip', got "
+                              f"{self.on_empty_selection!r}")
         if isinstance(self.quantization, Mapping):
             self.quantization = build_dataclass(QuantSettings, self.quantization, "quantization")
         elif self.quantization is True:
@@ -783,6 +788,7 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
         if not prompt_rows:
             raise DataError("rows: no prompts")
     from ..models import resolve_model
+    from .distributed import main_process_first
 
     policy_ref = resolve_model(settings.model)
     components = resolve_components(settings, len(prompt_rows), out, policy_ref)
@@ -792,17 +798,21 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
     if tokenizer is None:
         tokenizer = _load_tokenizer_for(policy_ref)
     run = _Run(settings, out, prompt_rows, source, components, policy_ref, tokenizer, policy)
-    completions = run.generate()
-    scored = run.score(completions)
-    totals = scored["totals"]
-    pairs = run.select(totals)
-    chosen = set(pairs)
-    result_rows = run.build_rows(completions, scored, chosen)
-    summary = _summary(settings, run, result_rows, pairs, totals)
-    summary["files"] = run.write(result_rows, pairs, summary)
-    summary["seconds"] = round(time.perf_counter() - started, 3)
+    with main_process_first():  # under accelerate: the other processes read the main one's cache
+        completions = run.generate()
+        scored = run.score(completions)
+        totals = scored["totals"]
+        pairs = run.select(totals)
+        chosen = set(pairs)
+        result_rows = run.build_rows(completions, scored, chosen)
+        summary = _summary(settings, run, result_rows, pairs, totals)
+        summary["files"] = run.write(result_rows, pairs, summary)
+        summary["seconds"] = round(time.perf_counter() - started, 3)
     sft_result = None
-    if components.sft is not None:
+    if components.sft is not None and not pairs and settings.on_empty_selection == "skip":
+        logger.warning("the selection is empty: no fine-tuning, the policy stays as it was")
+        summary["sft"] = {"skipped": "empty selection"}
+    elif components.sft is not None:
         sft_result = _finetune(components.sft, len(pairs))
         summary["sft"] = {"output_dir": str(sft_result.output_dir),
                           "merged_dir": str(sft_result.merged_dir) if sft_result.merged_dir else None,

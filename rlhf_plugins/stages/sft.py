@@ -432,7 +432,8 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
         after = trainer.evaluate(metric_key_prefix="eval")
         metrics["eval_loss"] = after.get("eval_loss")
     trainer.save_model(str(out))
-    prepared.tokenizer.save_pretrained(str(out))
+    if trainer.is_world_process_zero():
+        prepared.tokenizer.save_pretrained(str(out))
     adapter = settings.lora is not None or is_adapter_dir(prepared.model_path)
     base_model = prepared.model_path
     if is_adapter_dir(prepared.model_path):
@@ -440,7 +441,10 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
                                 )["base_model_name_or_path"]
     merged_dir = None
     if settings.merge and adapter:
-        merged_dir = merge_adapter(base_model, out, out / "merged")
+        merged_dir = out / "merged"
+        if trainer.is_world_process_zero():
+            merge_adapter(base_model, out, merged_dir)
+        trainer.accelerator.wait_for_everyone()  # every process goes on with the merged model
     metrics["wall_time_s"] = round(time.time() - started, 3)
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
