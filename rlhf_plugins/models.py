@@ -28,7 +28,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from .errors import ConfigError
 
@@ -127,6 +127,34 @@ class QuantSettings:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
                                   bnb_4bit_use_double_quant=self.double_quant,
                                   bnb_4bit_compute_dtype=self.resolved_compute_dtype())
+
+
+def resolve_adapter_settings(lora: Any, peft: Any, quantization: Any
+                             ) -> "tuple[LoraSettings | None, QuantSettings | None]":
+    """Normalise a stage's `lora`/`peft` (aliases) and `quantization` fields.
+
+    Each may be a mapping, true/false or already a settings object; a 4-bit base needs LoRA.
+    """
+    from .config import build_dataclass
+
+    if peft is not None and peft is not False:
+        if lora is not None and lora is not False:
+            raise ConfigError("peft: give either `lora` or `peft` (the same settings), not both")
+        lora = peft
+    if isinstance(lora, Mapping):
+        lora = build_dataclass(LoraSettings, lora, "lora")
+    if isinstance(quantization, Mapping):
+        quantization = build_dataclass(QuantSettings, quantization, "quantization")
+    lora = LoraSettings() if lora is True else (None if lora is False else lora)
+    quantization = QuantSettings() if quantization is True else (
+        None if quantization is False else quantization)
+    if lora is not None and not isinstance(lora, LoraSettings):
+        raise ConfigError(f"lora: expected a mapping or true/false, got {lora!r}")
+    if quantization is not None and not isinstance(quantization, QuantSettings):
+        raise ConfigError(f"quantization: expected a mapping or true/false, got {quantization!r}")
+    if quantization is not None and quantization.load_in_4bit and lora is None:
+        raise ConfigError("quantization: a 4-bit base cannot be fully fine-tuned; add `lora` (QLoRA)")
+    return lora, quantization
 
 
 def _resolve_dtype(name: "str | torch.dtype | None") -> "torch.dtype":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ConfigError, DataError
-from ..models import LoraSettings, QuantSettings
+from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
 from .reward_data import (EncodedRows, encode_rows, evaluate_rows, first_error, load_rows,
                           outcome_metrics, pairwise_accuracy, step_metrics)
 from .reward_model import (FeatureDataset, RewardHeadTrainer, RewardModel, attach_reward_adapter,
@@ -90,27 +90,10 @@ class RMSettings:
     resume: bool = True
 
     def __post_init__(self) -> None:
-        from ..config import build_dataclass
 
-        if self.peft is not None and self.peft is not False:
-            if self.lora is not None and self.lora is not False:
-                raise ConfigError("peft: give either `lora` or `peft` (the same settings), not both")
-            self.lora, self.peft = self.peft, None
-        if isinstance(self.lora, Mapping):
-            self.lora = build_dataclass(LoraSettings, self.lora, "lora")
-        if isinstance(self.quantization, Mapping):
-            self.quantization = build_dataclass(QuantSettings, self.quantization, "quantization")
-        self.lora = LoraSettings() if self.lora is True else (None if self.lora is False else self.lora)
-        if self.quantization is True:
-            self.quantization = QuantSettings()
-        elif self.quantization is False:
-            self.quantization = None
-        if self.lora is not None and not isinstance(self.lora, LoraSettings):
-            raise ConfigError(f"lora: expected a mapping or true/false, got {self.lora!r}")
-        if self.quantization is not None and not isinstance(self.quantization, QuantSettings):
-            raise ConfigError(f"quantization: expected a mapping or true/false, got {self.quantization!r}")
-        if self.quantization is not None and self.quantization.load_in_4bit and self.lora is None:
-            raise ConfigError("quantization: a 4-bit base cannot be fully fine-tuned; add `lora` (QLoRA)")
+        self.lora, self.quantization = resolve_adapter_settings(self.lora, self.peft,
+                                                                self.quantization)
+        self.peft = None
         for name in ("head", "template", "dataset", "dataset_split", "eval_split"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
