@@ -374,23 +374,12 @@ def load_ppo_config(source: str | os.PathLike | Mapping[str, Any],
                     overrides: Sequence[str] | Mapping[str, Any] | None = None,
                     ) -> tuple[PPOSettings, dict[str, Any], str | os.PathLike]:
     """Parse a PPO config into (settings, TRL GRPOConfig kwargs, output_dir)."""
-    import copy
-
     from trl import GRPOConfig
 
-    from ..config import load_stage_config, load_yaml
-    from .sft import apply_overrides
+    from ..config import load_stage_config
+    from .sft import read_stage_source
 
-    data = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else load_yaml(source)
-    where = "config" if isinstance(source, Mapping) else str(source)
-    if isinstance(overrides, Mapping):
-        data.update(overrides)
-    elif overrides:
-        apply_overrides(data, overrides)
-    out = output_dir or data.get("output_dir")
-    data.pop("output_dir", None)
-    if out is None:
-        raise ConfigError(f"{where}: no output_dir (set it in the config or pass --output-dir)")
+    data, where, out = read_stage_source(source, overrides, output_dir)
     settings, trl_kwargs = load_stage_config(data, PPOSettings, GRPOConfig, where=where)
     return settings, trl_kwargs, out
 

@@ -9,7 +9,6 @@ functions, :func:`run_rm` / :func:`rm_from_config` (what ``rlhf-plugins rm --con
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -367,19 +366,10 @@ def rm_from_config(source: str | os.PathLike | Mapping[str, Any],
     """Run the RM stage from a YAML path or mapping (the Python twin of `rlhf-plugins rm --config`)."""
     from trl import RewardConfig
 
-    from ..config import load_stage_config, load_yaml
-    from .sft import apply_overrides
+    from ..config import load_stage_config
+    from .sft import read_stage_source
 
-    data = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else load_yaml(source)
-    where = "config" if isinstance(source, Mapping) else str(source)
-    if isinstance(overrides, Mapping):
-        data.update(overrides)
-    elif overrides:
-        apply_overrides(data, overrides)
-    out = output_dir or data.get("output_dir")
-    data.pop("output_dir", None)
-    if out is None:
-        raise ConfigError(f"{where}: no output_dir (set it in the config or pass --output-dir)")
+    data, where, out = read_stage_source(source, overrides, output_dir)
     settings, trl_kwargs = load_stage_config(data, RMSettings, RewardConfig, where=where)
     return run_rm(settings, trl_kwargs, out)
 

@@ -23,7 +23,6 @@ complete run.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -36,7 +35,7 @@ from typing import Any, Mapping, Sequence
 
 from ..cache import (JsonCache, atomic_write_bytes, atomic_write_dir, atomic_write_json,
                      atomic_write_jsonl, model_fingerprint)
-from ..config import build_dataclass, config_hash, load_yaml
+from ..config import build_dataclass, config_hash
 from ..errors import ConfigError, DataError, PluginError, RlhfPluginsError
 from ..models import QuantSettings
 
@@ -187,18 +186,9 @@ def load_sampling_config(source: str | os.PathLike | Mapping[str, Any],
                          output_dir: str | os.PathLike | None = None,
                          ) -> tuple[SamplingSettings, Path]:
     """Read a sampling YAML (or mapping) + `key=value` overrides -> (settings, output dir)."""
-    data = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else load_yaml(source)
-    where = "config" if isinstance(source, Mapping) else str(source)
-    if isinstance(overrides, Mapping):
-        data.update(overrides)
-    elif overrides:
-        from .sft import apply_overrides
+    from .sft import read_stage_source
 
-        apply_overrides(data, list(overrides))
-    out = output_dir if output_dir is not None else data.get("output_dir")
-    data.pop("output_dir", None)
-    if out is None:
-        raise ConfigError(f"{where}: no output_dir (set it in the config or pass --output-dir)")
+    data, where, out = read_stage_source(source, overrides, output_dir)
     return build_dataclass(SamplingSettings, data, where), Path(out)
 
 

@@ -476,24 +476,38 @@ def sft_from_config(source: str | os.PathLike | Mapping[str, Any],
     `overrides` are `key=value` strings (dotted keys reach nested sections, e.g.
     `lora.r=8`) or a mapping of top-level keys.
     """
-    import copy
-
     from trl import SFTConfig
 
-    from ..config import load_stage_config, load_yaml
+    from ..config import load_stage_config
+
+    data, where, out = read_stage_source(source, overrides, output_dir)
+    settings, trl_kwargs = load_stage_config(data, SFTSettings, SFTConfig, where=where)
+    return run_sft(settings, trl_kwargs, out)
+
+
+def read_stage_source(source: str | os.PathLike | Mapping[str, Any],
+                      overrides: Sequence[str] | Mapping[str, Any] | None,
+                      output_dir: str | os.PathLike | None) -> tuple[dict[str, Any], str, str]:
+    """A stage config from a YAML path or mapping, with overrides -> (data, where, output dir).
+
+    `overrides` are `key=value` strings (dotted keys reach nested sections) or a mapping of
+    top-level keys; `output_dir` wins over the config's own `output_dir`, one of them is required.
+    """
+    import copy
+
+    from ..config import load_yaml
 
     data = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else load_yaml(source)
     where = "config" if isinstance(source, Mapping) else str(source)
     if isinstance(overrides, Mapping):
         data.update(overrides)
     elif overrides:
-        apply_overrides(data, overrides)
-    out = output_dir or data.get("output_dir")
+        apply_overrides(data, list(overrides))
+    out = output_dir if output_dir is not None else data.get("output_dir")
     data.pop("output_dir", None)
     if out is None:
         raise ConfigError(f"{where}: no output_dir (set it in the config or pass --output-dir)")
-    settings, trl_kwargs = load_stage_config(data, SFTSettings, SFTConfig, where=where)
-    return run_sft(settings, trl_kwargs, out)
+    return data, where, out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
