@@ -2,25 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .cache import atomic_write_text  # noqa: F401 - re-exported (pipeline, tests)
+
 CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "value_loss", "accuracy", "eval_accuracy")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _curves(log_history: Iterable[Mapping[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:

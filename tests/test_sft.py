@@ -348,3 +348,17 @@ def test_settings_sections_from_yaml_values():
         SFTSettings(lora={}, peft={})
     with pytest.raises(ConfigError, match="quant_type"):
         load_stage_config({"lora": {}, "quantization": {"quant_type": "int4"}}, SFTSettings)
+
+
+def test_last_checkpoint_skips_one_killed_while_saving(tmp_path):
+    from rlhf_plugins.stages.sft import _last_checkpoint
+
+    assert _last_checkpoint(tmp_path / "missing") is None
+    for step, complete in ((5, True), (10, True), (15, False), (9, True)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+        if complete:  # transformers writes trainer_state.json last
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert _last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")

@@ -327,7 +327,8 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
 def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
             output_dir: str | os.PathLike = "outputs/ppo") -> PPOResult:
     """Train the policy with the configured estimator; save adapter/model, value head, metrics."""
-    from .sft import _last_checkpoint, _write_json_atomic
+    from ..cache import atomic_write_json
+    from .sft import _last_checkpoint
 
     out = Path(output_dir)
     started = time.time()
@@ -352,8 +353,8 @@ def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
     metrics["log_history"] = trainer.state.log_history
     adapter = settings.lora is not None or hasattr(trainer.model, "peft_config")
     if trainer.is_world_process_zero():
-        _write_json_atomic(out / METRICS_FILE, metrics)
-        _write_json_atomic(out / STAGE_FILE, {
+        atomic_write_json(out / METRICS_FILE, metrics)
+        atomic_write_json(out / STAGE_FILE, {
             "stage": "ppo", "base_model": prepared.model_path, "adapter": adapter,
             "value_head": trainer.value_head is not None, "dataset": prepared.source,
             "settings": dataclasses.asdict(settings),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from ..cache import atomic_write_json
 from ..errors import ConfigError, DataError
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
 from .reward_data import (EncodedRows, encode_rows, evaluate_rows, first_error, load_rows,
@@ -260,19 +261,6 @@ def _reference_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     return out
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def plot_training(log_history: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                   title: str = "reward model") -> Path:
     """PNG of train/eval loss and accuracy (or the head's metric) over steps, written atomically."""
@@ -318,7 +306,7 @@ def plot_training(log_history: Sequence[Mapping[str, Any]], path: str | os.PathL
 def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
            output_dir: str | os.PathLike = "outputs/rm") -> RMResult:
     """Train a reward head; save adapter/backbone + head + tokenizer, metrics JSON and a PNG plot."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from .sft import _last_checkpoint
 
     out = Path(output_dir)
     started = time.time()
@@ -329,7 +317,7 @@ def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
                                "train_data": prepared.train.summary(),
                                "eval_data": None if prepared.eval is None else prepared.eval.summary()}
     kw = dict(batch_size=settings.score_batch_size, max_length=trainer.args.max_length)
-    resume = get_last_checkpoint(str(out)) if settings.resume and out.is_dir() else None
+    resume = _last_checkpoint(out) if settings.resume else None
     if prepared.eval_rows and resume is None:
         metrics["heldout_before"] = evaluate_rows(model, prepared.eval_rows, **kw)
     train_output = trainer.train(resume_from_checkpoint=resume)
@@ -350,10 +338,10 @@ def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
     metrics["wall_time_s"] = round(time.time() - started, 3)
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
-        _write_json_atomic(out / METRICS_FILE, metrics)
+        atomic_write_json(out / METRICS_FILE, metrics)
         plot_training(trainer.state.log_history, out / PLOT_FILE,
                       title=f"{prepared.head.name} reward model ({prepared.source})")
-        _write_json_atomic(out / STAGE_FILE, {
+        atomic_write_json(out / STAGE_FILE, {
             "stage": "rm", "head": prepared.head.name, "base_model": prepared.base_model,
             "adapter": model.is_peft, "template": settings.template, "dataset": prepared.source,
             "settings": dataclasses.asdict(settings)})

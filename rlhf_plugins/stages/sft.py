@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..conversation import validate_messages
+from ..cache import atomic_write_json
 from ..errors import ConfigError, DataError, RlhfPluginsError
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
 
@@ -361,25 +362,23 @@ def _keep_float32_adapter_on_cpu(model: Any, settings: SFTSettings) -> None:
             param.data = param.data.to(torch.float32)
 
 
-def _last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir` (one with its trainer state), or None.
 
-    if not output_dir.is_dir():
+    A process killed while saving leaves a `checkpoint-N` folder without `trainer_state.json`
+    (transformers writes it last); resuming from it would fail, so it is skipped.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
         return None
-    return get_last_checkpoint(str(output_dir))
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    steps = []
+    for child in folder.iterdir():
+        step = child.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if child.is_dir() and step.isdigit() and (child / "trainer_state.json").is_file():
+            steps.append((int(step), child))
+    return str(max(steps)[1]) if steps else None
 
 
 def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
@@ -433,8 +432,8 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
         pass
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
-        _write_json_atomic(out / METRICS_FILE, metrics)
-        _write_json_atomic(out / STAGE_FILE, {
+        atomic_write_json(out / METRICS_FILE, metrics)
+        atomic_write_json(out / STAGE_FILE, {
             "stage": "sft", "base_model": base_model, "adapter": adapter,
             "merged": str(merged_dir) if merged_dir else None,
             "template": settings.template, "masking": settings.masking,
