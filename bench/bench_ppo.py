@@ -2,7 +2,7 @@
 
 Run (repository root):
   python bench/bench_ppo.py memory [--size 1b|small] [--seq 64]
-  python bench/bench_ppo.py step [--steps 6] [--completion 32]
+  python bench/bench_ppo.py step [--steps 6] [--completion 32] [--rounds 1] [--model tiny|default]
 
 memory (benchmark a): two child processes on the same random-weight Llama config and the same
   prompt batch. "four bf16 models": policy, reference, critic (causal LM + value head) and
@@ -174,8 +174,12 @@ def _never_stop(prompts: list, completions: list, **_: Any) -> list[float]:
 
 
 def bench_step(steps: int, completion: int, root: Path, model: str = "tiny",
-               only: str | None = None) -> list[dict[str, Any]]:
-    """Seconds per step of TRL's GRPOTrainer and our trainer with several estimators."""
+               only: str | None = None, rounds: int = 1) -> list[dict[str, Any]]:
+    """Seconds per step of TRL's GRPOTrainer and our trainer with several estimators.
+
+    With ``rounds`` > 1 the variants run round-robin that many times (so a slow phase of a
+    shared machine hits all of them) and each median is over all rounds' steps.
+    """
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
@@ -220,8 +224,8 @@ def bench_step(steps: int, completion: int, root: Path, model: str = "tiny",
     ]
     if only:  # e.g. "0.05": the variants whose label contains one of the comma-separated parts
         variants = [v for v in variants if any(part in v[0] for part in only.split(","))]
-    results = []
-    for label, estimator, extra, beta in variants:
+    times_of: dict[str, list[float]] = {label: [] for label, *_ in variants}
+    for _round, (label, estimator, extra, beta) in ((r, v) for r in range(rounds) for v in variants):
         torch.manual_seed(0)
         out = tempfile.mkdtemp(dir=root)
         if estimator is None:
@@ -236,10 +240,10 @@ def bench_step(steps: int, completion: int, root: Path, model: str = "tiny",
                                                 processing_class=tokenizer(),
                                                 advantage_estimator=estimator, **extra)
         trainer.train()
-        times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h][1:]
-        results.append({"variant": label, "median_s": statistics.median(times),
-                        "mean_s": statistics.fmean(times), "steps": len(times)})
-    return results
+        times_of[label] += [h["step_time"] for h in trainer.state.log_history if "step_time" in h][1:]
+        del trainer
+    return [{"variant": label, "median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+             "steps": len(times)} for label, times in times_of.items()]
 
 
 def main() -> None:
@@ -256,6 +260,7 @@ def main() -> None:
     step.add_argument("--model", choices=("tiny", "default"), default="tiny",
                       help="tiny: random 4-layer Llama; default: the embedded SmolLM2-135M")
     step.add_argument("--variants", help="comma-separated label parts to keep (e.g. 0.05)")
+    step.add_argument("--rounds", type=int, default=1, help="run the variants round-robin this often")
     child = sub.add_parser("_child")
     child.add_argument("mode")
     child.add_argument("model_dir")
@@ -285,10 +290,11 @@ def main() -> None:
                   f"{r['peak_bytes'] / 2**30:.2f} GiB | {r['peak_bytes'] / four:.3f}x |")
     else:
         with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
-            results = bench_step(args.steps, args.completion, Path(tmp), args.model, args.variants)
+            results = bench_step(args.steps, args.completion, Path(tmp), args.model, args.variants,
+                                 args.rounds)
         base = results[0]["median_s"]
-        print(f"model={args.model} steps={args.steps} (first dropped) completion={args.completion} "
-              "tokens, batch 8 (2 prompts x 4 generations)")
+        print(f"model={args.model} steps={args.steps} (first dropped) x {args.rounds} round(s) "
+              f"completion={args.completion} tokens, batch 8 (2 prompts x 4 generations)")
         print(f"| trainer | median s/step | vs {results[0]['variant']} |")
         print("|---|---:|---:|")
         for r in results:

@@ -131,6 +131,29 @@ def test_value_capture_reads_hidden_state_before_each_completion_token(tiny_dir)
     assert len(capture.chunks) == 1
 
 
+def test_rollout_values_come_from_generation_without_an_extra_forward(tiny_dir, rows, tmp_path):
+    """PPO's rollout values are read from generate's own forwards (KV cache, left-padded prompts
+    of different lengths) and equal the values of a full forward over prompt + completion."""
+    from rlhf_plugins.stages.value_head import capture_values
+
+    trainer = _our_trainer(tiny_dir, rows, tmp_path, "gae")
+    torch.nn.init.normal_(trainer.value_head.summary.weight, std=0.5)
+    calls = []
+    forward = trainer._get_per_token_logps_and_entropies
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    out = _rollout(trainer, rows)
+    assert calls == []  # no policy forward besides generation
+    assert len(set(out["prompt_mask"].sum(1).tolist())) > 1  # prompts really were left-padded
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
+    attention = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+    t = out["completion_ids"].size(1)
+    with torch.no_grad(), capture_values(trainer.model, trainer.value_head, t) as capture:
+        trainer.model(input_ids=ids, attention_mask=attention)
+    mask = out["completion_mask"].bool()
+    assert mask.sum() > 0 and capture.values()[mask].abs().max() > 1e-3
+    torch.testing.assert_close(out["old_values"][mask], capture.values()[mask], atol=1e-4, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # Reward validation
 # --------------------------------------------------------------------------------------------
@@ -351,8 +374,8 @@ def test_ppo_gae_step_in_4bit_end_to_end(tiny_dir, rows, tmp_path):
     records: list[dict[str, Any]] = []
     rollout_stats, rollout = trainer._rollout_statistics, trainer._generate_and_score_completions
 
-    def recording_stats(output, need_logps):
-        stats = rollout_stats(output, need_logps)
+    def recording_stats(output, need_logps, values=None):
+        stats = rollout_stats(output, need_logps, values)
         records.append({"stats": {k: None if v is None else v.clone() for k, v in stats.items()}})
         return stats
 

@@ -19,6 +19,11 @@ What this subclass changes, and nothing else (no TRL code is copied):
   weighted rewards (TRL's ``nansum`` rule, unscorable rows NaN), the completion mask and, for
   estimators with ``needs_values``, the value head's predictions at rollout time. With
   ``kl_penalty="reward"`` the per-token ``-beta * KL`` (InstructGPT) is added to the rewards.
+- ``_generate_single_turn``: TRL's generation, unchanged; while it runs, a hook reads the
+  rollout's values from the sampler's own forwards (one per new token), so PPO costs no extra
+  pass over the batch. Where that cannot work (vLLM, continuous batching, tool loops, a
+  chunked prefill) or log-probs are needed anyway (KL in the reward), one no-grad policy
+  forward computes them instead.
 - ``_compute_loss``: TRL's loss, plus ``vf_coef * value_loss`` (PPO-clipped) when the batch has
   value targets; the values come from the same forward pass (a hook on the backbone).
 - ``_save`` / ``_load_from_checkpoint``: the value head travels with checkpoints.
@@ -38,7 +43,8 @@ from trl import GRPOConfig, GRPOTrainer
 from ..errors import ConfigError
 from ..losses import KL_KINDS, kl_estimate, masked_mean, value_loss
 from .kl import AdaptiveKLController, make_kl_controller
-from .value_head import ValueHead, capture_values, hidden_size_of, unwrap
+from .value_head import (GenerationValueCapture, ValueHead, capture_generation_values,
+                         capture_values, hidden_size_of, unwrap)
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +189,8 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             # A submodule of the policy: the optimizer and DDP see its parameters like any other.
             self.model.add_module("v_head", self.value_head)
         self._last_rewards_per_func: torch.Tensor | None = None
+        #: generation captures of the current rollout (None: not collecting)
+        self._generation_captures: list[tuple[GenerationValueCapture, list]] | None = None
 
     # -- rewards ------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -219,9 +227,39 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             return self._get_per_token_logps_and_entropies(
                 self.model, ids, attention, keep, batch_size=batch_size, **forward)[0]
 
-    def _rollout_statistics(self, output: dict[str, Any], need_logps: bool) -> dict[str, Any]:
-        """Values (critic) and policy/reference log-probs of the rollout, as needed."""
+    def _generate_single_turn(self, prompt_ids, *args: Any, **kwargs: Any):
+        captures = self._generation_captures
+        if (captures is None or self.value_head is None or self.use_vllm
+                or self.use_transformers_continuous_batching):
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        with capture_generation_values(self.model, self.value_head) as capture:
+            completion_ids, logprobs = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        captures.append((capture, completion_ids))
+        return completion_ids, logprobs
+
+    def _generation_values(self, captures: list[tuple[GenerationValueCapture, list]] | None,
+                           output: dict[str, Any]) -> torch.Tensor | None:
+        """The rollout's values as read during generation, or None where they cannot be used."""
+        if not captures or len(captures) != 1 or "tool_mask" in output:
+            return None  # no capture, or a multi-turn rollout (tool results are not generated)
+        capture, completion_ids = captures[0]
+        rows, length = output["completion_ids"].shape
+        if len(completion_ids) != rows or max((len(c) for c in completion_ids), default=0) > len(capture.steps):
+            return None
+        values = capture.values(rows, length)
+        return None if values is None else values.to(output["completion_ids"].device).float()
+
+    def _rollout_statistics(self, output: dict[str, Any], need_logps: bool,
+                            values: torch.Tensor | None = None) -> dict[str, Any]:
+        """Values (critic) and policy/reference log-probs of the rollout, as needed.
+
+        ``values`` read during generation are used as they are when no log-probs are needed;
+        otherwise one no-grad policy forward gives log-probs and values together.
+        """
         from trl.models.utils import disable_gradient_checkpointing
+
+        if values is not None and not need_logps:
+            return {"values": values, "logps": None, "ref_logps": None}
 
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
@@ -251,7 +289,12 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         return stats
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        output = super()._generate_and_score_completions(inputs)
+        self._generation_captures = [] if self.value_head is not None else None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            generation_values = self._generation_values(self._generation_captures, output)
+        finally:
+            self._generation_captures = None
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         device = output["completion_ids"].device
@@ -264,7 +307,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         adaptive = isinstance(self.kl_controller, AdaptiveKLController)
         kl_in_reward = self.kl_penalty == "reward" and kl_coef != 0.0
         need_logps = kl_in_reward or (adaptive and kl_coef != 0.0)
-        stats = self._rollout_statistics(output, need_logps)
+        stats = self._rollout_statistics(output, need_logps, generation_values)
 
         rewards = self._total_rewards().to(device)  # [B_global]
         process_slice = slice(self.accelerator.process_index * local_rows,

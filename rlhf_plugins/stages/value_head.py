@@ -9,6 +9,11 @@ base weights (4-bit or not).
 Position convention: the log-probability of completion token ``t`` comes from the hidden state
 at the position before it; the value ``V(s_t)`` of the state in which token ``t`` is chosen is
 read from the same position: ``values = head(hidden[:, -T-1:-1])`` for ``T`` completion tokens.
+
+At rollout time the same positions are the last position of every forward ``generate`` runs
+(the prefill's last prompt token, then each fed-back sampled token), so
+:class:`GenerationValueCapture` reads the rollout's values from the sampler's own forwards:
+no extra pass over the generated batch.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-__all__ = ["ValueHead", "ValueCapture", "backbone_of", "capture_values", "unwrap"]
+__all__ = ["ValueHead", "ValueCapture", "GenerationValueCapture", "backbone_of", "capture_values",
+           "capture_generation_values", "unwrap"]
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -122,6 +128,49 @@ class ValueCapture:
 def capture_values(model: nn.Module, head: nn.Module, completion_length: int) -> Iterator[ValueCapture]:
     """Within the block, every forward of `model`'s backbone also computes values with `head`."""
     capture = ValueCapture(head, completion_length)
+    handle = backbone_of(model).register_forward_hook(capture.hook)
+    try:
+        yield capture
+    finally:
+        handle.remove()
+
+
+class GenerationValueCapture:
+    """Values of the states a KV-cached ``generate`` visits, one per forward (= per new token).
+
+    Forward ``k`` of generation (the prefill for ``k = 0``) ends at the position whose hidden
+    state chooses completion token ``k``: ``head(hidden[:, -1])`` of that forward is ``V(s_k)``,
+    the same number :class:`ValueCapture` reads from a full forward over prompt + completion.
+    Anything else (a chunked prefill, a change of batch size) marks the capture unusable, and
+    the caller falls back to a forward pass.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+        self.steps: list[torch.Tensor] = []
+        self.usable = True
+
+    def hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook on the backbone."""
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        if self.steps and (hidden.size(1) != 1 or hidden.size(0) != self.steps[0].size(0)):
+            self.usable = False
+        self.steps.append(self.head(hidden[:, -1]))
+
+    def values(self, rows: int, length: int) -> torch.Tensor | None:
+        """Values [rows, length] (zero beyond the generated length), or None when unusable."""
+        if not self.usable or not self.steps or self.steps[0].size(0) != rows:
+            return None
+        values = torch.stack(self.steps[:length], dim=1)
+        if values.size(1) < length:
+            values = torch.nn.functional.pad(values, (0, length - values.size(1)))
+        return values
+
+
+@contextlib.contextmanager
+def capture_generation_values(model: nn.Module, head: nn.Module) -> Iterator[GenerationValueCapture]:
+    """Within the block, every forward of `model`'s backbone records ``head`` at its last position."""
+    capture = GenerationValueCapture(head)
     handle = backbone_of(model).register_forward_hook(capture.hook)
     try:
         yield capture
