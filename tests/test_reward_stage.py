@@ -308,3 +308,36 @@ def test_qlora_bradley_terry_on_default_model_beats_chance(tmp_path):
     # randomly initialised head can already sit above chance - a random projection of the last
     # hidden state correlates with answer length - so "before" is reported, not compared.)
     assert held["pairwise_accuracy"] >= 0.65
+
+
+def test_heldout_metrics_per_wrong_answer_kind(tiny_dir, tok, tpl):
+    """Preference rows with `rejected_kind` / outcome rows with `completion_kind` get per-kind
+    metrics, computed from the same scores as the overall ones (checked against score())."""
+    from rlhf_plugins.data import synth
+    from rlhf_plugins.models import load_causal_lm
+    from rlhf_plugins.stages.reward import score
+    from rlhf_plugins.stages.reward_data import evaluate_rows
+    from rlhf_plugins.stages.reward_model import RewardModel
+
+    torch.manual_seed(0)
+    for head_name in ("bradley_terry", "orm"):
+        head = registry().reward_heads.get(head_name)
+        rm = RewardModel(load_causal_lm(tiny_dir), head, tokenizer=tok, template=tpl)
+        if head_name == "bradley_terry":
+            rows = synth.preference_rows(12, 0, rambling_fraction=0.3, unsupported_fraction=0.4)
+            metrics = evaluate_rows(rm, rows)
+            chosen = score(rm, [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows], progress=False)
+            rejected = score(rm, [{"prompt": r["prompt"], "completion": r["rejected"]} for r in rows], progress=False)
+            for kind in {r["rejected_kind"] for r in rows}:
+                hits = [1.0 if c > j else 0.5 if c == j else 0.0
+                        for c, j, r in zip(chosen, rejected, rows) if r["rejected_kind"] == kind]
+                assert metrics[f"pairwise_accuracy/{kind}"] == pytest.approx(sum(hits) / len(hits))
+        else:
+            rows = synth.outcome_rows(4, 0, per_prompt=3, unsupported_fraction=0.5)
+            metrics = evaluate_rows(rm, rows)
+            scores = score(rm, rows, progress=False)
+            assert metrics["best_of_n_prompts"] == 4  # candidates grouped by prompt
+            for kind in {r["completion_kind"] for r in rows}:
+                hits = [(s > 0.5) == (r["label"] == 1) for s, r in zip(scores, rows)
+                        if r["completion_kind"] == kind]
+                assert metrics[f"accuracy/{kind}"] == pytest.approx(sum(hits) / len(hits))

@@ -155,6 +155,38 @@ def test_preference_pairs(exact, fmt):
     assert fmt(prompts, [r["rejected"] for r in rows]) == [1.0] * len(rows)
 
 
+def test_unsupported_answers_keep_the_work_but_change_the_final_number(exact, fmt):
+    rows = synth.preference_rows(N, seed=3, rambling_fraction=0.2, unsupported_fraction=0.4)
+    kinds = [r["rejected_kind"] for r in rows]
+    assert 0.25 < kinds.count("unsupported") / len(rows) < 0.55 and {"rambling", "error"} <= set(kinds)
+    # the default mix is unchanged by the new option (same rows as before it existed)
+    assert synth.preference_rows(20, seed=2) == synth.preference_rows(20, seed=2, unsupported_fraction=0.0)
+    for row in (r for r in rows if r["rejected_kind"] == "unsupported"):
+        chosen = row["chosen"][0]["content"].split("\n\n")
+        rejected = row["rejected"][0]["content"].split("\n\n")
+        assert rejected[:-1] == chosen[:-1] and rejected[-1] != chosen[-1]  # only the answer line
+        assert row["error_step"] == len(rejected) - 1
+        assert exact([row["prompt"]], [row["rejected"]], answer=[row["answer"]]) == [0.0]
+        assert fmt(None, [row["rejected"]]) == [1.0]  # still well formed
+    with pytest.raises(ConfigError, match="at most 1"):
+        synth.preference_rows(3, rambling_fraction=0.6, unsupported_fraction=0.6)
+
+
+def test_outcome_rows_with_several_candidates_per_prompt(exact):
+    rows = synth.outcome_rows(30, seed=4, per_prompt=4, unsupported_fraction=0.5)
+    assert len(rows) == 120
+    for i in range(0, len(rows), 4):  # consecutive blocks share the problem
+        assert len({r["uid"] for r in rows[i:i + 4]}) == 1
+    scores = exact([r["prompt"] for r in rows], [r["completion"] for r in rows],
+                   answer=[r["answer"] for r in rows])
+    assert [int(s) for s in scores] == [r["label"] for r in rows]
+    kinds = {r["completion_kind"] for r in rows}
+    assert kinds == {"correct", "unsupported", "error"}
+    assert all((r["completion_kind"] == "correct") == (r["label"] == 1) for r in rows)
+    with pytest.raises(ConfigError, match="per_prompt"):
+        synth.outcome_rows(3, per_prompt=0)
+
+
 def test_ranked_rows_are_ordered_best_to_worst(exact, fmt):
     for k in (2, 3, 4):
         rows = synth.ranked_rows(40, seed=1, k=k)

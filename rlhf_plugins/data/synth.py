@@ -287,6 +287,11 @@ class Problem:
         steps.insert(0, rng.choice(_RAMBLE_OPEN))
         return tuple(steps)
 
+    def unsupported(self, rng: random.Random) -> tuple[str, ...]:
+        """Correct steps whose final answer line states another number (it does not follow)."""
+        deltas = [d for d in _ERROR_DELTAS if self.answer + d > 0]
+        return self.steps[:-1] + (answer_line(self.answer + rng.choice(deltas)),)
+
     def to_dict(self) -> dict[str, Any]:
         """The problem as a JSON-able row."""
         return {"uid": self.uid, "kind": self.kind, "split": self.split,
@@ -411,16 +416,31 @@ def sft_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]
             for p in generate_problems(n, seed, split)]
 
 
-def preference_rows(n: int, seed: int = 0, split: str = "train",
-                    rambling_fraction: float = 0.25) -> list[dict[str, Any]]:
-    """Rows: prompt, chosen (correct), rejected (wrong arithmetic or rambling), rejected_kind, error_step."""
-    if not 0.0 <= rambling_fraction <= 1.0:
-        raise ConfigError(f"rambling_fraction must be in [0, 1], got {rambling_fraction!r}")
+def _check_fractions(**fractions: float) -> None:
+    for name, value in fractions.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+    if sum(fractions.values()) > 1.0 + 1e-9 and len(fractions) > 1:
+        raise ConfigError(f"{' + '.join(fractions)} must be at most 1, got {sum(fractions.values())!r}")
+
+
+def preference_rows(n: int, seed: int = 0, split: str = "train", rambling_fraction: float = 0.25,
+                    unsupported_fraction: float = 0.0) -> list[dict[str, Any]]:
+    """Rows: prompt, chosen (correct), rejected, rejected_kind, error_step.
+
+    Rejected kinds: ``rambling`` (correct, with filler sentences), ``unsupported`` (correct
+    steps, but the final answer line states another number; error_step = the answer line) and
+    ``error`` (an arithmetic error carried to the answer) for the rest.
+    """
+    _check_fractions(rambling_fraction=rambling_fraction, unsupported_fraction=unsupported_fraction)
     rng = _rng("preference", seed, split)
     rows = []
     for p in generate_problems(n, seed, split):
-        if rng.random() < rambling_fraction:
+        draw = rng.random()
+        if draw < rambling_fraction:
             rejected, kind, error_step = p.rambling(rng), "rambling", -1
+        elif draw < rambling_fraction + unsupported_fraction:
+            rejected, kind, error_step = p.unsupported(rng), "unsupported", len(p.steps) - 1
         else:
             error_step, delta = _inject(p, rng)
             rejected, kind = p.corrupted(error_step, delta), "error"
@@ -451,21 +471,32 @@ def ranked_rows(n: int, seed: int = 0, split: str = "train", k: int = 4) -> list
     return rows
 
 
-def outcome_rows(n: int, seed: int = 0, split: str = "train",
-                 correct_fraction: float = 0.5) -> list[dict[str, Any]]:
-    """Rows: prompt, completion, label (1 correct final answer, 0 wrong), error_step (-1 if none)."""
-    if not 0.0 <= correct_fraction <= 1.0:
-        raise ConfigError(f"correct_fraction must be in [0, 1], got {correct_fraction!r}")
+def outcome_rows(n: int, seed: int = 0, split: str = "train", correct_fraction: float = 0.5,
+                 unsupported_fraction: float = 0.0, per_prompt: int = 1) -> list[dict[str, Any]]:
+    """Rows: prompt, completion, label (1 correct final answer, 0 wrong), error_step (-1 if none).
+
+    ``per_prompt`` candidates per problem (consecutive rows, same prompt: best-of-N metrics);
+    a wrong candidate is ``unsupported`` (correct steps, another final number) with probability
+    ``unsupported_fraction``, else an arithmetic error (column ``completion_kind``).
+    """
+    _check_fractions(correct_fraction=correct_fraction)
+    _check_fractions(unsupported_fraction=unsupported_fraction)
+    if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
+        raise ConfigError(f"per_prompt must be an integer >= 1, got {per_prompt!r}")
     rng = _rng("outcome", seed, split)
     rows = []
     for p in generate_problems(n, seed, split):
-        if rng.random() < correct_fraction:
-            steps, label, error_step = p.steps, 1, -1
-        else:
-            error_step, delta = _inject(p, rng)
-            steps, label = p.corrupted(error_step, delta), 0
-        rows.append({"prompt": p.prompt, "completion": _assistant(steps), "label": label,
-                     "error_step": error_step, **_base(p)})
+        for _ in range(per_prompt):
+            if rng.random() < correct_fraction:
+                steps, label, error_step, kind = p.steps, 1, -1, "correct"
+            elif unsupported_fraction and rng.random() < unsupported_fraction:
+                steps, label, kind = p.unsupported(rng), 0, "unsupported"
+                error_step = len(steps) - 1
+            else:
+                error_step, delta = _inject(p, rng)
+                steps, label, kind = p.corrupted(error_step, delta), 0, "error"
+            rows.append({"prompt": p.prompt, "completion": _assistant(steps), "label": label,
+                         "error_step": error_step, "completion_kind": kind, **_base(p)})
     return rows
 
 

@@ -224,9 +224,16 @@ def evaluate_rows(model: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: 
                     if a < b:
                         ch.append(comp[a])
                         rj.append(comp[b])
-        return {"n": len(rows), "pairs": len(ch), "pairwise_accuracy": pairwise_accuracy(ch, rj),
-                "mean_margin": sum(c - r for c, r in zip(ch, rj)) / len(ch),
-                "mean_score": sum(scores) / len(scores)}
+        out = {"n": len(rows), "pairs": len(ch), "pairwise_accuracy": pairwise_accuracy(ch, rj),
+               "mean_margin": sum(c - r for c, r in zip(ch, rj)) / len(ch),
+               "mean_score": sum(scores) / len(scores)}
+        if "completions" not in first and all(isinstance(r.get("rejected_kind"), str) for r in rows):
+            # Preference rows that say what is wrong with the rejected answer: accuracy per kind.
+            for kind in sorted({r["rejected_kind"] for r in rows}):
+                idx = [i for i, r in enumerate(rows) if r["rejected_kind"] == kind]
+                out[f"pairwise_accuracy/{kind}"] = pairwise_accuracy([per[i][0] for i in idx],
+                                                                     [per[i][1] for i in idx])
+        return out
     if name == "prm" or "steps" in first:
         preds, labs = [], []
         outs = step_outputs(model, rows, **kw)
@@ -241,4 +248,10 @@ def evaluate_rows(model: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: 
         return result
     scores = score(model, rows, **kw)
     labels = [float(r.get("label", r.get("reward", math.nan))) for r in rows]
-    return outcome_metrics(scores, labels, [_group_key(r) for r in rows])
+    out = outcome_metrics(scores, labels, [_group_key(r) for r in rows])
+    if all(isinstance(r.get("completion_kind"), str) for r in rows):
+        # Outcome rows that say what kind each completion is: accuracy at 0.5 per kind.
+        for kind in sorted({r["completion_kind"] for r in rows}):
+            idx = [i for i, r in enumerate(rows) if r["completion_kind"] == kind]
+            out[f"accuracy/{kind}"] = sum((scores[i] > 0.5) == (labels[i] > 0.5) for i in idx) / len(idx)
+    return out
