@@ -23,3 +23,25 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160).print(table)
+
+
+SET_EXAMPLE = "--set max_steps=10 --set lora.r=8"
+
+
+def add_output_and_overrides(parser: Any, output_help: str, example: str = SET_EXAMPLE) -> None:
+    """The ``--output-dir DIR`` and repeatable ``--set KEY=VALUE`` options of the stage commands."""
+    parser.add_argument("--output-dir", metavar="DIR", help=f"{output_help} (overrides output_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable; dotted keys for sections, "
+                             f"e.g. {example})")
+
+
+def metric_parts(metrics: Any, keys: Sequence[str], prefix: str = "") -> list[str]:
+    """``key=value`` strings (4 decimals) for those of `keys` that `metrics` has (not None)."""
+    return [f"{prefix}{key}={metrics[key]:.4f}" for key in keys if metrics.get(key) is not None]
+
+
+def print_stage_result(parts: Sequence[str], metrics_path: Any) -> int:
+    """Print a stage command's one-line result; return exit status 0."""
+    print("; ".join(parts) + f" (metrics: {metrics_path})")
+    return 0

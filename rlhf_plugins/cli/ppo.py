@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .common import add_output_and_overrides, metric_parts, print_stage_result
+
 
 def add_parser(subparsers: Any) -> None:
     """Add the `ppo` command."""
@@ -14,11 +16,7 @@ def add_parser(subparsers: Any) -> None:
                     "advantage_estimator (gae|grpo|rloo|...), critic, kl_penalty, lora, "
                     "quantization (see examples/ppo.yaml).")
     parser.add_argument("--config", required=True, metavar="YAML", help="stage config file")
-    parser.add_argument("--output-dir", metavar="DIR",
-                        help="where the adapter/model, value head and metrics go (overrides output_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable; dotted keys for sections, "
-                             "e.g. --set max_steps=10 --set lora.r=8)")
+    add_output_and_overrides(parser, "where the adapter/model, value head and metrics go")
     parser.set_defaults(func=handle)
 
 
@@ -31,12 +29,6 @@ def handle(args: argparse.Namespace) -> int:
     parts = [f"saved {'adapter' if result.adapter else 'model'} to {result.output_dir}"]
     train_logs = [h for h in m.get("log_history", []) if "reward" in h]
     if train_logs:
-        last = train_logs[-1]
-        for key in ("reward", "kl", "value_loss"):
-            if key in last:
-                parts.append(f"{key}={last[key]:.4f}")
-    for key in ("eval_reward_before", "eval_reward"):
-        if m.get(key) is not None:
-            parts.append(f"{key}={m[key]:.4f}")
-    print("; ".join(parts) + f" (metrics: {result.output_dir / METRICS_FILE})")
-    return 0
+        parts += metric_parts(train_logs[-1], ("reward", "kl", "value_loss"))
+    parts += metric_parts(m, ("eval_reward_before", "eval_reward"))
+    return print_stage_result(parts, result.output_dir / METRICS_FILE)

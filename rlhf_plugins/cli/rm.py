@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .common import add_output_and_overrides, metric_parts, print_stage_result
+
 
 def add_parser(subparsers: Any) -> None:
     """Add the `rm` command (and its `mc-labels` subcommand)."""
@@ -14,10 +16,7 @@ def add_parser(subparsers: Any) -> None:
                     "(see examples/rm.yaml). Writes the adapter + head, rm_metrics.json and "
                     "rm_training.png to the output directory.")
     parser.add_argument("--config", metavar="YAML", help="stage config file")
-    parser.add_argument("--output-dir", metavar="DIR",
-                        help="where the model, metrics and plot go (overrides output_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable; dotted keys for sections)")
+    add_output_and_overrides(parser, "where the model, metrics and plot go")
     parser.set_defaults(func=handle)
     sub = parser.add_subparsers(dest="rm_command", metavar="SUBCOMMAND")
     mc = sub.add_parser(
@@ -56,16 +55,11 @@ def handle(args: argparse.Namespace) -> int:
     result = rm_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
     m = result.metrics
     parts = [f"saved {m['head']} reward model to {result.output_dir}"]
-    for key in ("train_loss", "eval_loss", "eval_accuracy"):
-        if m.get(key) is not None:
-            parts.append(f"{key}={m[key]:.4f}")
-    held = m.get("heldout") or {}
-    for key in ("pairwise_accuracy", "accuracy", "best_of_n_top1", "step_accuracy",
-                "first_error_accuracy"):
-        if key in held:
-            parts.append(f"heldout_{key}={held[key]:.4f}")
-    print("; ".join(parts) + f" (metrics: {result.output_dir / METRICS_FILE})")
-    return 0
+    parts += metric_parts(m, ("train_loss", "eval_loss", "eval_accuracy"))
+    parts += metric_parts(m.get("heldout") or {}, ("pairwise_accuracy", "accuracy", "best_of_n_top1",
+                                                   "step_accuracy", "first_error_accuracy"),
+                          prefix="heldout_")
+    return print_stage_result(parts, result.output_dir / METRICS_FILE)
 
 
 def handle_mc_labels(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .common import add_output_and_overrides
+
 
 def add_parser(subparsers: Any) -> None:
     """Add the `sample` and `best-of-n` commands."""
@@ -40,10 +42,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output-dir", metavar="DIR", help="where outputs go (overrides output_dir)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable; dotted keys for sections, e.g. "
-                        "--set num_samples=8 --set selection_params.k=16)")
+    add_output_and_overrides(p, "where outputs go",
+                             example="--set num_samples=8 --set selection_params.k=16")
 
 
 def _report(result: Any) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .common import add_output_and_overrides, metric_parts, print_stage_result
+
 
 def add_parser(subparsers: Any) -> None:
     """Add the `sft` command."""
@@ -13,12 +15,7 @@ def add_parser(subparsers: Any) -> None:
                     "plus model, dataset, template, masking, lora, quantization (see "
                     "examples/sft.yaml).")
     parser.add_argument("--config", required=True, metavar="YAML", help="stage config file")
-    parser.add_argument("--output-dir", metavar="DIR",
-                        help="where the model, tokenizer and metrics go (overrides output_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="override a config field (repeatable; dotted keys for sections, "
-                             "e.g. --set max_steps=10 --set lora.r=8)")
+    add_output_and_overrides(parser, "where the model, tokenizer and metrics go")
     parser.set_defaults(func=handle)
 
 
@@ -29,8 +26,5 @@ def handle(args: argparse.Namespace) -> int:
     result = sft_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
     m = result.metrics
     parts = [f"saved {'adapter' if result.adapter else 'model'} to {result.output_dir}"]
-    for key in ("train_loss", "eval_loss_before", "eval_loss"):
-        if m.get(key) is not None:
-            parts.append(f"{key}={m[key]:.4f}")
-    print("; ".join(parts) + f" (metrics: {result.output_dir / METRICS_FILE})")
-    return 0
+    parts += metric_parts(m, ("train_loss", "eval_loss_before", "eval_loss"))
+    return print_stage_result(parts, result.output_dir / METRICS_FILE)
