@@ -1,7 +1,7 @@
 """PPO (gae + value head) and GRPO on the embedded default model: held-out verifiable reward and KL.
 
     python bench/ppo_default_model.py [--policy DIR] [--estimators gae,grpo] [--steps 10]
-                                      [--plot bench/ppo_default_model.png]
+                                      [--greedy-eval 100] [--plot bench/ppo_default_model.png]
 
 Both runs go through `rlhf_plugins.stages.ppo.run_ppo` (TRL GRPOTrainer subclass) on one 4-bit
 base with a LoRA policy, the same prompts, seed and generation settings; only the advantage
@@ -18,7 +18,7 @@ import tempfile
 import time
 
 
-def run(estimator: str, policy: str, steps: int, n_eval: int, out: str) -> dict:
+def run(estimator: str, policy: str, steps: int, n_eval: int, out: str, greedy: int = 0) -> dict:
     from rlhf_plugins.stages.ppo import ppo_from_config
 
     config = {"model": policy, "advantage_estimator": estimator, "reward_functions": ["exact_answer"],
@@ -33,11 +33,31 @@ def run(estimator: str, policy: str, steps: int, n_eval: int, out: str) -> dict:
     result = ppo_from_config(config, output_dir=out)
     history = [e for e in result.metrics["log_history"] if "reward" in e and "eval_reward" not in e]
     kl_key = "kl" if any(e.get("kl") for e in history) else "rollout_kl"
-    return {"seconds": round(time.time() - started, 1),
-            "eval_reward_before": result.metrics.get("eval_reward_before"),
-            "eval_reward_after": result.metrics.get("eval_reward"),
-            "reward": [e["reward"] for e in history],
-            "kl": [e.get(kl_key, e.get("kl", 0.0)) for e in history]}
+    out_row = {"seconds": round(time.time() - started, 1),
+               "eval_reward_before": result.metrics.get("eval_reward_before"),
+               "eval_reward_after": result.metrics.get("eval_reward"),
+               "reward": [e["reward"] for e in history],
+               "kl": [e.get(kl_key, e.get("kl", 0.0)) for e in history]}
+    if greedy:
+        out_row["greedy_accuracy_after"] = greedy_accuracy(policy, greedy, str(result.output_dir))
+    return out_row
+
+
+def greedy_accuracy(policy: str, n: int, adapter: str | None = None) -> float:
+    """Greedy `exact_answer` accuracy on `n` held-out problems (the task's "test" split)."""
+    from rlhf_plugins.data import synth
+    from rlhf_plugins.evaluation import evaluate_policy
+    from rlhf_plugins.models import load_causal_lm, load_tokenizer, resolve_model
+
+    path = resolve_model(policy)
+    model = load_causal_lm(path)
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    result = evaluate_policy(model, load_tokenizer(path), synth.rl_rows(n, 0, "test"),
+                             template="chatml", max_new_tokens=64, batch_size=25)
+    return float(result["accuracy"])
 
 
 def main() -> None:
@@ -46,23 +66,31 @@ def main() -> None:
     parser.add_argument("--estimators", default="gae,grpo")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps (2 prompts x 4 samples)")
     parser.add_argument("--eval", type=int, default=32, help="held-out prompts")
+    parser.add_argument("--greedy-eval", type=int, default=0,
+                        help="also greedy accuracy on this many held-out problems, before and after")
     parser.add_argument("--plot", help="PNG with the reward and KL curves")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     results = {}
+    start = greedy_accuracy(args.policy, args.greedy_eval) if args.greedy_eval else None
+    if start is not None:
+        print(f"start policy: greedy held-out accuracy {start:.3f} ({args.greedy_eval} problems)")
     for est in args.estimators.split(","):
         with tempfile.TemporaryDirectory() as out:
-            results[est] = run(est, args.policy, args.steps, args.eval, out)
+            results[est] = run(est, args.policy, args.steps, args.eval, out, args.greedy_eval)
         r = results[est]
+        r["greedy_accuracy_before"] = start
         print(f"{est}: held-out reward {r['eval_reward_before']:.3f} -> {r['eval_reward_after']:.3f}; "
               f"train reward first/last 3 steps {sum(r['reward'][:3]) / 3:.3f} / "
               f"{sum(r['reward'][-3:]) / 3:.3f}; final KL {r['kl'][-1]:.4f}; {r['seconds']:.0f}s",
               flush=True)
-    print("| estimator | held-out reward before | after | final KL | time |")
-    print("|---|---:|---:|---:|---:|")
+    print("| estimator | held-out reward before | after | greedy accuracy before | after | final KL | time |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for est, r in results.items():
-        print(f"| {est} | {r['eval_reward_before']:.3f} | {r['eval_reward_after']:.3f} | "
-              f"{r['kl'][-1]:.4f} | {r['seconds']:.0f}s |")
+        g0, g1 = r.get("greedy_accuracy_before"), r.get("greedy_accuracy_after")
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"| {est} | {r['eval_reward_before']:.3f} | {r['eval_reward_after']:.3f} | {fmt(g0)} | "
+              f"{fmt(g1)} | {r['kl'][-1]:.4f} | {r['seconds']:.0f}s |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
