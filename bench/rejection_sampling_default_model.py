@@ -64,7 +64,11 @@ def main() -> None:
     print(f"start policy held-out accuracy {results['start_accuracy']:.3f}", flush=True)
 
     runs = [("threshold", {"min_reward": 1.0, "max_per_prompt": 2})]
+    if args.control:  # k = the size of the threshold selection, filled in below
+        runs.append(("random_k", {"k": None, "seed": 0}))
     for rule, params in runs:
+        if rule == "random_k":
+            params["k"] = results["threshold"]["selected"]
         t0 = time.time()
         run = run_sampling(SamplingSettings(**base, selection=rule, selection_params=params),
                            out / "rs", finetune=True)
@@ -76,9 +80,6 @@ def main() -> None:
                          "heldout_accuracy": evaluate(s["sft"]["merged_dir"], held_out),
                          "seconds": round(time.time() - t0, 1)}
         print(rule, json.dumps(results[rule]), flush=True)
-        if args.control:
-            k = s["selected"]
-            runs.append(("random_k", {"k": k, "seed": 0}))
     results["seconds"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
 

@@ -260,7 +260,8 @@ def test_datasets_are_hf_datasets():
         synth.preference_dataset: {"prompt", "chosen", "rejected", "rejected_kind", "error_step",
                                    "uid", "kind", "answer"},
         synth.ranked_dataset: {"prompt", "completions", "completion_kinds", "uid", "kind", "answer"},
-        synth.outcome_dataset: {"prompt", "completion", "label", "error_step", "uid", "kind", "answer"},
+        synth.outcome_dataset: {"prompt", "completion", "label", "error_step", "completion_kind", "uid",
+                                "kind", "answer"},
         synth.step_dataset: {"prompt", "steps", "labels", "error_step", "uid", "kind", "answer"},
         synth.rl_dataset: {"prompt", "answer", "uid", "kind"},
     }
