@@ -472,15 +472,20 @@ class BradleyTerryHead(_Head):
                     "mean_reward": (float(scores.sum()), float(scores.numel()))}
 
     def synthetic_rows(self, n: int, seed: int, split: str) -> list[dict[str, Any]]:
-        """Synthetic preference pairs (ranked K=4 rows for plackett_luce/balanced)."""
+        """Synthetic preference pairs (ranked K=4 rows for plackett_luce/balanced).
+
+        Rejected answers: a third rambling, a third `unsupported` (the final line does not follow
+        from the work), a third with an arithmetic error.
+        """
         from rlhf_plugins.data import synth
 
         if self.options["loss"] in ("plackett_luce", "balanced"):
             return synth.ranked_rows(n, seed, split)
-        rows = synth.preference_rows(n, seed, split)
+        rows = synth.preference_rows(n, seed, split, rambling_fraction=1 / 3,
+                                     unsupported_fraction=1 / 3)
         if self.options["loss"] == "margin":  # wrong answers are worse than rambling ones
             for r in rows:
-                r["margin"] = 1.0 if r["rejected_kind"] == "error" else 0.0
+                r["margin"] = 0.0 if r["rejected_kind"] == "rambling" else 1.0
         return rows
 
 
@@ -581,10 +586,17 @@ class OutcomeHead(_Head):
             return {"accuracy": (float(correct.sum()), float(correct.numel()))}
 
     def synthetic_rows(self, n: int, seed: int, split: str) -> list[dict[str, Any]]:
-        """Synthetic outcome-labelled solutions."""
+        """Synthetic outcome-labelled solutions, 4 candidates per problem (best-of-N metrics).
+
+        Half the candidates are correct; the wrong ones are half `unsupported` (right work, a
+        final line that does not follow) and half arithmetic errors.
+        """
         from rlhf_plugins.data import synth
 
-        return synth.outcome_rows(n, seed, split)
+        per_prompt = 4
+        rows = synth.outcome_rows(-(-n // per_prompt), seed, split, unsupported_fraction=0.5,
+                                  per_prompt=per_prompt)
+        return rows[:n]
 
 
 # --------------------------------------------------------------------------------------------
