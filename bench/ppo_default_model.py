@@ -2,6 +2,7 @@
 
     python bench/ppo_default_model.py [--policy DIR] [--estimators gae,grpo] [--steps 10]
                                       [--greedy-eval 100] [--plot bench/ppo_default_model.png]
+                                      [--json out.json]   (--plot-from out.json: redraw only)
 
 Both runs go through `rlhf_plugins.stages.ppo.run_ppo` (TRL GRPOTrainer subclass) on one 4-bit
 base with a LoRA policy, the same prompts, seed and generation settings; only the advantage
@@ -70,7 +71,12 @@ def main() -> None:
                         help="also greedy accuracy on this many held-out problems, before and after")
     parser.add_argument("--plot", help="PNG with the reward and KL curves")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--plot-from", metavar="JSON", help="only redraw --plot from a saved --json")
     args = parser.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as fh:
+            plot(json.load(fh), args.plot or "ppo_default_model.png")
+        return
     results = {}
     start = greedy_accuracy(args.policy, args.greedy_eval) if args.greedy_eval else None
     if start is not None:
@@ -95,19 +101,32 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
     if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plot(results, args.plot)
 
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-        for est, r in results.items():
-            ax1.plot(range(1, len(r["reward"]) + 1), r["reward"], marker="o", label=est)
-            ax2.plot(range(1, len(r["kl"]) + 1), r["kl"], marker="o", label=est)
-        ax1.set(title="training reward (exact_answer)", xlabel="step")
-        ax2.set(title="KL to the reference", xlabel="step")
-        ax1.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=80)
+
+def running_mean(values: list[float], window: int = 6) -> list[float]:
+    """Mean of the last `window` values at every step (fewer at the start)."""
+    return [sum(values[max(0, k - window + 1):k + 1]) / len(values[max(0, k - window + 1):k + 1])
+            for k in range(len(values))]
+
+
+def plot(results: dict, path: str) -> None:
+    """Training reward (points, and its 6-step running mean) and KL per step, per estimator."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for est, r in results.items():
+        steps = range(1, len(r["reward"]) + 1)
+        line, = ax1.plot(steps, running_mean(r["reward"]), label=f"{est} (6-step mean)")
+        ax1.plot(steps, r["reward"], "o", alpha=0.3, color=line.get_color())
+        ax2.plot(steps, r["kl"], marker="o", label=est)
+    ax1.set(title="training reward (exact_answer)", xlabel="step")
+    ax2.set(title="KL to the reference", xlabel="step")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
 
 
 if __name__ == "__main__":
