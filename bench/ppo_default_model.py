@@ -47,17 +47,12 @@ def run(estimator: str, policy: str, steps: int, n_eval: int, out: str, greedy: 
 def greedy_accuracy(policy: str, n: int, adapter: str | None = None) -> float:
     """Greedy `exact_answer` accuracy on `n` held-out problems (the task's "test" split)."""
     from rlhf_plugins.data import synth
-    from rlhf_plugins.evaluation import evaluate_policy
-    from rlhf_plugins.models import load_causal_lm, load_tokenizer, resolve_model
+    from rlhf_plugins.evaluation import evaluate_saved_policy
+    from rlhf_plugins.models import resolve_model
 
-    path = resolve_model(policy)
-    model = load_causal_lm(path)
-    if adapter:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    result = evaluate_policy(model, load_tokenizer(path), synth.rl_rows(n, 0, "test"),
-                             template="chatml", max_new_tokens=64, batch_size=25)
+    result = evaluate_saved_policy(resolve_model(policy), synth.rl_rows(n, 0, "test"),
+                                   adapter_dir=adapter, template="chatml", max_new_tokens=64,
+                                   batch_size=25)
     return float(result["accuracy"])
 
 

@@ -28,14 +28,12 @@ SFT = {"masking": "all_assistant_turns", "lora": {"r": 16, "alpha": 32, "dropout
 
 
 def evaluate(model_dir: str, rows: list[dict[str, Any]]) -> float:
-    from rlhf_plugins.evaluation import evaluate_policy
-    from rlhf_plugins.models import load_causal_lm, load_tokenizer, resolve_model
+    """Greedy `exact_answer` accuracy of a saved policy on `rows`."""
+    from rlhf_plugins.evaluation import evaluate_saved_policy
+    from rlhf_plugins.models import resolve_model
 
-    path = resolve_model(model_dir)
-    model, tokenizer = load_causal_lm(path), load_tokenizer(path)
-    model.eval()
-    result = evaluate_policy(model, tokenizer, rows, template="chatml", max_new_tokens=64,
-                             batch_size=25)
+    result = evaluate_saved_policy(resolve_model(model_dir), rows, template="chatml",
+                                   max_new_tokens=64, batch_size=25)
     return float(result["accuracy"])
 
 

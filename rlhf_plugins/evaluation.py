@@ -48,3 +48,20 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
     }
     logger.info("held-out accuracy %.3f over %d prompts", out["accuracy"], len(rows))
     return out
+
+
+def evaluate_saved_policy(model_dir: str, rows: Sequence[Mapping[str, Any]], *,
+                          adapter_dir: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """:func:`evaluate_policy` of a saved model (+ a PEFT adapter on it); `kwargs` go through.
+
+    The tokenizer comes from the adapter directory when there is one (stages save it there).
+    """
+    from .models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(adapter_dir or model_dir)
+    model = load_causal_lm(model_dir)
+    if adapter_dir:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return evaluate_policy(model, tokenizer, rows, **kwargs)

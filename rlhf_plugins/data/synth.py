@@ -417,11 +417,10 @@ def sft_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]
 
 
 def _check_fractions(**fractions: float) -> None:
+    """ConfigError unless every named value is a fraction in [0, 1]."""
     for name, value in fractions.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
-    if sum(fractions.values()) > 1.0 + 1e-9 and len(fractions) > 1:
-        raise ConfigError(f"{' + '.join(fractions)} must be at most 1, got {sum(fractions.values())!r}")
 
 
 def preference_rows(n: int, seed: int = 0, split: str = "train", rambling_fraction: float = 0.25,
@@ -433,6 +432,9 @@ def preference_rows(n: int, seed: int = 0, split: str = "train", rambling_fracti
     ``error`` (an arithmetic error carried to the answer) for the rest.
     """
     _check_fractions(rambling_fraction=rambling_fraction, unsupported_fraction=unsupported_fraction)
+    if rambling_fraction + unsupported_fraction > 1.0 + 1e-9:  # they split one draw
+        raise ConfigError(f"rambling_fraction + unsupported_fraction must be at most 1, got "
+                          f"{rambling_fraction + unsupported_fraction!r}")
     rng = _rng("preference", seed, split)
     rows = []
     for p in generate_problems(n, seed, split):
@@ -479,8 +481,7 @@ def outcome_rows(n: int, seed: int = 0, split: str = "train", correct_fraction: 
     a wrong candidate is ``unsupported`` (correct steps, another final number) with probability
     ``unsupported_fraction``, else an arithmetic error (column ``completion_kind``).
     """
-    _check_fractions(correct_fraction=correct_fraction)
-    _check_fractions(unsupported_fraction=unsupported_fraction)
+    _check_fractions(correct_fraction=correct_fraction, unsupported_fraction=unsupported_fraction)
     if isinstance(per_prompt, bool) or not isinstance(per_prompt, int) or per_prompt < 1:
         raise ConfigError(f"per_prompt must be an integer >= 1, got {per_prompt!r}")
     rng = _rng("outcome", seed, split)

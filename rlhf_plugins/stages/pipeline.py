@@ -232,21 +232,14 @@ class Pipeline:
             if data.get("key") == key:
                 self.evals[label] = data["result"]
                 return
-        from ..evaluation import evaluate_policy
-        from ..models import load_causal_lm, load_tokenizer
+        from ..evaluation import evaluate_saved_policy
 
         rows = [json.loads(line) for line in Path(self.paths["eval"]).read_text().splitlines()]
-        tokenizer = load_tokenizer(adapter_dir or model_dir)
-        model = load_causal_lm(model_dir)
-        if adapter_dir:
-            from peft import PeftModel
-            model = PeftModel.from_pretrained(model, adapter_dir)
         e = self.s.eval
-        result = evaluate_policy(model, tokenizer, rows, template=self.s.template,
-                                 reward_functions=e.reward_functions,
-                                 max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                 samples=e.samples_in_report)
-        del model
+        result = evaluate_saved_policy(model_dir, rows, adapter_dir=adapter_dir,
+                                       template=self.s.template, reward_functions=e.reward_functions,
+                                       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                       samples=e.samples_in_report)
         atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=2))
         self.evals[label] = result
         logger.info("after %s: accuracy %.3f", label, result["accuracy"])

@@ -243,22 +243,21 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         if not captures or len(captures) != 1 or "tool_mask" in output:
             return None  # no capture, or a multi-turn rollout (tool results are not generated)
         capture, completion_ids = captures[0]
-        rows, length = output["completion_ids"].shape
-        if len(completion_ids) != rows or max((len(c) for c in completion_ids), default=0) > len(capture.steps):
+        if max((len(c) for c in completion_ids), default=0) > len(capture.steps):
             return None
-        values = capture.values(rows, length)
+        values = capture.values(*output["completion_ids"].shape)  # None unless rows match
         return None if values is None else values.to(output["completion_ids"].device).float()
 
     def _rollout_statistics(self, output: dict[str, Any], need_logps: bool,
                             values: torch.Tensor | None = None) -> dict[str, Any]:
         """Values (critic) and policy/reference log-probs of the rollout, as needed.
 
-        ``values`` read during generation are used as they are when no log-probs are needed;
-        otherwise one no-grad policy forward gives log-probs and values together.
+        ``values`` read during generation (collected only when no log-probs are needed) are
+        used as they are; otherwise one no-grad policy forward gives log-probs and values.
         """
         from trl.models.utils import disable_gradient_checkpointing
 
-        if values is not None and not need_logps:
+        if values is not None:
             return {"values": values, "logps": None, "ref_logps": None}
 
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
@@ -289,7 +288,13 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         return stats
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        self._generation_captures = [] if self.value_head is not None else None
+        kl_coef = float(self.kl_controller.value)  # updated only at the end of this method
+        adaptive = isinstance(self.kl_controller, AdaptiveKLController)
+        kl_in_reward = self.kl_penalty == "reward" and kl_coef != 0.0
+        need_logps = kl_in_reward or (adaptive and kl_coef != 0.0)
+        # Values are read during generation unless a policy forward runs anyway (log-probs).
+        collect = self.value_head is not None and not need_logps
+        self._generation_captures = [] if collect else None
         try:
             output = super()._generate_and_score_completions(inputs)
             generation_values = self._generation_values(self._generation_captures, output)
@@ -303,10 +308,6 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             mask = mask * output["tool_mask"]
         mask = mask.to(torch.int64)
         local_rows, local_len = mask.shape
-        kl_coef = float(self.kl_controller.value)
-        adaptive = isinstance(self.kl_controller, AdaptiveKLController)
-        kl_in_reward = self.kl_penalty == "reward" and kl_coef != 0.0
-        need_logps = kl_in_reward or (adaptive and kl_coef != 0.0)
         stats = self._rollout_statistics(output, need_logps, generation_values)
 
         rewards = self._total_rewards().to(device)  # [B_global]

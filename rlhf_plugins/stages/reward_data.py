@@ -227,10 +227,9 @@ def evaluate_rows(model: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: 
         out = {"n": len(rows), "pairs": len(ch), "pairwise_accuracy": pairwise_accuracy(ch, rj),
                "mean_margin": sum(c - r for c, r in zip(ch, rj)) / len(ch),
                "mean_score": sum(scores) / len(scores)}
-        if "completions" not in first and all(isinstance(r.get("rejected_kind"), str) for r in rows):
+        if "completions" not in first:
             # Preference rows that say what is wrong with the rejected answer: accuracy per kind.
-            for kind in sorted({r["rejected_kind"] for r in rows}):
-                idx = [i for i, r in enumerate(rows) if r["rejected_kind"] == kind]
+            for kind, idx in _rows_by_kind(rows, "rejected_kind").items():
                 out[f"pairwise_accuracy/{kind}"] = pairwise_accuracy([per[i][0] for i in idx],
                                                                      [per[i][1] for i in idx])
         return out
@@ -249,9 +248,16 @@ def evaluate_rows(model: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: 
     scores = score(model, rows, **kw)
     labels = [float(r.get("label", r.get("reward", math.nan))) for r in rows]
     out = outcome_metrics(scores, labels, [_group_key(r) for r in rows])
-    if all(isinstance(r.get("completion_kind"), str) for r in rows):
-        # Outcome rows that say what kind each completion is: accuracy at 0.5 per kind.
-        for kind in sorted({r["completion_kind"] for r in rows}):
-            idx = [i for i, r in enumerate(rows) if r["completion_kind"] == kind]
-            out[f"accuracy/{kind}"] = sum((scores[i] > 0.5) == (labels[i] > 0.5) for i in idx) / len(idx)
+    # Outcome rows that say what kind each completion is: accuracy (at 0.5) per kind.
+    for kind, idx in _rows_by_kind(rows, "completion_kind").items():
+        out[f"accuracy/{kind}"] = outcome_metrics([scores[i] for i in idx],
+                                                  [labels[i] for i in idx])["accuracy"]
     return out
+
+
+def _rows_by_kind(rows: Sequence[Mapping[str, Any]], column: str) -> dict[str, list[int]]:
+    """Row indices per value of `column` (sorted), or {} unless every row has a string there."""
+    if not all(isinstance(r.get(column), str) for r in rows):
+        return {}
+    return {kind: [i for i, r in enumerate(rows) if r[column] == kind]
+            for kind in sorted({r[column] for r in rows})}
