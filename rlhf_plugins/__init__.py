@@ -18,13 +18,21 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .manager import registry
-from .decorators import reward_function
+from .decorators import (advantage_estimator, chat_template, load_plugin_module, masking_strategy,
+                         policy_loss, reward_function, reward_head, selection_rule)
 
 __all__ = [
     "__version__",
     "hookimpl",
     "registry",
     "reward_function",
+    "chat_template",
+    "masking_strategy",
+    "reward_head",
+    "selection_rule",
+    "advantage_estimator",
+    "policy_loss",
+    "load_plugin_module",
     "RlhfPluginsError",
     "ConfigError",
     "DataError",

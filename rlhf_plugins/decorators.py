@@ -1,34 +1,123 @@
-"""`@reward_function`: register a reward function from a script without writing a plugin."""
+"""Register components from a script, without writing a plugin: one decorator per family.
+
+``@rlhf_plugins.reward_function`` (a function), ``@rlhf_plugins.selection_rule`` (a class or
+an instance), ... Each decorated component is registered by the runtime plugin ``__script__``
+the next time the registry is built. `load_plugin_module` imports a module or ``.py`` file
+that uses them (the CLI's ``--plugin`` flag and a config's ``plugins:`` list).
+"""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ConfigError
 from .hookspecs import hookimpl
 from .manager import add_plugin
+from .protocols import FAMILIES
 
 SCRIPT_PLUGIN = "__script__"
 
 
 class _ScriptPlugin:
-    """The runtime plugin that holds components registered by decorators."""
+    """The runtime plugin that holds components registered by decorators, per family."""
 
     def __init__(self) -> None:
-        self.reward_functions: list[tuple[Callable[..., Any], str | None, bool]] = []
+        self.components: dict[str, dict[str, tuple[Any, bool]]] = {f: {} for f in FAMILIES}
+
+    def _register_all(self, family: str, register: Callable[..., None]) -> None:
+        for name, (component, override) in self.components[family].items():
+            register(component, name=name, override=override)
+
+    @hookimpl
+    def register_chat_templates(self, register):
+        self._register_all("chat_templates", register)
+
+    @hookimpl
+    def register_masking_strategies(self, register):
+        self._register_all("masking_strategies", register)
+
+    @hookimpl
+    def register_reward_heads(self, register):
+        self._register_all("reward_heads", register)
 
     @hookimpl
     def register_reward_functions(self, register):
-        for func, name, override in self.reward_functions:
-            register(func, name=name, override=override)
+        self._register_all("reward_functions", register)
+
+    @hookimpl
+    def register_selection_rules(self, register):
+        self._register_all("selection_rules", register)
+
+    @hookimpl
+    def register_advantage_estimators(self, register):
+        self._register_all("advantage_estimators", register)
+
+    @hookimpl
+    def register_policy_losses(self, register):
+        self._register_all("policy_losses", register)
 
 
 _script = _ScriptPlugin()
 
 
-def reward_function(func: Callable[..., Any] | None = None, *, name: str | None = None,
-                    override: bool = False) -> Any:
-    """Register `func` as a reward function (TRL signature); usable bare or with arguments."""
-    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        _script.reward_functions.append((f, name, override))
-        add_plugin(_script, SCRIPT_PLUGIN)  # invalidates the cached registry
-        return f
-    return decorate(func) if func is not None else decorate
+def _decorator(family: str, instantiate: bool) -> Callable[..., Any]:
+    def decorator(obj: Any = None, *, name: str | None = None, override: bool = False) -> Any:
+        def decorate(o: Any) -> Any:
+            component = o() if instantiate and inspect.isclass(o) else o
+            key = name or getattr(component, "name", None) or getattr(o, "__name__", None)
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"@{family}: {o!r} needs a name (pass name=...)")
+            # a later registration of the same name replaces the earlier one (script reload);
+            # other names registered from the same module are kept
+            _script.components[family][key] = (component, override)
+            add_plugin(_script, SCRIPT_PLUGIN)  # invalidates the cached registry
+            return o
+        return decorate(obj) if obj is not None else decorate
+    decorator.__doc__ = f"Register a {family} component from a script (bare or with name=/override=)."
+    return decorator
+
+
+reward_function = _decorator("reward_functions", instantiate=False)
+chat_template = _decorator("chat_templates", instantiate=True)
+masking_strategy = _decorator("masking_strategies", instantiate=True)
+reward_head = _decorator("reward_heads", instantiate=True)
+selection_rule = _decorator("selection_rules", instantiate=True)
+advantage_estimator = _decorator("advantage_estimators", instantiate=True)
+policy_loss = _decorator("policy_losses", instantiate=False)
+
+
+def load_plugin_module(spec: str) -> Any:
+    """Import a module (`pkg.mod`) or a `.py` file that registers components; ConfigError if it fails."""
+    from .manager import registry
+
+    path = Path(spec)
+    try:
+        if spec.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise ConfigError(f"--plugin {spec}: file not found")
+            mod_name = f"rlhf_plugins_user_{abs(hash(str(path.resolve()))):x}"
+            if mod_name in sys.modules:
+                return sys.modules[mod_name]
+            loader = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(loader)  # type: ignore[arg-type]
+            sys.modules[mod_name] = module
+            loader.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(spec)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's plugin's
+        sys.modules.pop(locals().get("mod_name", ""), None)
+        raise ConfigError(f"--plugin {spec}: {type(exc).__name__}: {exc}") from None
+    # a module that defines hook implementations is a plugin object of its own
+    if any(hasattr(getattr(module, f.hook, None), "rlhf_plugins_impl") for f in FAMILIES.values()):
+        add_plugin(module, getattr(module, "__name__", spec))
+    failed = [p for p in registry().plugins if p.status != "ok"]
+    for p in failed:
+        if p.name in (SCRIPT_PLUGIN, getattr(module, "__name__", spec)):
+            raise ConfigError(f"--plugin {spec}: {p.error}")
+    return module

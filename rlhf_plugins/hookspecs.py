@@ -76,3 +76,12 @@ def register_advantage_estimators(register):
     An estimator is callable as ``est(rewards, *, num_generations=1, mask=None, values=None,
     gamma=1.0, lam=0.95)`` and has a boolean ``needs_values``.
     """
+
+
+@hookspec
+def register_policy_losses(register):
+    """Register policy objectives (Protocol :class:`rlhf_plugins.protocols.PolicyLossFunction`).
+
+    A policy loss is callable as ``loss(log_probs, old_log_probs, advantages, mask, *,
+    ref_log_probs=None)`` and returns an object with ``.loss`` (scalar) and ``.metrics``.
+    """

@@ -35,16 +35,14 @@ DEFAULT_PLUGINS = (
 
 @dataclass
 class _Source:
-    """A plugin object plus where it came from."""
+    """A plugin to load: a callable that registers it with the manager and returns it."""
 
     name: str
-    distribution: str | None
-    version: str | None
-    load: Callable[[], Any]
+    load: Callable[[pluggy.PluginManager], Any]
     builtin: bool = False
 
 
-# Plugins added at runtime (rlhf_plugins.testing, scripts); name -> plugin object.
+# Plugins added at runtime (rlhf_plugins.testing, scripts, --plugin); name -> plugin object.
 _extra_plugins: dict[str, Any] = {}
 _lock = threading.RLock()
 _cached: Registry | None = None
@@ -65,8 +63,12 @@ def _strict() -> bool:
     return os.environ.get("RLHF_PLUGINS_STRICT", "") not in ("", "0", "false", "False")
 
 
+def _tracing() -> bool:
+    return os.environ.get("RLHF_PLUGINS_TRACE", "") not in ("", "0")
+
+
 def _trace(message: str) -> None:
-    if os.environ.get("RLHF_PLUGINS_TRACE", "") not in ("", "0"):
+    if _tracing():
         print(f"rlhf_plugins trace: {message}", file=sys.stderr)
 
 
@@ -75,12 +77,32 @@ def _version() -> str:
     return __version__
 
 
-def _sources() -> list[_Source]:
-    """Every plugin to load, in order: built-ins, entry points (filtered), runtime extras."""
-    sources = [
-        _Source(name, DISTRIBUTION, _version(), lambda name=name: import_module(name), builtin=True)
-        for name in DEFAULT_PLUGINS
-    ]
+def _register_object(name: str, obj: Any) -> Callable[[pluggy.PluginManager], Any]:
+    def load(pm: pluggy.PluginManager) -> Any:
+        pm.register(obj, name=name)
+        return obj
+    return load
+
+
+def _register_module(module: str) -> Callable[[pluggy.PluginManager], Any]:
+    def load(pm: pluggy.PluginManager) -> Any:
+        plugin = import_module(module)
+        pm.register(plugin, name=module)
+        return plugin
+    return load
+
+
+def _register_entry_point(name: str) -> Callable[[pluggy.PluginManager], Any]:
+    def load(pm: pluggy.PluginManager) -> Any:
+        # pluggy imports the entry point and records its distribution (list_plugin_distinfo)
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        return pm.get_plugin(name)
+    return load
+
+
+def _sources(pm: pluggy.PluginManager) -> list[_Source]:
+    """Every plugin to load, in order: built-ins, entry points (filtered before import), extras."""
+    sources = [_Source(name, _register_module(name), builtin=True) for name in DEFAULT_PLUGINS]
     allow = _env_list("RLHF_PLUGINS_LOAD")
     block = _env_list("RLHF_PLUGINS_BLOCK") or set()
     eps = sorted(entry_points(group=ENTRY_POINT_GROUP),
@@ -90,76 +112,115 @@ def _sources() -> list[_Source]:
         keys = {_normalise(ep.name)} | ({_normalise(dist)} if dist else set())
         if allow is not None and not keys & allow:
             _trace(f"skipping {ep.name} ({dist}): not in RLHF_PLUGINS_LOAD")
+            pm.set_blocked(ep.name)
             continue
         if keys & block:
             _trace(f"skipping {ep.name} ({dist}): in RLHF_PLUGINS_BLOCK")
+            pm.set_blocked(ep.name)
             continue
-        sources.append(_Source(ep.name, dist, ep.dist.version if ep.dist else None, ep.load))
+        sources.append(_Source(ep.name, _register_entry_point(ep.name)))
     for name, obj in _extra_plugins.items():
-        sources.append(_Source(name, None, None, lambda obj=obj: obj))
+        sources.append(_Source(name, _register_object(name, obj)))
     return sources
+
+
+def _distribution(pm: pluggy.PluginManager, plugin: Any, builtin: bool) -> tuple[str | None, str | None]:
+    """(distribution, version) of a loaded plugin, from pluggy's dist-info bookkeeping."""
+    if builtin:
+        return DISTRIBUTION, _version()
+    for obj, dist in pm.list_plugin_distinfo():
+        if obj is plugin:
+            return dist.project_name, dist.version
+    return None, None
 
 
 def _register_one(pm: pluggy.PluginManager, registry: Registry, source: _Source) -> None:
     """Load, validate and run one plugin's hooks; on any error mark it failed and roll back."""
-    info = PluginInfo(source.name, source.distribution, source.version)
+    info = PluginInfo(source.name, None, None)
     registry.plugins.append(info)
-    provenance = Provenance(source.name, source.distribution, source.version)
     staged: list[tuple[str, str, Any, bool]] = []
-    registered = False
+    plugin = None
     try:
-        plugin = source.load()
-        pm.register(plugin, name=source.name)
-        registered = True
+        plugin = source.load(pm)
+        if plugin is None:
+            raise PluginError(f"entry point {source.name!r} loaded nothing")
+        info.distribution, info.version = _distribution(pm, plugin, source.builtin)
         pm.check_pending()  # a misspelled hook name is an error, not a silent no-op
         for caller in pm.get_hookcallers(plugin) or []:
             info.hooks.append(caller.name)
+        others = [p for p in pm.get_plugins() if p is not plugin]
         for family, spec in FAMILIES.items():
-            impls = [i for i in getattr(pm.hook, spec.hook).get_hookimpls() if i.plugin is plugin]
-            for impl in impls:
-                def register(component: Any, *, name: str | None = None, override: bool = False,
-                             _family: str = family) -> None:
-                    checked = check_component(FAMILIES[_family], component, name, source.name)
-                    staged.append((_family, checked, component, override))
-                _trace(f"calling {source.name}.{spec.hook}(register)")
-                impl.function(**{argname: register for argname in impl.argnames})
-        # Commit only when every hook of the plugin succeeded; collisions are checked here.
-        committed: list[tuple[str, str]] = []
-        try:
-            for family, name, component, override in staged:
-                fam = registry.families[family]
-                previous = fam._entries.get(name)
-                for message in fam.add(name, component, provenance, override):
-                    logger.info(message)
-                    registry.log.append(message)
-                committed.append((family, name, previous))
-                info.components.setdefault(family, []).append(name)
-        except Exception:
-            for family, name, previous in reversed(committed):
-                if previous is None:
-                    registry.families[family]._entries.pop(name, None)
-                else:
-                    registry.families[family]._entries[name] = previous
-            raise
+            if spec.hook not in info.hooks:
+                continue
+
+            def register(component: Any, *, name: str | None = None, override: bool = False,
+                         _family: str = family) -> None:
+                checked = check_component(FAMILIES[_family], component, name, source.name)
+                staged.append((_family, checked, component, override))
+            # this plugin's implementations only: one plugin's failure never touches another's
+            pm.subset_hook_caller(spec.hook, remove_plugins=others)(register=register)
+        _commit(registry, info, staged, Provenance(source.name, info.distribution, info.version))
         _trace(f"{source.name}: registered {info.components or 'nothing'}")
     except Exception as exc:  # isolation: one broken plugin never breaks the others
-        if registered:
-            pm.unregister(name=source.name)
+        if plugin is not None and pm.is_registered(plugin):
+            pm.unregister(plugin)
         info.status = "failed"
         info.components = {}
         info.error = f"{type(exc).__name__}: {exc}"
         _trace(f"{source.name} failed: {info.error}")
-        if source.builtin or _strict() or not isinstance(exc, Exception):
+        if source.builtin or not isinstance(exc, Exception):
             raise
+        if _strict():
+            raise PluginError(f"plugin {source.name!r}"
+                              + (f" ({info.distribution} {info.version})" if info.distribution else "")
+                              + f" failed to load: {info.error}") from exc
         logger.warning("plugin %s failed to load: %s", source.name, info.error)
+
+
+def _commit(registry: Registry, info: PluginInfo, staged: list[tuple[str, str, Any, bool]],
+            provenance: Provenance) -> None:
+    """Add a plugin's staged components; collisions roll every one of them back."""
+    committed: list[tuple[str, str, Any]] = []
+    try:
+        for family, name, component, override in staged:
+            fam = registry.families[family]
+            previous = fam._entries.get(name)
+            for message in fam.add(name, component, provenance, override):
+                logger.info(message)
+                registry.log.append(message)
+            committed.append((family, name, previous))
+            info.components.setdefault(family, []).append(name)
+    except Exception:
+        for family, name, previous in reversed(committed):
+            if previous is None:
+                registry.families[family]._entries.pop(name, None)
+            else:
+                registry.families[family]._entries[name] = previous
+        raise
+
+
+def _monitor(pm: pluggy.PluginManager) -> None:
+    """RLHF_PLUGINS_TRACE: print every hook call through pluggy's own monitoring."""
+    def before(hook_name: str, hook_impls: Any, kwargs: Any) -> None:
+        for impl in hook_impls:
+            print(f"rlhf_plugins trace: calling {impl.plugin_name}.{hook_name}(register)",
+                  file=sys.stderr)
+
+    def after(outcome: Any, hook_name: str, hook_impls: Any, kwargs: Any) -> None:
+        if outcome.exception is not None:
+            print(f"rlhf_plugins trace: {hook_name} raised {outcome.exception!r}", file=sys.stderr)
+
+    pm.add_hookcall_monitoring(before, after)
 
 
 def build_registry() -> Registry:
     """Load every plugin into a fresh Registry."""
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
+    if _tracing():
+        _monitor(pm)
     registry = Registry()
-    for source in _sources():
+    for source in _sources(pm):
         _register_one(pm, registry, source)
     return registry
 

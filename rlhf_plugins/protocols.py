@@ -1,6 +1,8 @@
 """The Protocol each plugin family's components satisfy, and the checks `register` runs.
 
-A component is any object with the family's methods. Every component may also carry:
+A component is any object with the family's required members; the optional ones have the
+documented defaults (:func:`member` applies them, :mod:`rlhf_plugins.sdk` base classes supply
+them). Every component may also carry:
 
 - ``name``: the default name it registers under (``register(..., name=...)`` overrides it;
   functions default to ``__name__``);
@@ -12,6 +14,7 @@ Nothing here imports torch: annotations that mention tensors are strings.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -20,10 +23,26 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 class ChatTemplate(Protocol):
     """Renders a conversation segment-aware (family ``chat_templates``).
 
-    ``encode`` returns an :class:`rlhf_plugins.conversation.Encoded` whose ``roles``/``turns``
-    say, per token, which message it belongs to (``"template"``/-1 for scaffolding); the
-    end-of-turn token of a message belongs to that message. ``jinja`` is the equivalent Jinja
-    source, saved as the tokenizer's ``chat_template``.
+    Required:
+
+    - ``render_text(messages, *, tokenizer=None, add_generation_prompt=False) -> str``;
+    - ``encode(messages, *, tokenizer=None, add_generation_prompt=False)`` -> an
+      :class:`rlhf_plugins.conversation.Encoded` whose ``roles``/``turns`` say, per token, which
+      message it belongs to (``"template"``/-1 for scaffolding); the end-of-turn token of a
+      message belongs to that message;
+    - ``jinja``: the equivalent Jinja source, saved as the tokenizer's ``chat_template``
+      (``""``: keep the tokenizer's own).
+
+    Optional (default in brackets):
+
+    - ``validate(messages, *, row=None, for_training=False) -> list[dict]``
+      [:func:`~rlhf_plugins.conversation.validate_messages` limited to ``roles``];
+    - ``roles``: the roles it renders [any of system/user/assistant/tool];
+    - ``stop_strings(tokenizer=None) -> list[str]``: strings that end an assistant turn
+      [the tokenizer's eos token];
+    - ``stop_token_ids(tokenizer=None) -> list[int]``: further ids that end a turn [none];
+    - ``decode(ids, tokenizer=None) -> str`` [``tokenizer.decode``, special tokens kept];
+    - ``needs_tokenizer``: False when the template brings its own vocabulary [True].
     """
 
     jinja: str
@@ -39,7 +58,8 @@ class ChatTemplate(Protocol):
 class MaskingStrategy(Protocol):
     """Chooses which tokens of an encoded conversation are trained (family ``masking_strategies``).
 
-    ``mask(encoded)`` returns a list of 0/1 of the same length as ``encoded.input_ids``.
+    Required: ``mask(encoded) -> list[int]``, 0/1, one per ``encoded.input_ids`` token (the
+    stages reject another length or other values).
     """
 
     def mask(self, encoded: Any) -> list[int]: ...
@@ -49,13 +69,32 @@ class MaskingStrategy(Protocol):
 class RewardHead(Protocol):
     """A reward/value head on a causal-LM backbone (family ``reward_heads``).
 
-    ``build_module(hidden_size)`` makes the ``torch.nn.Module`` applied to hidden states;
-    ``collate(rows, tokenizer, template)`` turns data rows into a training batch;
-    ``compute_loss(head_outputs, batch)`` is the training loss;
-    ``sequence_scores(head_outputs, batch)`` turns outputs into one score per sequence.
+    Required:
+
+    - ``build_module(hidden_size)``: the ``torch.nn.Module`` applied to hidden states;
+    - ``encode(row, *, tokenizer, template, max_length=None) -> dict``: one training row ->
+      features (DataError for a bad row);
+    - ``collate(rows_or_features, tokenizer=None, template=None, *, pad_token_id=0, ...)``: a
+      training batch;
+    - ``compute_loss(head_outputs, batch)``: the training loss;
+    - ``sequence_scores(head_outputs, batch)``: one score per sequence.
+
+    Optional (default in brackets):
+
+    - ``label_kind``: ``preference``, ``outcome``, ``step`` or ``value`` (which rows it trains on
+      and which held-out metrics apply) [``outcome``];
+    - ``encode_for_scoring(row, *, tokenizer=None, template=None, max_length=None)`` [``encode``];
+    - ``collate_for_scoring(features, *, pad_token_id=0, padding_side="right")`` [``collate``];
+    - ``batch_metrics(head_outputs, batch) -> {name: (sum, count)}`` [none];
+    - ``synthetic_rows(n, seed, split)``: rows of the built-in task [none: a dataset is needed];
+    - ``supports_normalize``: its module has an additive ``offset`` [False];
+    - ``has_step_outputs``: it has ``step_probabilities``/``step_predictions`` [False];
+    - ``options``: a dict of its option values, recorded with the model [{}].
     """
 
     def build_module(self, hidden_size: int) -> Any: ...
+
+    def encode(self, row: Any, *, tokenizer: Any, template: Any, max_length: int | None = None) -> Any: ...
 
     def collate(self, rows: Sequence[dict], *args: Any, **kwargs: Any) -> Any: ...
 
@@ -68,8 +107,8 @@ class RewardHead(Protocol):
 class SelectionRule(Protocol):
     """Picks completions for rejection sampling (family ``selection_rules``).
 
-    ``select(rewards, **params)`` takes one list of rewards per prompt and returns sorted
-    ``(prompt_index, completion_index)`` pairs.
+    Required: ``select(rewards, **options)`` takes one list of rewards per prompt (None/NaN:
+    unscored, never selected) and returns sorted ``(prompt_index, completion_index)`` pairs.
     """
 
     def select(self, rewards: Sequence[Sequence[float]], **params: Any) -> list[tuple[int, int]]: ...
@@ -79,12 +118,15 @@ class SelectionRule(Protocol):
 class AdvantageEstimator(Protocol):
     """Turns rewards (and values) into advantages (family ``advantage_estimators``).
 
-    ``est(rewards, *, num_generations=1, mask=None, values=None, gamma=1.0, lam=0.95)``
-    returns an object with ``.advantages`` ([B] or [B, T]) and ``.returns`` ([B, T] or None).
-    ``needs_values`` says whether a critic must supply ``values``.
-    """
+    Required: callable as ``est(rewards, *, num_generations=1, mask=None, values=None,
+    gamma=1.0, lam=0.95)``, returning an object with ``.advantages`` ([B] or [B, T]) and
+    ``.returns`` ([B, T] or None).
 
-    needs_values: bool
+    Optional (default in brackets): ``needs_values``: a critic must supply ``values`` [False];
+    ``needs_reward_components``: the trainer passes ``reward_components`` ([B, F]) and
+    ``reward_weights`` ([F]) [False]; ``needs_greedy_baseline``: the trainer passes
+    ``baseline_rewards`` ([B], the reward of a greedy completion per prompt) [False].
+    """
 
     def __call__(self, rewards: Any, *, num_generations: int = 1, mask: Any = None,
                  values: Any = None, gamma: float = 1.0, lam: float = 0.95) -> Any: ...
@@ -94,15 +136,29 @@ class AdvantageEstimator(Protocol):
 class RewardFunction(Protocol):
     """A reward function with TRL's signature (family ``reward_functions``).
 
-    ``f(prompts, completions, **columns) -> list[float | None]``; ``None`` excludes a sample.
+    Required: ``f(prompts, completions, **columns) -> list[float | None]``; ``None`` excludes a
+    sample.
     """
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]: ...
 
 
+@runtime_checkable
+class PolicyLossFunction(Protocol):
+    """A policy objective (family ``policy_losses``).
+
+    Required: callable as ``loss(log_probs, old_log_probs, advantages, mask, *,
+    ref_log_probs=None)`` -> an object with ``.loss`` (a scalar differentiable in
+    ``log_probs``) and ``.metrics`` (a dict of floats).
+    """
+
+    def __call__(self, log_probs: Any, old_log_probs: Any, advantages: Any, mask: Any, *,
+                 ref_log_probs: Any = None) -> Any: ...
+
+
 @dataclass(frozen=True)
 class FamilySpec:
-    """What `register` checks for one family: required methods and attributes."""
+    """What `register` checks for one family: required members; optional ones have defaults."""
 
     name: str
     hook: str
@@ -110,22 +166,125 @@ class FamilySpec:
     methods: tuple[str, ...] = ()
     attributes: tuple[str, ...] = ()
     callable_component: bool = False
+    #: optional members and their documented default values (callables get the component first)
+    optional: tuple[str, ...] = ()
+    #: attributes whose value must be one of the given choices
+    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+LABEL_KINDS = ("preference", "outcome", "step", "value")
+
+
+def label_kind_names() -> tuple[str, ...]:
+    """The label kinds a reward head may declare."""
+    return LABEL_KINDS
+
+
+# --- defaults of the optional members (used by `member` and by the SDK base classes) ----------
+
+def _template_validate(component: Any, messages: Any, *, row: Any = None,
+                       for_training: bool = False) -> list[dict]:
+    from .conversation import validate_messages
+
+    return validate_messages(messages, row=row, for_training=for_training,
+                             allowed_roles=getattr(component, "roles", None) or None,
+                             template=getattr(component, "name", None))
+
+
+def _template_stop_strings(component: Any, tokenizer: Any = None) -> list[str]:
+    eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else None
+    return [eos] if isinstance(eos, str) and eos else []
+
+
+def _template_stop_token_ids(component: Any, tokenizer: Any = None) -> list[int]:
+    return []
+
+
+def _template_decode(component: Any, ids: Sequence[int], tokenizer: Any = None) -> str:
+    if tokenizer is None:
+        from .errors import ConfigError
+
+        raise ConfigError(f"template {getattr(component, 'name', component)!r}: decoding needs a tokenizer")
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _head_encode_for_scoring(component: Any, row: Any, *, tokenizer: Any = None, template: Any = None,
+                             max_length: int | None = None) -> Any:
+    return component.encode(row, tokenizer=tokenizer, template=template, max_length=max_length)
+
+
+def _head_collate_for_scoring(component: Any, features: Any, *, pad_token_id: int = 0,
+                              padding_side: str = "right") -> Any:
+    return component.collate(features, pad_token_id=pad_token_id)
+
+
+def _head_batch_metrics(component: Any, head_outputs: Any, batch: Any) -> dict:
+    return {}
+
+
+def _head_synthetic_rows(component: Any, n: int, seed: int, split: str) -> list:
+    from .errors import ConfigError
+
+    raise ConfigError(f"reward head {getattr(component, 'name', component)!r} has no built-in "
+                      "synthetic rows: set `dataset` (and `eval_dataset`)")
+
+
+#: family -> optional member -> default (a value, or a function taking the component first)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "chat_templates": {"validate": _template_validate, "stop_strings": _template_stop_strings,
+                       "stop_token_ids": _template_stop_token_ids, "decode": _template_decode,
+                       "needs_tokenizer": True, "roles": None},
+    "masking_strategies": {},
+    "reward_heads": {"encode_for_scoring": _head_encode_for_scoring,
+                     "collate_for_scoring": _head_collate_for_scoring,
+                     "batch_metrics": _head_batch_metrics, "synthetic_rows": _head_synthetic_rows,
+                     "label_kind": "outcome", "supports_normalize": False,
+                     "has_step_outputs": False, "options": {}},
+    "selection_rules": {},
+    "advantage_estimators": {"needs_values": False, "needs_reward_components": False,
+                             "needs_greedy_baseline": False},
+    "reward_functions": {},
+    "policy_losses": {},
+}
+
+
+def member(component: Any, family: str, name: str) -> Any:
+    """`component.name`, or the family's documented default for that optional member."""
+    value = getattr(component, name, _ABSENT)
+    if value is not _ABSENT:
+        return value
+    try:
+        default = DEFAULTS[family][name]
+    except KeyError:
+        raise AttributeError(f"{family} component {getattr(component, 'name', component)!r} has no "
+                             f"member {name!r} and the family declares no default for it") from None
+    if callable(default):
+        return functools.partial(default, component)
+    return default
+
+
+_ABSENT = object()
 
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for spec in (
         FamilySpec("chat_templates", "register_chat_templates", ChatTemplate,
-                   methods=("render_text", "encode"), attributes=("jinja",)),
+                   methods=("render_text", "encode"), attributes=("jinja",),
+                   optional=tuple(DEFAULTS["chat_templates"])),
         FamilySpec("masking_strategies", "register_masking_strategies", MaskingStrategy,
                    methods=("mask",)),
         FamilySpec("reward_heads", "register_reward_heads", RewardHead,
-                   methods=("build_module", "collate", "compute_loss", "sequence_scores")),
+                   methods=("build_module", "encode", "collate", "compute_loss", "sequence_scores"),
+                   optional=tuple(DEFAULTS["reward_heads"]),
+                   choices=(("label_kind", LABEL_KINDS),)),
         FamilySpec("selection_rules", "register_selection_rules", SelectionRule,
                    methods=("select",)),
         FamilySpec("advantage_estimators", "register_advantage_estimators", AdvantageEstimator,
-                   attributes=("needs_values",), callable_component=True),
+                   callable_component=True, optional=tuple(DEFAULTS["advantage_estimators"])),
         FamilySpec("reward_functions", "register_reward_functions", RewardFunction,
+                   callable_component=True),
+        FamilySpec("policy_losses", "register_policy_losses", PolicyLossFunction,
                    callable_component=True),
     )
 }
@@ -140,6 +299,14 @@ def missing_members(component: Any, spec: FamilySpec) -> list[str]:
         if not callable(getattr(component, method, None)):
             missing.append(f"{method}()")
     for attribute in spec.attributes:
-        if not hasattr(component, attribute):
+        try:
+            present = hasattr(component, attribute)
+        except Exception:  # noqa: BLE001 - a property that raises counts as missing
+            present = False
+        if not present:
             missing.append(f"attribute {attribute!r}")
+    for attribute, allowed in spec.choices:
+        value = member(component, spec.name, attribute)
+        if value not in allowed:
+            missing.append(f"{attribute} in {allowed} (got {value!r})")
     return missing

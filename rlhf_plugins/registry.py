@@ -44,6 +44,20 @@ def describe(component: Any) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
+def component_options(component: Any) -> list[dict[str, Any]]:
+    """The options a component declares: its dataclass fields (current values as defaults)."""
+    import dataclasses
+
+    from .options import options_schema
+
+    schema = getattr(component, "options_schema", None)
+    if callable(schema) and not dataclasses.is_dataclass(component):
+        return list(schema())
+    if dataclasses.is_dataclass(component) and not isinstance(component, type):
+        return options_schema(type(component), component)
+    return []
+
+
 def default_name(component: Any) -> Any:
     """The name a component registers under when `register` is not given one."""
     name = getattr(component, "name", None)
@@ -138,6 +152,10 @@ class Family(Generic[T]):
     def description(self, name: str) -> str:
         return describe(self.get(name))
 
+    def options(self, name: str) -> list[dict[str, Any]]:
+        """name/type/default/help of each option of component `name` (empty when it has none)."""
+        return component_options(self.get(name))
+
     def items(self) -> Iterator[tuple[str, T]]:
         for name in self.names():
             yield name, self._entries[name].component
@@ -223,3 +241,7 @@ class Registry:
     @property
     def reward_functions(self) -> Family[Any]:
         return self.families["reward_functions"]
+
+    @property
+    def policy_losses(self) -> Family[Any]:
+        return self.families["policy_losses"]

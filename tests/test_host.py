@@ -101,7 +101,9 @@ def test_unknown_component_lists_names_and_suggests(rlhf_plugin):
     ("reward_functions", 42, "not_callable", "must be callable"),
     ("selection_rules", Select(), "has space", "invalid component name 'has space'"),
     ("selection_rules", Select(), 12, "needs a string name"),
-    ("advantage_estimators", lambda r, **k: r, "no_attr", "attribute 'needs_values'"),
+    ("policy_losses", object(), "not_callable", "must be callable"),
+    ("reward_heads", Select(), "head", "missing build_module(), encode(), collate(), compute_loss(), "
+                                       "sequence_scores()"),
     ("chat_templates", Select(), "tpl", "missing render_text(), encode(), attribute 'jinja'"),
 ])
 def test_invalid_components_fail_the_plugin_with_a_clear_error(rlhf_plugin, family, component,
@@ -182,7 +184,7 @@ def test_reward_function_decorator_registers_for_scripts():
         assert reg.reward_functions.provenance("always_one").plugin == "__script__"
     finally:
         from rlhf_plugins import decorators
-        decorators._script.reward_functions.clear()
+        decorators._script.components["reward_functions"].clear()
         rlhf_plugins.registry(reload=True)
 
 

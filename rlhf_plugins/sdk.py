@@ -1,0 +1,309 @@
+"""Base classes for plugin components: one per family, with the optional members and safe paths.
+
+Subclass one, decorate it with ``@dataclass(frozen=True)``, declare your options as dataclass
+fields (typed, defaulted, with ``option(help=...)``) and implement the family's required
+members. The base supplies:
+
+- ``name``/``description`` (class attributes; the description defaults to the docstring);
+- ``configure(**options)``: a validated copy (unknown or ill-typed options are one-line
+  :class:`~rlhf_plugins.errors.ConfigError`\\ s naming the component and the option);
+  ``validate_options()`` is where range checks go (raise ``ValueError`` or ``ConfigError``);
+- ``options`` (the current values as a dict) and ``options_schema()`` (name/type/default/help,
+  what ``rlhf-plugins components --json`` lists);
+- every optional member of the family's Protocol (:mod:`rlhf_plugins.protocols`) with its
+  documented default.
+
+:class:`ChatTemplate` also supplies the segment-aware, injection-safe encoder: implement
+``segments()`` and ``jinja`` and message content can never produce a control token.
+
+Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Sequence
+
+from .conversation import (DEFAULT_ROLES, TEMPLATE_ROLE, Encoded, Segment, encode_segments, scaffold,
+                           validate_messages)
+from .errors import ConfigError, DataError
+from .options import coerce_fields, option, options_schema
+from .protocols import DEFAULTS, label_kind_names
+
+__all__ = ["Component", "ChatTemplate", "MaskingStrategy", "RewardHead", "SelectionRule",
+           "AdvantageEstimator", "Advantages", "RewardFunction", "PolicyLoss", "option",
+           "Segment", "Encoded", "scaffold", "TEMPLATE_ROLE", "DEFAULT_ROLES"]
+
+
+@dataclass(frozen=True)
+class Component:
+    """Options as dataclass fields, `configure`, `options_schema` and a description."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    family: ClassVar[str] = "component"
+
+    def __post_init__(self) -> None:
+        try:
+            self.validate_options()
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{self._label()}: {exc}") from None
+
+    def _label(self) -> str:
+        return f"{self.family} component {self.name or type(self).__name__!r}"
+
+    def validate_options(self) -> None:
+        """Check option values (ranges, choices); raise ValueError/ConfigError when invalid."""
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The current option values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.init and not f.name.startswith("_")}
+
+    @classmethod
+    def options_schema(cls) -> list[dict[str, Any]]:
+        """name/type/default/help of every option."""
+        return options_schema(cls)
+
+    def configure(self, **options: Any) -> Any:
+        """A copy with `options` set: unknown or ill-typed ones are ConfigErrors."""
+        known = list(self.options)
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"{self._label()}: unknown option {key!r}{hint}; "
+                                  f"options: {', '.join(known) or 'none'}")
+        values = coerce_fields(type(self), options, f"{self._label()}: option")
+        return dataclasses.replace(self, **values)
+
+    @property
+    def __name__(self) -> str:  # TRL names reward functions by __name__
+        return self.name or type(self).__name__
+
+
+def _eos(tokenizer: Any, template: str) -> str:
+    eos = getattr(tokenizer, "eos_token", None) if tokenizer is not None else None
+    if not isinstance(eos, str) or not eos:
+        raise ConfigError(f"template {template!r} needs a tokenizer with an eos_token")
+    return eos
+
+
+# --- conversation formatting -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChatTemplate(Component):
+    """A chat template rendered from owned segments (implement `segments` and `jinja`).
+
+    ``encode`` tokenizes each segment on its own, so content can never merge with scaffolding
+    into a control token, and every token knows its message (``roles``/``turns``).
+    """
+
+    family: ClassVar[str] = "chat_templates"
+    #: the message roles this template renders
+    roles: ClassVar[tuple[str, ...]] = ("system", "user", "assistant")
+    #: whether `encode`/`render_text` need a tokenizer (False: the template brings its own)
+    needs_tokenizer: ClassVar[bool] = True
+
+    @property
+    def jinja(self) -> str:
+        """The equivalent Jinja source, saved as the tokenizer's chat_template ('' = keep it)."""
+        raise NotImplementedError(f"template {self.name!r} declares no jinja source")
+
+    def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        """The rendered conversation as owned segments."""
+        raise NotImplementedError(f"template {self.name!r} implements no segments()")
+
+    def validate(self, messages: Any, *, row: Any = None, for_training: bool = False) -> list[dict]:
+        """Normalised messages, or DataError naming the row/message (roles limited to `roles`)."""
+        return validate_messages(messages, row=row, for_training=for_training,
+                                 allowed_roles=self.roles, template=self.name)
+
+    def render_text(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                    add_generation_prompt: bool = False) -> str:
+        """The rendered conversation text."""
+        msgs = self.validate(messages)
+        return "".join(s.text for s in self.segments(msgs, tokenizer=tokenizer,
+                                                     add_generation_prompt=add_generation_prompt))
+
+    def encode(self, messages: Sequence[dict], *, tokenizer: Any = None,
+               add_generation_prompt: bool = False) -> Encoded:
+        """Token ids with per-token roles/turns (scaffolding: "template"/-1)."""
+        if tokenizer is None and self.needs_tokenizer:
+            raise ConfigError(f"template {self.name!r}: encode() needs a tokenizer")
+        msgs = self.validate(messages)
+        segs = self.segments(msgs, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt)
+        return encode_segments(segs, tokenizer, messages=msgs)
+
+    def stop_strings(self, tokenizer: Any = None) -> list[str]:
+        """Strings that end an assistant turn (default: the tokenizer's eos)."""
+        return [_eos(tokenizer, self.name)]
+
+    def stop_token_ids(self, tokenizer: Any = None) -> list[int]:
+        """Token ids that end an assistant turn beyond `stop_strings` (default: none)."""
+        return DEFAULTS["chat_templates"]["stop_token_ids"](self, tokenizer)
+
+    def decode(self, ids: Sequence[int], tokenizer: Any = None) -> str:
+        """Text of token ids, special tokens kept."""
+        return DEFAULTS["chat_templates"]["decode"](self, ids, tokenizer)
+
+
+@dataclass(frozen=True)
+class MaskingStrategy(Component):
+    """Chooses trained tokens: implement `mask(encoded) -> list[int]` (0/1, one per token)."""
+
+    family: ClassVar[str] = "masking_strategies"
+
+    def mask(self, encoded: Any) -> list[int]:
+        """1 for tokens in the loss, 0 elsewhere."""
+        raise NotImplementedError
+
+
+# --- reward modelling ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RewardHead(Component):
+    """A reward/value head: implement build_module, encode, collate, compute_loss, sequence_scores.
+
+    ``label_kind`` says what rows it trains on: ``preference`` (chosen/rejected or ranked
+    completions), ``outcome`` (completion + label), ``step`` (steps + per-step labels) or
+    ``value`` (per-token returns); held-out metrics follow it.
+    """
+
+    family: ClassVar[str] = "reward_heads"
+    label_kind: ClassVar[str] = "outcome"
+    #: whether the head's module has an additive `offset` the stage may shift (normalize)
+    supports_normalize: ClassVar[bool] = False
+    #: whether the head has per-step outputs (`step_probabilities`/`step_predictions`)
+    has_step_outputs: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.label_kind not in label_kind_names():
+            raise TypeError(f"{cls.__name__}.label_kind must be one of {label_kind_names()}, "
+                            f"got {cls.label_kind!r}")
+
+    def encode_for_scoring(self, row: Mapping[str, Any], *, tokenizer: Any = None, template: Any = None,
+                           max_length: int | None = None) -> dict[str, Any]:
+        """A (prompt, completion) row -> features for `collate_for_scoring` (default: `encode`)."""
+        return DEFAULTS["reward_heads"]["encode_for_scoring"](self, row, tokenizer=tokenizer,
+                                                              template=template, max_length=max_length)
+
+    def collate_for_scoring(self, features: Sequence[Mapping[str, Any]], *, pad_token_id: int = 0,
+                            padding_side: str = "right") -> dict[str, Any]:
+        """Scoring features -> a batch for `sequence_scores` (default: `collate`)."""
+        return DEFAULTS["reward_heads"]["collate_for_scoring"](
+            self, features, pad_token_id=pad_token_id, padding_side=padding_side)
+
+    def batch_metrics(self, head_outputs: Any, batch: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+        """Per-batch metrics as ``name -> (sum, count)`` (default: none)."""
+        return {}
+
+    def synthetic_rows(self, n: int, seed: int, split: str) -> list[dict[str, Any]]:
+        """Rows of the built-in synthetic task in this head's format (default: none; set a dataset)."""
+        return DEFAULTS["reward_heads"]["synthetic_rows"](self, n, seed, split)
+
+
+@dataclass(frozen=True)
+class RewardFunction(Component):
+    """A reward function with TRL's signature: implement `__call__` (None excludes a sample)."""
+
+    family: ClassVar[str] = "reward_functions"
+
+    def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
+        raise NotImplementedError
+
+
+# --- selection and policy optimisation ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SelectionRule(Component):
+    """A rejection-sampling selection rule: implement `choose(rewards)` on clean rewards.
+
+    `select(rewards, **options)` validates the ragged reward lists (None/NaN = unscored, never
+    selected; -inf is never selected; +inf is an error), applies call-time options and returns
+    sorted, de-duplicated ``(prompt, completion)`` pairs.
+    """
+
+    family: ClassVar[str] = "selection_rules"
+    #: options that must be set (by configure or at call time) before `select`
+    required_options: ClassVar[tuple[str, ...]] = ()
+
+    def select(self, rewards: Sequence[Sequence[float]], **options: Any) -> list[tuple[int, int]]:
+        """Selected (prompt, completion) pairs, sorted by prompt then completion."""
+        rule = self.configure(**options) if options else self
+        for key in rule.required_options:
+            if getattr(rule, key) is None:
+                raise ConfigError(f"{rule._label()}: missing required option {key!r}")
+        clean = clean_rewards(self.name, rewards)
+        return sorted(set(rule.choose(clean)))
+
+    def choose(self, rewards: list[list[float]]) -> list[tuple[int, int]]:
+        """Pairs to keep, from rewards with NaN for unscored entries (never select a NaN)."""
+        raise NotImplementedError
+
+
+def clean_rewards(rule: str, rewards: Any) -> list[list[float]]:
+    """Ragged rewards as floats (None -> NaN; -inf -> NaN, never selected); DataError when malformed."""
+    import numbers
+
+    if isinstance(rewards, (str, bytes, Mapping)) or not hasattr(rewards, "__iter__"):
+        raise DataError(f"selection rule {rule!r}: rewards must be a list of lists of numbers "
+                        f"(one list per prompt), got {type(rewards).__name__}")
+    out: list[list[float]] = []
+    for i, row in enumerate(rewards):
+        if hasattr(row, "tolist") and not isinstance(row, (list, tuple)):
+            row = row.tolist()  # numpy arrays / tensors, without importing either
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
+            raise DataError(f"selection rule {rule!r}: rewards[{i}] must be a list of numbers "
+                            f"(the rewards of prompt {i}), got {type(row).__name__}")
+        clean: list[float] = []
+        for j, value in enumerate(row):
+            if value is None:
+                clean.append(math.nan)
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                value = float(value)
+                if value == math.inf:
+                    raise DataError(f"selection rule {rule!r}: rewards[{i}][{j}] is +inf; a reward "
+                                    "function or reward model returned an infinite score")
+                clean.append(math.nan if value == -math.inf else value)
+            else:
+                raise DataError(f"selection rule {rule!r}: rewards[{i}][{j}] is not a number "
+                                f"({value!r})")
+        out.append(clean)
+    return out
+
+
+@dataclass
+class Advantages:
+    """What an estimator returns: advantages ([B] or [B, T]) and value targets ([B, T] or None)."""
+
+    advantages: Any
+    returns: Any = None
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator(Component):
+    """Turns rewards (and values) into advantages: implement `__call__` (see the Protocol)."""
+
+    family: ClassVar[str] = "advantage_estimators"
+    #: whether the trainer must supply critic values
+    needs_values: ClassVar[bool] = False
+
+    def __call__(self, rewards: Any, *, num_generations: int = 1, mask: Any = None,
+                 values: Any = None, gamma: float = 1.0, lam: float = 0.95) -> Advantages:
+        raise NotImplementedError
+
+
+@dataclass
+class PolicyLoss:
+    """What a policy loss returns: a scalar loss and float metrics."""
+
+    loss: Any
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
