@@ -33,7 +33,48 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    load_config_plugins(data.pop("plugins", None), p)
     return data
+
+
+def load_config_plugins(plugins: Any, path: Path) -> None:
+    """Import a config's `plugins:` list (modules or .py files, relative to the config file)."""
+    if plugins is None:
+        return
+    if isinstance(plugins, str) or not isinstance(plugins, list) \
+            or not all(isinstance(x, str) for x in plugins):
+        raise ConfigError(f"{path}: plugins: expected a list of module names or .py paths")
+    from .decorators import load_plugin_module
+
+    for spec in plugins:
+        local = (path.parent / spec) if spec.endswith(".py") else None
+        try:
+            load_plugin_module(str(local) if local is not None and local.is_file() else spec)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: plugins: {exc}") from None
+
+
+def at(where: str, key: str) -> str:
+    """`file: section.field` style location: `where` is a file (or `file: path`), `key` a field."""
+    if not where:
+        return key
+    in_file = ": " in where or not (os.sep in where or where.endswith((".yaml", ".yml", ".json")))
+    return f"{where}.{key}" if in_file else f"{where}: {key}"
+
+#: integer fields that must be >= 1 whatever config class they belong to (TRL lets some through
+#: until a Trainer or DataLoader fails on them)
+POSITIVE_INTS = ("per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "num_generations", "max_completion_length",
+                 "max_prompt_length", "max_length", "num_iterations", "generation_batch_size",
+                 "steps_per_generation", "batch_size", "num_samples", "max_new_tokens")
+
+
+def check_positive(data: Mapping[str, Any], where: str) -> None:
+    """ConfigError for a non-positive value of a known count field."""
+    for key in POSITIVE_INTS:
+        value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(f"{at(where, key)}: expected a positive integer, got {value!r}")
 
 
 def _field_names(cls: type) -> list[str]:
@@ -62,19 +103,35 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any], where: str = "config"
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    from .options import coerce, field_hints
+
     names = _field_names(cls)
+    hints = field_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"{where}: unknown field {key!r}{_suggest(str(key), names)}")
+            raise ConfigError(f"{at(where, str(key))}: unknown field{_suggest(str(key), names)}")
         nested = _nested_type(cls, key)
         if nested is not None and isinstance(value, Mapping):
-            value = build_dataclass(nested, value, f"{where}.{key}")
+            value = build_dataclass(nested, value, at(where, key))
+        else:
+            value = coerce(hints.get(key, Any), value, at(where, key))
         kwargs[key] = value
+    check_positive(kwargs, where)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(_locate_message(str(exc), names, where)) from None
+
+
+def _locate_message(message: str, names: list[str], where: str) -> str:
+    """`field: text` from a settings check -> `where.field: text` (else `where: message`)."""
+    if message.startswith(where):
+        return message
+    head, sep, rest = message.partition(":")
+    if sep and head.strip() in names:
+        return f"{at(where, head.strip())}:{rest}"
+    return f"{where}: {message}"
 
 
 def load_stage_config(source: str | os.PathLike | Mapping[str, Any], ours: type[T],
@@ -99,9 +156,21 @@ def load_stage_config(source: str | os.PathLike | Mapping[str, Any], ours: type[
         elif key in trl_names:
             trl[key] = value
         else:
-            raise ConfigError(f"{where}: unknown field {key!r}"
+            raise ConfigError(f"{at(where, str(key))}: unknown field"
                               f"{_suggest(str(key), sorted(our_names | trl_names))}")
-    return build_dataclass(ours, mine, where), trl
+    settings = build_dataclass(ours, mine, where)
+    if trl_cls is not None:
+        trl = _located(trl_cls, trl, where)
+        check_positive(trl, where)
+    return settings, trl
+
+
+def _located(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """`data` coerced to `cls`'s field types, errors located as `where: field`."""
+    from .options import coerce, field_hints
+
+    hints = field_hints(cls)
+    return {key: coerce(hints.get(key, Any), value, at(where, key)) for key, value in data.items()}
 
 
 def config_hash(*parts: Any) -> str:

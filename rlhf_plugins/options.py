@@ -34,9 +34,14 @@ def _type_label(hint: Any) -> str:
         return f"{getattr(origin, '__name__', str(origin))}[{args}]" if args else origin.__name__
     if hint is type(None):
         return "None"
+    if hint in _WORDS:
+        return _WORDS[hint]
     if hint is Any:
         return "any"
     return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
 class _Mismatch(Exception):
@@ -91,6 +96,8 @@ def _coerce(hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool):
             raise _Mismatch
+        if isinstance(value, numbers.Integral):
+            return int(value)  # an int is a valid float (PEP 484); TRL treats some as step counts
         if isinstance(value, numbers.Real):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string

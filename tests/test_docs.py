@@ -173,3 +173,34 @@ def test_link_checker_catches_a_broken_link(tmp_path):
     page.write_text("# Harmony (gpt-oss) offline\n## `rlhf-plugins rm mc-labels`\n## Again\n## Again\n")
     assert _anchors(page) == {"harmony-gpt-oss-offline", "rlhf-plugins-rm-mc-labels", "again",
                               "again-1"}
+
+
+# --- (e) the plugin guide's code runs -------------------------------------------------------
+
+def _python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_writing_plugins_examples_run_and_register_every_family():
+    """Each SDK example in docs/writing_plugins.md runs; the per-family one registers its components."""
+    from rlhf_plugins import decorators, registry
+    from rlhf_plugins.protocols import FAMILIES
+
+    blocks = [b for b in _python_blocks(DOCS / "writing_plugins.md") if "hookimpl" not in b]
+    assert len(blocks) >= 2
+    saved = {f: dict(c) for f, c in decorators._script.components.items()}
+    try:
+        namespace: dict = {}
+        for block in blocks:
+            exec(compile(block, "writing_plugins.md", "exec"), namespace)  # noqa: S102
+        reg = registry(reload=True)
+        script_families = {fam for fam in FAMILIES
+                           if any(reg.family(fam).provenance(n).plugin == "__script__"
+                                  for n in reg.family(fam).names())}
+        # every family but selection rules is registered by the per-family block; the options
+        # block shows a selection rule
+        assert script_families >= set(FAMILIES) - {"selection_rules"}
+    finally:
+        for fam, comps in saved.items():
+            decorators._script.components[fam] = comps
+        registry(reload=True)

@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rlhf-plugins {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug)")
+    parser.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE_OR_PATH",
+                        help="import a module or .py file that registers components (repeatable)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     package = importlib.import_module(__package__)
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
@@ -43,8 +45,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if args.plugin:
+            from ..decorators import load_plugin_module
+
+            for spec in args.plugin:
+                load_plugin_module(spec)
         return int(args.func(args) or 0)
     except RlhfPluginsError as exc:
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
         print(f"rlhf-plugins: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

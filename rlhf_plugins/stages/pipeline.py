@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..config import build_dataclass, config_hash, load_yaml
-from ..errors import ConfigError
+from ..config import build_dataclass, config_hash, load_stage_config, load_yaml
+from ..errors import ConfigError, RlhfPluginsError
 from ..report import atomic_write_text, write_report
 from .distributed import is_main_process, main_process_first
 
@@ -200,7 +200,7 @@ class Pipeline:
         from ..data import synth
 
         t = self.s.task
-        files = {
+        files: dict[str, tuple[str, Any]] = {
             "sft": ("sft_train.jsonl", synth.sft_rows(t.n_train, t.seed, "train")),
             "preference": ("preference_train.jsonl", synth.preference_rows(t.n_train, t.seed + 1, "train")),
             "preference_eval": ("preference_test.jsonl", synth.preference_rows(t.n_eval, t.seed + 1, "test")),
@@ -247,42 +247,63 @@ class Pipeline:
     def stage_hash(self, name: str, section: Mapping[str, Any], upstream: str | None) -> str:
         return config_hash(name, section, upstream, dataclasses.asdict(self.s.task))
 
-    # stage bodies -------------------------------------------------------------------------
-    def _sft(self, name: str, model: str, dataset: str, section: Mapping[str, Any],
-             upstream: str | None) -> StageRecord:
-        """Run the SFT stage module on `dataset` from `model`; its merged model is the new policy."""
-        from trl import SFTConfig
+    # stage configs ------------------------------------------------------------------------
+    def stage_config(self, name: str, policy: str, *, validating: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """(merged section, our settings, TRL kwargs) of stage `name` on `policy`.
 
-        from ..config import load_stage_config
+        `validating`: upstream outputs are placeholders and artifacts that do not exist yet (the
+        reward model) are left out, so every section can be checked before anything runs.
+        """
+        spec = STAGE_SPECS[name]
+        rm = self.records.get("reward_model")
+        reward_model = rm.outputs["reward_model"] if rm else None
+        if validating and "reward_model" in self.s.stages:
+            reward_model = None
+        defaults = spec.defaults(self, policy, reward_model)
+        data = deep_merge(defaults, getattr(self.s, name))
+        ours, trl_cls = spec.classes()
+        where = f"{self.config_label}: {name}" if self.config_label else name
+        settings, trl_kwargs = load_stage_config(data, ours, trl_cls, where=where)
+        return data, settings, trl_kwargs
+
+    def validate(self) -> None:
+        """Check every selected stage's section (fields, types, plugins, options); no models, no files."""
+        import tempfile
+
+        policy = "<policy of the previous stage>"
+        self.paths = {key: f"<{key} data>" for key in DATA_FILES}
+        with tempfile.TemporaryDirectory() as scratch:
+            for name in self.s.stages:
+                _, settings, trl_kwargs = self.stage_config(name, policy, validating=True)
+                where = f"{self.config_label}: {name}" if self.config_label else name
+                try:
+                    STAGE_SPECS[name].check(settings, trl_kwargs, Path(scratch) / name)
+                except ConfigError as exc:
+                    raise ConfigError(_locate(str(exc), where)) from None
+                except RlhfPluginsError as exc:
+                    raise type(exc)(f"{where}: {exc}") from None
+
+    # stage bodies -------------------------------------------------------------------------
+    def stage_sft(self, policy: str, upstream: str | None) -> StageRecord:
+        """SFT from `policy` on the task's conversations; its merged model is the new policy."""
         from .sft import run_sft
 
-        data = deep_merge({**self.common(), "model": model, "dataset": dataset, "merge": True},
-                          section)
-        settings, trl_kwargs = load_stage_config(data, SFTSettings_(), SFTConfig, where=name)
+        data, settings, trl_kwargs = self.stage_config("sft", policy)
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_sft(settings, trl_kwargs, stage_dir)
             policy = str(result.merged_dir) if result.merged_dir else str(stage_dir)
             metrics = {k: v for k, v in result.metrics.items() if k != "log_history"}
-            return StageRecord(name, "", {"policy": policy}, metrics,
+            return StageRecord("sft", "", {"policy": policy}, metrics,
                                result.metrics.get("log_history", []),
                                {"template": settings.template, "masking": settings.masking})
-        return run_stage(name, self.run_dir / name, self.stage_hash(name, data, upstream), body)
+        return run_stage("sft", self.run_dir / "sft", self.stage_hash("sft", data, upstream), body)
 
-    def stage_sft(self, policy: str, section: Mapping[str, Any], upstream: str | None) -> StageRecord:
-        return self._sft("sft", policy, self.paths["sft"], section, upstream)
-
-    def stage_reward_model(self, policy: str, section: Mapping[str, Any],
-                           upstream: str | None) -> StageRecord:
+    def stage_reward_model(self, policy: str, upstream: str | None) -> StageRecord:
         """A reward head (QLoRA adapter + head) on the current policy, from preference pairs."""
-        from trl import RewardConfig
+        from .reward import run_rm
 
-        from ..config import load_stage_config
-        from .reward import RMSettings, run_rm
-
-        data = deep_merge({**self.common(), "model": policy, "dataset": self.paths["preference"],
-                           "eval_dataset": self.paths["preference_eval"]}, section)
-        settings, trl_kwargs = load_stage_config(data, RMSettings, RewardConfig, where="reward_model")
+        data, settings, trl_kwargs = self.stage_config("reward_model", policy)
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_rm(settings, trl_kwargs, stage_dir)
@@ -294,20 +315,11 @@ class Pipeline:
         return run_stage("reward_model", self.run_dir / "reward_model",
                          self.stage_hash("reward_model", data, upstream), body)
 
-    def stage_rejection_sampling(self, policy: str, section: Mapping[str, Any],
-                                 upstream: str | None) -> StageRecord:
+    def stage_rejection_sampling(self, policy: str, upstream: str | None) -> StageRecord:
         """Sample N per prompt, score (verifier + reward model), select, SFT on the selection."""
-        from ..config import build_dataclass
-        from .sampling import SamplingSettings, run_sampling
+        from .sampling import run_sampling
 
-        rm = self.records.get("reward_model")
-        sft_common = {k: v for k, v in self.common().items() if k in ("lora", "quantization", "seed")}
-        data = deep_merge({"model": policy, "dataset": self.paths["rl"], "template": self.s.template,
-                           "seed": self.s.seed, "reward_functions": ["exact_answer"],
-                           "reward_model": rm.outputs["reward_model"] if rm else None,
-                           "finetune": True, "on_empty_selection": "skip",
-                           "sft": {**sft_common, "merge": True}}, section)
-        settings = build_dataclass(SamplingSettings, data, "rejection_sampling")
+        data, settings, _ = self.stage_config("rejection_sampling", policy)
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_sampling(settings, stage_dir)
@@ -324,18 +336,11 @@ class Pipeline:
         return run_stage("rejection_sampling", self.run_dir / "rejection_sampling",
                          self.stage_hash("rejection_sampling", data, upstream), body)
 
-    def stage_ppo(self, policy: str, section: Mapping[str, Any], upstream: str | None) -> StageRecord:
+    def stage_ppo(self, policy: str, upstream: str | None) -> StageRecord:
         """Policy optimisation on one 4-bit base: LoRA policy, value head, reward adapter + verifier."""
-        from trl import GRPOConfig
+        from .ppo import run_ppo
 
-        from ..config import load_stage_config
-        from .ppo import PPOSettings, run_ppo
-
-        rm = self.records.get("reward_model")
-        data = deep_merge({**self.common(), "model": policy, "dataset": self.paths["rl"],
-                           "reward_functions": ["exact_answer"],
-                           "reward_adapter": rm.outputs["reward_model"] if rm else None}, section)
-        settings, trl_kwargs = load_stage_config(data, PPOSettings, GRPOConfig, where="ppo")
+        data, settings, trl_kwargs = self.stage_config("ppo", policy)
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_ppo(settings, trl_kwargs, stage_dir)
@@ -357,6 +362,7 @@ class Pipeline:
         """Run every configured stage; returns the report path."""
         from .. import registry
 
+        self.validate()  # every section, before anything is written or loaded
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with main_process_first():
             self.paths = self.write_data()
@@ -364,9 +370,7 @@ class Pipeline:
         self.evaluate("base", policy)
         upstream: str | None = config_hash(policy)
         for name in self.s.stages:
-            runner = getattr(self, f"stage_{name}")
-            section = getattr(self.s, name)
-            record = runner(policy, section, upstream)
+            record = getattr(self, f"stage_{name}")(policy, upstream)
             self.records[name] = record
             upstream = record.hash
             if "policy" in record.outputs:
@@ -386,9 +390,114 @@ class Pipeline:
         return write_report(self.run_dir, summary)
 
 
-def SFTSettings_() -> type:  # noqa: N802 - lazy import of the SFT settings class
+# --- the table of stages ---------------------------------------------------------------------
+
+#: the files `write_data` writes (keys of `Pipeline.paths`)
+DATA_FILES = ("sft", "preference", "preference_eval", "rl", "eval")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One pipeline stage: its config classes, its defaults from the pipeline, and its checks."""
+
+    classes: Callable[[], tuple[type, type | None]]
+    defaults: Callable[["Pipeline", str, str | None], dict[str, Any]]
+    check: Callable[[Any, dict[str, Any], Path], None]
+
+
+def _sft_classes() -> tuple[type, type]:
+    from trl import SFTConfig
+
     from .sft import SFTSettings
-    return SFTSettings
+    return SFTSettings, SFTConfig
+
+
+def _rm_classes() -> tuple[type, type]:
+    from trl import RewardConfig
+
+    from .reward import RMSettings
+    return RMSettings, RewardConfig
+
+
+def _sampling_classes() -> tuple[type, None]:
+    from .sampling import SamplingSettings
+    return SamplingSettings, None
+
+
+def _ppo_classes() -> tuple[type, type]:
+    from trl import GRPOConfig
+
+    from .ppo import PPOSettings
+    return PPOSettings, GRPOConfig
+
+
+def _check_sft(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
+    from .sft import build_sft_config, get_components
+
+    get_components(settings.template, settings.masking)
+    build_sft_config(trl_kwargs, out)
+
+
+def _check_rm(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
+    from .. import registry
+    from .reward import build_rm_config
+
+    registry().chat_templates.get(settings.template)
+    registry().reward_heads.get(settings.head, **settings.head_config())
+    build_rm_config(trl_kwargs, out)
+
+
+def _check_sampling(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
+    from .sampling import resolve_components
+
+    resolve_components(settings, settings.num_prompts or 8, out, policy_ref="<policy>")
+
+
+def _check_ppo(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
+    from .. import registry
+    from .ppo import check_ppo_config
+
+    registry().chat_templates.get(settings.template)
+    check_ppo_config(settings, trl_kwargs, out)
+
+
+def _training_defaults(p: "Pipeline", policy: str, data: str, **extra: Any) -> dict[str, Any]:
+    return {**p.common(), "model": policy, "dataset": p.paths[data], **extra}
+
+
+STAGE_SPECS: dict[str, StageSpec] = {
+    "sft": StageSpec(_sft_classes, lambda p, policy, rm: _training_defaults(p, policy, "sft", merge=True),
+                     _check_sft),
+    "reward_model": StageSpec(
+        _rm_classes,
+        lambda p, policy, rm: _training_defaults(p, policy, "preference",
+                                                 eval_dataset=p.paths["preference_eval"]),
+        _check_rm),
+    "rejection_sampling": StageSpec(
+        _sampling_classes,
+        lambda p, policy, rm: {
+            "model": policy, "dataset": p.paths["rl"], "template": p.s.template, "seed": p.s.seed,
+            "reward_functions": list(p.s.eval.reward_functions), "reward_model": rm,
+            "finetune": True, "on_empty_selection": "skip",
+            "sft": {**{k: v for k, v in p.common().items() if k in ("lora", "quantization", "seed")},
+                    "merge": True}},
+        _check_sampling),
+    "ppo": StageSpec(_ppo_classes,
+                     lambda p, policy, rm: _training_defaults(
+                         p, policy, "rl", reward_functions=list(p.s.eval.reward_functions),
+                         reward_adapter=rm),
+                     _check_ppo),
+}
+
+
+def _locate(message: str, where: str) -> str:
+    """A stage check's `field: text` message located in the config (`file: section.field: text`)."""
+    if message.startswith(where) or ": " in where and message.startswith(where.split(": ")[0]):
+        return message
+    head, sep, rest = message.partition(":")
+    if sep and head.replace("_", "").replace(".", "").isalnum() and " " not in head:
+        return f"{where}.{head}:{rest}"
+    return f"{where}: {message}"
 
 
 def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
