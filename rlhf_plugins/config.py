@@ -134,6 +134,46 @@ def _locate_message(message: str, names: list[str], where: str) -> str:
     return f"{where}: {message}"
 
 
+#: TRL `ModelConfig` / peft field names -> (our section, our field); see docs/pipeline.md
+MODEL_CONFIG_NAMES: dict[str, tuple[str, str]] = {
+    "lora_r": ("lora", "r"),
+    "lora_alpha": ("lora", "alpha"),
+    "lora_dropout": ("lora", "dropout"),
+    "lora_target_modules": ("lora", "target_modules"),
+    "lora_modules_to_save": ("lora", "modules_to_save"),
+    "load_in_4bit": ("quantization", "load_in_4bit"),
+    "bnb_4bit_quant_type": ("quantization", "quant_type"),
+    "use_bnb_nested_quant": ("quantization", "double_quant"),
+    "bnb_4bit_compute_dtype": ("quantization", "compute_dtype"),
+}
+
+
+def map_model_config_names(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """TRL `ModelConfig` names (`use_peft`, `lora_r`, `load_in_4bit`, ...) as our `lora`/`quantization`."""
+    out = dict(data)
+    use_peft = out.pop("use_peft", None)
+    moved: dict[str, dict[str, Any]] = {}
+    for name, (section, field) in MODEL_CONFIG_NAMES.items():
+        if name in out:
+            moved.setdefault(section, {})[field] = out.pop(name)
+    if use_peft is not None and not isinstance(use_peft, bool):
+        raise ConfigError(f"{at(where, 'use_peft')}: expected true or false, got {use_peft!r}")
+    if use_peft or "lora" in moved:
+        moved.setdefault("lora", {})
+    if use_peft is False and "lora" in moved and len(moved["lora"]) > 0:
+        raise ConfigError(f"{at(where, 'use_peft')}: false, but LoRA fields are set")
+    if "quantization" in moved and moved["quantization"].get("load_in_4bit") is False \
+            and len(moved["quantization"]) == 1:
+        moved.pop("quantization")  # load_in_4bit: false alone means no quantization
+    for section, fields in moved.items():
+        current = out.get(section)
+        if current not in (None, True) and not isinstance(current, Mapping):
+            raise ConfigError(f"{at(where, section)}: cannot combine {current!r} with "
+                              f"{', '.join(n for n, (s, _) in MODEL_CONFIG_NAMES.items() if s == section)}")
+        out[section] = {**(current if isinstance(current, Mapping) else {}), **fields}
+    return out
+
+
 def load_stage_config(source: str | os.PathLike | Mapping[str, Any], ours: type[T],
                       trl_cls: type | None = None, *, where: str | None = None,
                       ) -> tuple[T, dict[str, Any]]:
@@ -148,6 +188,8 @@ def load_stage_config(source: str | os.PathLike | Mapping[str, Any], ours: type[
     else:
         data, where = load_yaml(source), where or str(source)
     our_names = set(_field_names(ours))
+    if {"lora", "quantization"} <= our_names:
+        data = map_model_config_names(data, where)
     trl_names = set(_field_names(trl_cls)) if trl_cls is not None else set()
     mine, trl = {}, {}
     for key, value in data.items():

@@ -57,14 +57,14 @@ def test_typed_yaml_values_everywhere(tmp_path):
     from rlhf_plugins.stages.ppo import PPOSettings
 
     cfg = tmp_path / "ppo.yaml"
-    cfg.write_text("learning_rate: 1e-4\nbeta: 0\nmax_steps: 3\ngamma: 1\n")
+    cfg.write_text("reward_functions: [exact_answer]\nlearning_rate: 1e-4\nbeta: 0\nmax_steps: 3\ngamma: 1\n")
     settings, trl = load_stage_config(cfg, PPOSettings, GRPOConfig)
     assert trl["learning_rate"] == pytest.approx(1e-4) and isinstance(trl["learning_rate"], float)
     assert trl["max_steps"] == 3 and settings.gamma == 1
-    cfg.write_text("gamma: one\n")
+    cfg.write_text("reward_functions: [exact_answer]\ngamma: one\n")
     with pytest.raises(ConfigError, match=rf"^{cfg}: gamma: expected a number, got 'one'$"):
         load_stage_config(cfg, PPOSettings, GRPOConfig)
-    cfg.write_text("learning_rate: [1]\n")
+    cfg.write_text("reward_functions: [exact_answer]\nlearning_rate: [1]\n")
     with pytest.raises(ConfigError, match=r"learning_rate: expected a number, got list"):
         load_stage_config(cfg, PPOSettings, GRPOConfig)
 
@@ -105,3 +105,20 @@ def test_plugin_flag_and_config_plugins_list(tmp_path):
     proc = run_cli(["--plugin", str(bad), "components"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"--plugin {bad}: RuntimeError: boom" in proc.stderr
+
+
+def test_trl_model_config_names_map_to_lora_and_quantization(tmp_path):
+    from trl import SFTConfig
+
+    from rlhf_plugins.stages.sft import SFTSettings
+
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text("use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_target_modules: [q_proj]\n"
+                   "load_in_4bit: true\nbnb_4bit_quant_type: fp4\nuse_bnb_nested_quant: false\n")
+    settings, _ = load_stage_config(cfg, SFTSettings, SFTConfig)
+    assert (settings.lora.r, settings.lora.alpha, settings.lora.target_modules) == (4, 8, ["q_proj"])
+    q = settings.quantization
+    assert (q.load_in_4bit, q.quant_type, q.double_quant) == (True, "fp4", False)
+    cfg.write_text("lora_r: four\n")
+    with pytest.raises(ConfigError, match="lora.r"):
+        load_stage_config(cfg, SFTSettings, SFTConfig)
