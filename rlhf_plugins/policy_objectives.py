@@ -26,12 +26,12 @@ scaling belongs to the trainer, not to these functions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 import torch
 
 from .errors import ConfigError, DataError
+from .sdk import PolicyLoss
 
 __all__ = [
     "AGG_MODES", "POLICY_LOSSES", "TRL_LOSS_TYPE_AGG", "PolicyLoss", "aggregate", "cispo",
@@ -46,14 +46,6 @@ TRL_LOSS_TYPE_AGG = {
     "luspo": "seq_mean_token_sum",
 }
 """The agg mode reproducing each TRL 1.16 ``loss_type`` (see the module docstring for constants)."""
-
-
-@dataclass(frozen=True)
-class PolicyLoss:
-    """A policy objective's result: scalar ``loss`` (differentiable in log_probs) and float metrics."""
-
-    loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class _Inputs(NamedTuple):

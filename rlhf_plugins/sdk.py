@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
+from .advantage_types import Advantages
 from .conversation import (DEFAULT_ROLES, TEMPLATE_ROLE, Encoded, Segment, encode_segments, scaffold,
                            validate_messages)
 from .errors import ConfigError, DataError
@@ -280,14 +281,6 @@ def clean_rewards(rule: str, rewards: Any) -> list[list[float]]:
     return out
 
 
-@dataclass
-class Advantages:
-    """What an estimator returns: advantages ([B] or [B, T]) and value targets ([B, T] or None)."""
-
-    advantages: Any
-    returns: Any = None
-
-
 @dataclass(frozen=True)
 class AdvantageEstimator(Component):
     """Turns rewards (and values) into advantages: implement `__call__` (see the Protocol)."""
@@ -301,9 +294,9 @@ class AdvantageEstimator(Component):
         raise NotImplementedError
 
 
-@dataclass
+@dataclass(frozen=True)
 class PolicyLoss:
-    """What a policy loss returns: a scalar loss and float metrics."""
+    """What a policy loss returns: a scalar ``loss`` (differentiable in log_probs) and float metrics."""
 
     loss: Any
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
