@@ -1,7 +1,8 @@
 """Built-in advantage estimators (family ``advantage_estimators``).
 
-Every estimator is called as ``est(rewards, *, num_generations=1, mask=None, values=None,
-gamma=1.0, lam=0.95)`` and returns :class:`rlhf_plugins.advantage_types.Advantages`.
+Every estimator is an :class:`rlhf_plugins.sdk.AdvantageEstimator` (options are dataclass fields,
+range checks in ``validate_options``), called as ``est(rewards, *, num_generations=1, mask=None,
+values=None, gamma=1.0, lam=0.95)`` and returning :class:`rlhf_plugins.sdk.Advantages`.
 
 Shared conventions (all estimators):
 
@@ -22,14 +23,13 @@ Torch is imported inside the calls: importing this module stays torch-free.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rlhf_plugins import hookimpl
-from rlhf_plugins.advantage_types import Advantages
 from rlhf_plugins.errors import ConfigError, DataError
+from rlhf_plugins.sdk import AdvantageEstimator, Advantages, option
 
 __all__ = ["GAE", "GRPO", "DrGRPO", "RLOO", "Reinforce", "ReinforceBaseline", "Advantages"]
 
@@ -100,34 +100,10 @@ def _nan_group_constant(torch: Any, grouped: Any) -> Any:
     return (hi == lo) | (hi < lo)  # hi < lo: no scorable entry at all
 
 
-# --- component base --------------------------------------------------------------------------
+# --- sequence-level machinery ----------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Estimator:
-    """Common machinery: configure(), argument checks."""
-
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-    needs_values: ClassVar[bool] = False
-
-    def configure(self, **options: Any) -> "_Estimator":
-        """A copy with `options` set (ConfigError for unknown names or bad values)."""
-        fields = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(options) - fields)
-        if unknown:
-            allowed = ", ".join(sorted(fields)) or "none"
-            raise ConfigError(f"advantage estimator {self.name!r}: unknown option(s) "
-                              f"{', '.join(unknown)} (allowed: {allowed})")
-        configured = dataclasses.replace(self, **options)
-        configured._validate()
-        return configured
-
-    def _validate(self) -> None:
-        """Raise ConfigError on bad option values (subclasses with options override)."""
-
-
-@dataclass(frozen=True)
-class _SequenceEstimator(_Estimator):
+class _SequenceEstimator(AdvantageEstimator):
     """A sequence-level estimator: one advantage per completion (see the module docstring)."""
 
     def __call__(self, rewards: Any, *, num_generations: int = 1, mask: Any = None,
@@ -169,16 +145,14 @@ class GRPO(_SequenceEstimator):
 
     name: ClassVar[str] = "grpo"
     description: ClassVar[str] = "GRPO: reward minus group mean, divided by group std (+eps)"
-    eps: float = 1e-4
-    scale: str = "group"
+    eps: float = option(1e-4, help="added to the std before dividing (TRL: 1e-4)")
+    scale: str = option("group", help="std over each group ('group') or the whole batch ('batch')")
 
-    def _validate(self) -> None:
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps >= 0):
-            raise ConfigError(f"advantage estimator 'grpo': eps must be a finite number >= 0, "
-                              f"got {self.eps!r}")
+    def validate_options(self) -> None:
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
         if self.scale not in ("group", "batch"):
-            raise ConfigError(f"advantage estimator 'grpo': scale must be 'group' or 'batch', "
-                              f"got {self.scale!r}")
+            raise ValueError(f"scale must be 'group' or 'batch', got {self.scale!r}")
 
     def _sequence_advantages(self, torch: Any, rewards: Any, k: int) -> Any:
         grouped = rewards.view(-1, k)
@@ -261,7 +235,7 @@ class ReinforceBaseline(_SequenceEstimator):
 
 
 @dataclass(frozen=True)
-class GAE(_Estimator):
+class GAE(AdvantageEstimator):
     """Generalised advantage estimation with a critic (PPO).
 
     Per row, over its real tokens t_1 < ... < t_n (mask == 1, in order; padding anywhere -
@@ -279,11 +253,14 @@ class GAE(_Estimator):
     name: ClassVar[str] = "gae"
     description: ClassVar[str] = "GAE: generalised advantage estimation with a value function (PPO)"
     needs_values: ClassVar[bool] = True
-    chunk: int = 64
+    #: [B, T] rewards (dense step rewards, KL shaping) are credited at their own tokens
+    uses_token_rewards: ClassVar[bool] = True
+    chunk: int = option(64, help="tokens per block of the backward recursion (1: plain loop; "
+                                 "the result is the same)")
 
-    def _validate(self) -> None:
-        if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < 1:
-            raise ConfigError(f"advantage estimator 'gae': chunk must be an int >= 1, got {self.chunk!r}")
+    def validate_options(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {self.chunk!r}")
 
     def __call__(self, rewards: Any, *, num_generations: int = 1, mask: Any = None,
                  values: Any = None, gamma: float = 1.0, lam: float = 0.95) -> Advantages:
@@ -381,3 +358,7 @@ def register_advantage_estimators(register):
     """Register the built-in advantage estimators."""
     for component in (GAE(), GRPO(), DrGRPO(), RLOO(), Reinforce(), ReinforceBaseline()):
         register(component)
+    from .advantage_estimators_more import MORE_ESTIMATORS
+
+    for cls in MORE_ESTIMATORS:
+        register(cls())

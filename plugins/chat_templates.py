@@ -1,24 +1,27 @@
 """Built-in chat templates: chatml, zephyr, tulu, harmony, tokenizer (family ``chat_templates``).
 
-Every template renders segment-aware: it produces `Segment`s (scaffolding, message content,
-end-of-turn markers) and `rlhf_plugins.conversation.encode_segments` tokenizes them, so
-per-token roles/turns are exact and message content can never produce a control token.
-`render_text` joins the same segments, so text and ids always agree. `jinja` is the
-equivalent Jinja source (from `templates/NAME.jinja`), saved as the tokenizer's chat_template;
-the tests prove the three agree byte for byte. `stop_strings(tokenizer)` gives the strings
-that end an assistant turn (generation stops there).
+Each is a subclass of :class:`rlhf_plugins.sdk.ChatTemplate`, like any third-party template:
+it implements `segments()` (scaffolding, message content, end-of-turn markers as owned
+`Segment`s) and `jinja`, and the SDK base supplies validation, `render_text` (the segments
+joined) and `encode` (the segments tokenized by `rlhf_plugins.segments.encode_segments`), so
+per-token roles/turns are exact, message content can never produce a control token, and text
+and ids always agree. `jinja` is the equivalent Jinja source (from `templates/NAME.jinja`),
+saved as the tokenizer's chat_template; the tests prove the three agree byte for byte.
+`stop_strings(tokenizer)` gives the strings that end an assistant turn (generation stops
+there). Harmony brings its own vocabulary (`needs_tokenizer = False`) and renders through
+openai-harmony, so it overrides `render_text`/`encode`/`decode` as well.
 """
 from __future__ import annotations
 
 import functools
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
-from rlhf_plugins import hookimpl
-from rlhf_plugins.conversation import (DEFAULT_ROLES, TEMPLATE_ROLE, Encoded, Segment, encode_segments,
-                                       scaffold, validate_messages)
+from rlhf_plugins import hookimpl, sdk
+from rlhf_plugins.conversation import DEFAULT_ROLES, TEMPLATE_ROLE, Encoded, Segment, scaffold
 from rlhf_plugins.errors import ConfigError, DataError
+from rlhf_plugins.options import option
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,11 +39,6 @@ def _eos(tokenizer: Any, template: str) -> str:
     return eos
 
 
-def _need_tokenizer(tokenizer: Any, template: str) -> None:
-    if tokenizer is None:
-        raise ConfigError(f"template {template!r}: encode() needs a tokenizer")
-
-
 def tool_call_text(call: dict) -> str:
     """A tool call as ChatML/Hermes text: `\\n<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`."""
     fn = call.get("function", call)
@@ -51,55 +49,18 @@ def tool_call_text(call: dict) -> str:
 
 
 @dataclass(frozen=True)
-class _SegmentTemplate:
-    """Shared behaviour: validate, build segments, join them (text) or encode them (ids)."""
+class ChatML(sdk.ChatTemplate):
+    """ChatML: `<|im_start|>{role}\\n{content|trim}<|im_end|>\\n`; BOS first unless it is `<|im_start|>`."""
 
-    name: str = ""
-    description: str = ""
-    roles: tuple[str, ...] = ("system", "user", "assistant")
+    name: ClassVar[str] = "chatml"
+    description: ClassVar[str] = ("ChatML (<|im_start|>role ... <|im_end|>), content trimmed; "
+                                  "BOS unless it is <|im_start|>")
+    roles: ClassVar[tuple[str, ...]] = DEFAULT_ROLES
 
     @property
     def jinja(self) -> str:
-        """The Jinja source of this format (a tokenizer's `chat_template`)."""
-        return load_jinja(self.name)
-
-    def validate(self, messages: Any, *, row: Any = None, for_training: bool = False) -> list[dict]:
-        """`validate_messages` with the roles this template supports."""
-        return validate_messages(messages, row=row, for_training=for_training,
-                                 allowed_roles=self.roles, template=self.name)
-
-    def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
-                 add_generation_prompt: bool = False) -> list[Segment]:  # pragma: no cover
-        """The rendered conversation as owned segments."""
-        raise NotImplementedError
-
-    def render_text(self, messages: Sequence[dict], *, tokenizer: Any = None,
-                    add_generation_prompt: bool = False) -> str:
-        """The rendered conversation text."""
-        msgs = self.validate(messages)
-        return "".join(s.text for s in self.segments(msgs, tokenizer=tokenizer,
-                                                     add_generation_prompt=add_generation_prompt))
-
-    def encode(self, messages: Sequence[dict], *, tokenizer: Any = None,
-               add_generation_prompt: bool = False) -> Encoded:
-        """Token ids with per-token roles/turns (scaffolding: "template"/-1)."""
-        _need_tokenizer(tokenizer, self.name)
-        msgs = self.validate(messages)
-        segs = self.segments(msgs, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt)
-        return encode_segments(segs, tokenizer, messages=msgs)
-
-    def stop_strings(self, tokenizer: Any = None) -> list[str]:
-        """Strings that end an assistant turn (generation stops at any of them)."""
-        return [_eos(tokenizer, self.name)]
-
-
-@dataclass(frozen=True)
-class ChatML(_SegmentTemplate):
-    """ChatML: `<|im_start|>{role}\\n{content|trim}<|im_end|>\\n`; BOS first unless it is `<|im_start|>`."""
-
-    name: str = "chatml"
-    description: str = "ChatML (<|im_start|>role ... <|im_end|>), content trimmed; BOS unless it is <|im_start|>"
-    roles: tuple[str, ...] = DEFAULT_ROLES
+        """templates/chatml.jinja."""
+        return load_jinja("chatml")
 
     def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
                  add_generation_prompt: bool = False) -> list[Segment]:
@@ -125,11 +86,16 @@ class ChatML(_SegmentTemplate):
 
 
 @dataclass(frozen=True)
-class Zephyr(_SegmentTemplate):
+class Zephyr(sdk.ChatTemplate):
     """Zephyr-7B-beta: `<|{role}|>\\n{content}{eos}\\n`; generation prompt `<|assistant|>\\n`."""
 
-    name: str = "zephyr"
-    description: str = "Zephyr-7B-beta (<|role|>\\n content eos \\n)"
+    name: ClassVar[str] = "zephyr"
+    description: ClassVar[str] = "Zephyr-7B-beta (<|role|>\\n content eos \\n)"
+
+    @property
+    def jinja(self) -> str:
+        """templates/zephyr.jinja."""
+        return load_jinja("zephyr")
 
     def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
                  add_generation_prompt: bool = False) -> list[Segment]:
@@ -146,11 +112,16 @@ class Zephyr(_SegmentTemplate):
 
 
 @dataclass(frozen=True)
-class Tulu(_SegmentTemplate):
+class Tulu(sdk.ChatTemplate):
     """Tulu 3 (open-instruct): `<|user|>\\n{c}\\n`, `<|assistant|>\\n{c}{eos}` + `\\n` unless last."""
 
-    name: str = "tulu"
-    description: str = "Tulu 3 (<|user|>\\n c \\n, <|assistant|>\\n c eos [\\n])"
+    name: ClassVar[str] = "tulu"
+    description: ClassVar[str] = "Tulu 3 (<|user|>\\n c \\n, <|assistant|>\\n c eos [\\n])"
+
+    @property
+    def jinja(self) -> str:
+        """templates/tulu.jinja."""
+        return load_jinja("tulu")
 
     def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
                  add_generation_prompt: bool = False) -> list[Segment]:
@@ -198,7 +169,7 @@ def _special_context(tokenizer: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class TokenizerTemplate(_SegmentTemplate):
+class TokenizerTemplate(sdk.ChatTemplate):
     """The tokenizer's own Jinja `chat_template` (sandboxed); roles recovered with placeholders.
 
     Each message's content is replaced by a unique placeholder, the template is rendered, and
@@ -208,31 +179,35 @@ class TokenizerTemplate(_SegmentTemplate):
     but control tokens inside it are still encoded as plain text.
     """
 
-    name: str = "tokenizer"
-    description: str = "the tokenizer's own Jinja chat_template (sandboxed), roles recovered per token"
-    roles: tuple[str, ...] = DEFAULT_ROLES
-    source: str | None = None
+    name: ClassVar[str] = "tokenizer"
+    description: ClassVar[str] = "the tokenizer's own Jinja chat_template (sandboxed), roles recovered per token"
+    roles: ClassVar[tuple[str, ...]] = DEFAULT_ROLES
 
-    def configure(self, *, jinja: str | None = None, path: str | None = None) -> "TokenizerTemplate":
-        """A copy that renders the given Jinja source (or file) instead of the tokenizer's."""
-        if path is not None:
+    jinja: str = option("", help="Jinja chat template rendered instead of the tokenizer's own "
+                                 "('': the tokenizer's chat_template)")
+    path: str | None = option(None, help="a Jinja file to read `jinja` from")
+
+    def validate_options(self) -> None:
+        """Read `path` into `jinja`; an explicit source must not be blank."""
+        if self.path is not None:
             try:
-                with open(path, encoding="utf-8") as fh:
-                    jinja = fh.read()
+                with open(self.path, encoding="utf-8") as fh:
+                    object.__setattr__(self, "jinja", fh.read())
             except OSError as exc:
-                raise ConfigError(f"template file {path}: {exc.strerror}") from None
-        if not isinstance(jinja, str) or not jinja.strip():
-            raise ConfigError("template 'tokenizer': configure(jinja=...) needs a non-empty Jinja source")
-        return TokenizerTemplate(source=jinja)
+                raise ConfigError(f"template file {self.path}: {exc.strerror}") from None
+        if self.jinja and not self.jinja.strip():
+            raise ConfigError("template 'tokenizer': option 'jinja' is blank (give a Jinja source, "
+                              "or '' for the tokenizer's own chat_template)")
 
-    @property
-    def jinja(self) -> str:  # type: ignore[override]
-        """The configured Jinja source ('' when the tokenizer's own template is used)."""
-        return self.source or ""
+    def configure(self, **options: Any) -> "TokenizerTemplate":
+        """A copy with `jinja` or `path` set (the one given last replaces the other)."""
+        if "jinja" in options and "path" not in options:
+            options["path"] = None
+        return super().configure(**options)
 
     def _source(self, tokenizer: Any) -> str:
-        if self.source:
-            return self.source
+        if self.jinja:
+            return self.jinja
         tpl = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
         if isinstance(tpl, dict):
             tpl = tpl.get("default")
@@ -348,7 +323,7 @@ class TokenizerTemplate(_SegmentTemplate):
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Harmony:
+class Harmony(sdk.ChatTemplate):
     """OpenAI Harmony (gpt-oss) rendered by `openai-harmony`; per-token roles derived here.
 
     Messages map one to one (no system message is invented): system/developer/user as text;
@@ -356,17 +331,20 @@ class Harmony:
     preceding `analysis` message, `tool_calls` as `commentary` messages to `functions.NAME`
     (`<|constrain|>json`); `tool` results come from `functions.NAME` on `commentary`.
     Training renders (last message from the assistant) use `render_conversation_for_training`
-    (`<|return|>`), others `render_conversation`; `add_generation_prompt` uses
+    (`<|return|>`) and keep the trained turn's reasoning (its analysis message; earlier turns'
+    analysis follows harmony's drop rule), others `render_conversation`; `add_generation_prompt` uses
     `render_conversation_for_completion`. Per token: `<|start|>` + the author is scaffolding;
     an assistant message owns the rest of its header (channel, recipient - the model writes
     them after `<|start|>assistant`), its content and its `<|end|>`/`<|return|>`/`<|call|>`;
     other messages own their content and `<|end|>`. Analysis messages that harmony drops from
-    earlier turns have no tokens. The `tokenizer` argument is ignored (o200k_harmony is used).
+    earlier turns have no tokens. The `tokenizer` argument is ignored (o200k_harmony is used):
+    `needs_tokenizer` is False and `decode` uses the same encoding.
     """
 
-    name: str = "harmony"
-    description: str = "OpenAI Harmony (gpt-oss) via openai-harmony; channels analysis/commentary/final"
-    roles: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")
+    name: ClassVar[str] = "harmony"
+    description: ClassVar[str] = "OpenAI Harmony (gpt-oss) via openai-harmony; channels analysis/commentary/final"
+    roles: ClassVar[tuple[str, ...]] = ("system", "developer", "user", "assistant", "tool")
+    needs_tokenizer: ClassVar[bool] = False
 
     @property
     def jinja(self) -> str:
@@ -379,11 +357,6 @@ class Harmony:
         from rlhf_plugins.harmony_vocab import harmony_encoding
 
         return harmony_encoding()
-
-    def validate(self, messages: Any, *, row: Any = None, for_training: bool = False) -> list[dict]:
-        """`validate_messages` with Harmony's roles."""
-        return validate_messages(messages, row=row, for_training=for_training,
-                                 allowed_roles=self.roles, template=self.name)
 
     def harmony_messages(self, messages: Sequence[dict]) -> list[tuple[int, Any]]:
         """(message index, openai_harmony.Message) pairs for a validated conversation."""
@@ -417,7 +390,7 @@ class Harmony:
         return out
 
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool) -> tuple[list[int], list[tuple[int, Any]]]:
-        from openai_harmony import Conversation, Role
+        from openai_harmony import Conversation, RenderConversationConfig, Role
 
         enc = self.encoding
         pairs = self.harmony_messages(messages)
@@ -425,10 +398,33 @@ class Harmony:
         if add_generation_prompt:
             ids = enc.render_conversation_for_completion(convo, Role.ASSISTANT)
         elif messages[-1]["role"] == "assistant":
-            ids = enc.render_conversation_for_training(convo)
+            # The trained turn keeps its reasoning: harmony's default drops the analysis before
+            # the first final message, which is the trained turn's own in a single-turn
+            # conversation. Earlier turns keep harmony's rule: drop what its default drops.
+            trained = len(messages) - 1
+            dropped = self._dropped(list(enc.render_conversation_for_training(convo)), pairs)
+            pairs = [p for k, p in enumerate(pairs) if k not in dropped or p[0] == trained]
+            ids = enc.render_conversation_for_training(
+                Conversation.from_messages([m for _, m in pairs]),
+                RenderConversationConfig(auto_drop_analysis=False))
         else:
             ids = enc.render_conversation(convo)
         return list(ids), pairs
+
+    def _dropped(self, ids: list[int], pairs: list[tuple[int, Any]]) -> set[int]:
+        """Positions in `pairs` of the messages openai-harmony left out of `ids`."""
+        enc = self.encoding
+        ends = {enc.encode(t, allowed_special="all")[0] for t in ("<|end|>", "<|return|>", "<|call|>")}
+        out: set[int] = set()
+        pos = 0
+        for k, (_, message) in enumerate(pairs):
+            piece = enc.render(message)
+            window = ids[pos:pos + len(piece)]
+            if window and window[:-1] == piece[:-1] and window[-1] in ends and piece[-1] in ends:
+                pos += len(piece)
+            else:
+                out.add(k)
+        return out
 
     def render_text(self, messages: Sequence[dict], *, tokenizer: Any = None,
                     add_generation_prompt: bool = False) -> str:
@@ -464,9 +460,13 @@ class Harmony:
         """`<|return|>` (final answer) and `<|call|>` (tool call) end an assistant turn."""
         return ["<|return|>", "<|call|>"]
 
-    def stop_token_ids(self) -> list[int]:
-        """Harmony's stop tokens for assistant actions."""
+    def stop_token_ids(self, tokenizer: Any = None) -> list[int]:
+        """Harmony's stop tokens for assistant actions (o200k_harmony ids)."""
         return list(self.encoding.stop_tokens_for_assistant_actions())
+
+    def decode(self, ids: Sequence[int], tokenizer: Any = None) -> str:
+        """Text of o200k_harmony token ids (the tokenizer is ignored)."""
+        return self.encoding.decode(list(ids))
 
 
 @hookimpl

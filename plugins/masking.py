@@ -1,7 +1,8 @@
 """Built-in loss-masking strategies (family ``masking_strategies``).
 
-`strategy.mask(encoded) -> list[int]` (1 = in the loss), from the per-token `roles`/`turns` of
-an `Encoded`. For the assistant strategies, scaffolding (`<|im_start|>assistant\\n`, role
+Each is a subclass of :class:`rlhf_plugins.sdk.MaskingStrategy` implementing only
+`mask(encoded) -> list[int]` (1 = in the loss), from the per-token `roles`/`turns` of an
+`Encoded`. For the assistant strategies, scaffolding (`<|im_start|>assistant\\n`, role
 "template") and tool outputs (role "tool") are never trained, while an assistant message's
 end-of-turn token is (it belongs to the message: a model that never sees its stop token in
 the loss never learns to stop).
@@ -20,19 +21,19 @@ the loss never learns to stop).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from rlhf_plugins import hookimpl
+from rlhf_plugins import hookimpl, sdk
 
 _PROMPT_ROLES = frozenset({"system", "developer", "user"})
 
 
 @dataclass(frozen=True)
-class AllAssistantTurns:
+class AllAssistantTurns(sdk.MaskingStrategy):
     """Train every assistant message (content + end-of-turn token)."""
 
-    name: str = "all_assistant_turns"
-    description: str = "every assistant message and its end-of-turn token (Tulu 3)"
+    name: ClassVar[str] = "all_assistant_turns"
+    description: ClassVar[str] = "every assistant message and its end-of-turn token (Tulu 3)"
 
     def mask(self, encoded: Any) -> list[int]:
         """1 for assistant tokens, 0 elsewhere."""
@@ -40,11 +41,11 @@ class AllAssistantTurns:
 
 
 @dataclass(frozen=True)
-class FinalTurn:
+class FinalTurn(sdk.MaskingStrategy):
     """Train only the last assistant message (content + end-of-turn token)."""
 
-    name: str = "final_turn"
-    description: str = "only the last assistant message and its end-of-turn token"
+    name: ClassVar[str] = "final_turn"
+    description: ClassVar[str] = "only the last assistant message and its end-of-turn token"
 
     def mask(self, encoded: Any) -> list[int]:
         """1 for the tokens of the last assistant message, 0 elsewhere."""
@@ -55,11 +56,11 @@ class FinalTurn:
 
 
 @dataclass(frozen=True)
-class PromptMasking:
+class PromptMasking(sdk.MaskingStrategy):
     """Mask the prompt (through the last user turn); train the assistant messages after it."""
 
-    name: str = "prompt"
-    description: str = "prompt/completion: assistant messages after the last user turn"
+    name: ClassVar[str] = "prompt"
+    description: ClassVar[str] = "prompt/completion: assistant messages after the last user turn"
 
     def mask(self, encoded: Any) -> list[int]:
         """1 for assistant tokens after the last user/system message, 0 elsewhere."""
@@ -68,11 +69,11 @@ class PromptMasking:
 
 
 @dataclass(frozen=True)
-class NoMasking:
+class NoMasking(sdk.MaskingStrategy):
     """Train every token (pretraining-style baseline)."""
 
-    name: str = "none"
-    description: str = "every token, scaffolding included (pretraining-style, for comparison)"
+    name: ClassVar[str] = "none"
+    description: ClassVar[str] = "every token, scaffolding included (pretraining-style, for comparison)"
 
     def mask(self, encoded: Any) -> list[int]:
         """All ones."""

@@ -2,8 +2,8 @@
 
 ``f(prompts, completions, **columns) -> list[float | None]``: completions may be strings or
 conversational (``[{"role": "assistant", "content": ...}]``, as TRL passes them). Each component
-is a callable object with ``name``, ``description``, ``configure(**options)`` and ``__name__``
-(TRL logs ``rewards/<__name__>/mean``). Extra keyword arguments TRL passes (``completion_ids``,
+is an :class:`rlhf_plugins.sdk.RewardFunction` (options are dataclass fields, range checks in
+``validate_options``; ``__name__`` comes from the base: TRL logs ``rewards/<__name__>/mean``). Extra keyword arguments TRL passes (``completion_ids``,
 ``trainer_state``, ``log_metric`` ...) are accepted and ignored unless used.
 
 - ``exact_answer``: 1.0 when the completion's final answer equals the ``answer`` column
@@ -16,16 +16,16 @@ is a callable object with ``name``, ``description``, ``configure(**options)`` an
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 from rlhf_plugins import hookimpl
-from rlhf_plugins.errors import ConfigError, DataError
+from rlhf_plugins.errors import DataError
 from rlhf_plugins.rewarding import completion_text
+from rlhf_plugins.sdk import RewardFunction, option
 
 # A number as models write it: sign, optional $, thousands separators, decimals or a fraction.
 NUMBER = r"[-+−]?\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-+]?\.\d+"
@@ -100,50 +100,24 @@ def parse_reference(value: Any) -> Fraction | None:
     return parsed
 
 
-def _options_error(component: str, bad: str, fields: Sequence[str]) -> ConfigError:
-    return ConfigError(f"reward function {component!r}: unknown option {bad!r} "
-                       f"(expected: {', '.join(fields)})")
-
-
-class _Component:
-    """`configure` and `__name__` for the dataclass components below."""
-
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
-
-    @property
-    def __name__(self) -> str:  # TRL: get_callable_name(reward_func) -> __name__
-        return self.name
-
-    def configure(self, **options: Any) -> Any:
-        """A copy with `options` changed (validated)."""
-        fields = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
-        for key in options:
-            if key not in fields:
-                raise _options_error(self.name, key, fields)
-        return dataclasses.replace(self, **options)  # type: ignore[type-var]
-
-
 @dataclass(frozen=True)
-class ExactAnswer(_Component):
+class ExactAnswer(RewardFunction):
     """Verifiable exact-answer reward: 1.0 if the final answer equals the reference, else 0.0."""
 
-    answer_column: str = "answer"
-    tolerance: float = 1e-6
-    fallback_last_number: bool = False
+    answer_column: str = option("answer", help="the dataset column with the reference answers")
+    tolerance: float = option(1e-6, help="relative tolerance (times max(1, |reference|))")
+    fallback_last_number: bool = option(False, help="read a completion without an answer marker "
+                                                    "as its last number")
 
     name: ClassVar[str] = "exact_answer"
     description: ClassVar[str] = ("1.0 if the final answer ('The answer is N.', '#### N', "
                                   "\\boxed{N}) equals the 'answer' column, else 0.0")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.answer_column, str) or not self.answer_column:
-            raise ConfigError(f"reward function 'exact_answer': answer_column must be a column "
-                              f"name, got {self.answer_column!r}")
-        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
-                or not self.tolerance >= 0:
-            raise ConfigError(f"reward function 'exact_answer': tolerance must be a number >= 0, "
-                              f"got {self.tolerance!r}")
+    def validate_options(self) -> None:
+        if not self.answer_column:
+            raise ValueError(f"answer_column must be a column name, got {self.answer_column!r}")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be a number >= 0, got {self.tolerance!r}")
 
     def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
         answers = columns.get(self.answer_column)
@@ -174,25 +148,23 @@ _TRL_EXTRAS = {"completion_ids", "trainer_state", "log_extra", "log_metric", "en
 
 
 @dataclass(frozen=True)
-class FormatReward(_Component):
+class FormatReward(RewardFunction):
     """1.0 when the completion ends with a well-formed final-answer line, else 0.0."""
 
-    style: str = "answer_line"
-    min_steps: int = 0
+    style: str = option("answer_line", help="the final line: 'answer_line' (The answer is N.), "
+                                            "'gsm8k' (#### N) or 'any'")
+    min_steps: int = option(0, help="blank-line separated steps needed before the final line")
 
     name: ClassVar[str] = "format"
     description: ClassVar[str] = ("1.0 if the completion ends with a final-answer line "
                                   "('The answer is N.' or '#### N'), else 0.0")
     STYLES: ClassVar[tuple[str, ...]] = ("answer_line", "gsm8k", "any")
 
-    def __post_init__(self) -> None:
+    def validate_options(self) -> None:
         if self.style not in self.STYLES:
-            raise ConfigError(f"reward function 'format': style must be one of "
-                              f"{', '.join(self.STYLES)}, got {self.style!r}")
-        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) \
-                or self.min_steps < 0:
-            raise ConfigError(f"reward function 'format': min_steps must be an integer >= 0, "
-                              f"got {self.min_steps!r}")
+            raise ValueError(f"style must be one of {', '.join(self.STYLES)}, got {self.style!r}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be an integer >= 0, got {self.min_steps!r}")
 
     def check(self, text: str) -> bool:
         """Whether `text` ends with the answer line (after at least `min_steps` blank-line steps)."""
@@ -213,32 +185,29 @@ class FormatReward(_Component):
 
 
 @dataclass(frozen=True)
-class LengthPenalty(_Component):
+class LengthPenalty(RewardFunction):
     """``-scale * max(0, length - target) / target`` (or ``|length - target|`` when two-sided)."""
 
-    target: float = 200
-    scale: float = 1.0
-    unit: str = "chars"
-    two_sided: bool = False
+    target: float = option(200, help="the length without penalty (> 0)")
+    scale: float = option(1.0, help="penalty per target-length of excess")
+    unit: str = option("chars", help="how length is counted: 'chars', 'words' or 'tokens' "
+                                     "(completion_ids)")
+    two_sided: bool = option(False, help="also penalise completions shorter than target")
 
     name: ClassVar[str] = "length_penalty"
     description: ClassVar[str] = ("-scale * max(0, length - target) / target; length in "
                                   "chars, words or tokens")
     UNITS: ClassVar[tuple[str, ...]] = ("chars", "words", "tokens")
 
-    def __post_init__(self) -> None:
+    def validate_options(self) -> None:
         for key in ("target", "scale"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
-                raise ConfigError(f"reward function 'length_penalty': {key} must be a number, "
-                                  f"got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{key} must be a finite number, got {value!r}")
         if self.target <= 0:
-            raise ConfigError(f"reward function 'length_penalty': target must be > 0, "
-                              f"got {self.target!r}")
+            raise ValueError(f"target must be > 0, got {self.target!r}")
         if self.unit not in self.UNITS:
-            raise ConfigError(f"reward function 'length_penalty': unit must be one of "
-                              f"{', '.join(self.UNITS)}, got {self.unit!r}")
+            raise ValueError(f"unit must be one of {', '.join(self.UNITS)}, got {self.unit!r}")
 
     def penalty(self, length: float) -> float:
         """The reward for a completion of `length` units."""

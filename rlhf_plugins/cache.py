@@ -1,8 +1,9 @@
-"""Crash-safe files: atomic writes, a keyed JSON cache, and fingerprints of model directories.
+"""Crash-safe files: atomic writes, the cache folder, a keyed JSON cache, model fingerprints.
 
-Everything here is written through a temp file in the destination folder and `os.replace`, so
-a reader (or a resumed run) sees either the old file or the complete new one, never half of
-one. Light module: no torch import.
+The one place that writes files atomically (the rest of the package calls it): everything is
+written through a temp file or folder beside the destination and `os.replace`, so a reader (or
+a resumed run) sees either the old file or the complete new one, never half of one. Light
+module: no torch import.
 """
 from __future__ import annotations
 
@@ -20,26 +21,55 @@ logger = logging.getLogger(__name__)
 _FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".gguf", ".jinja")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` via a temp file in the same folder + fsync + `os.replace`."""
+def cache_dir() -> Path:
+    """The rlhf-plugins cache folder (`$RLHF_PLUGINS_CACHE` or `~/.cache/rlhf-plugins`)."""
+    env = os.environ.get("RLHF_PLUGINS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rlhf-plugins"
+
+
+def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str | bytes]) -> int:
+    """Stream `lines` into a temp file next to `path`, fsync, `os.replace`; returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            for line in lines:
+                handle.write(line.encode("utf-8") if isinstance(line, str) else line)
+                count += 1
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return count
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` via a temp file in the same folder + fsync + `os.replace`."""
+    atomic_write_lines(path, [data])
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_figure(path: str | os.PathLike, figure: Any, **savefig: Any) -> Path:
+    """Save a matplotlib figure (PNG unless `format` says otherwise) atomically and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, **{"format": "png", **savefig})
+    finally:
+        plt.close(figure)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -61,8 +91,7 @@ def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Pa
     briefly absent and the complete new one sits next to it under a temp name).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temp_dir_next_to(path)
     old: Path | None = None
     try:
         fill(tmp)
@@ -77,6 +106,36 @@ def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Pa
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def atomic_update_dir(path: str | os.PathLike, fill: Callable[[Path], Path | None]) -> Path:
+    """Build entries with `fill(tmp_dir)` next to `path`, then move each into `path`.
+
+    `fill` writes into `tmp_dir`, or into a folder inside it that it returns. Entries of `path`
+    with the same names are replaced (each by one rename, so every file is old or new, never
+    half-written); its other entries (checkpoints, metrics) are kept.
+    """
+    path = Path(path)
+    tmp = _temp_dir_next_to(path)
+    try:
+        built = fill(tmp) or tmp
+        path.mkdir(parents=True, exist_ok=True)
+        for item in Path(built).iterdir():
+            dest = path / item.name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _temp_dir_next_to(path: Path) -> Path:
+    """An empty folder beside `path` (same filesystem: renames are atomic), world-readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; what it becomes may be shared (a cache)
+    return tmp
 
 
 def read_json(path: str | os.PathLike) -> Any | None:

@@ -114,7 +114,7 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any], where: str = "config"
         nested = _nested_type(cls, key)
         if nested is not None and isinstance(value, Mapping):
             value = build_dataclass(nested, value, at(where, key))
-        else:
+        elif nested is None:  # a section may also be true/false (the settings resolve it)
             value = coerce(hints.get(key, Any), value, at(where, key))
         kwargs[key] = value
     check_positive(kwargs, where)

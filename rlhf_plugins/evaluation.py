@@ -20,7 +20,8 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
 
     from . import registry
     from .rewarding import call_reward_functions, resolve_reward_functions
-    from .stages.generation import HFGenerator, encode_prompt, end_of_turn_token_ids
+    from .generation import (HFGenerator, encode_prompt, end_of_turn_stop_strings,
+                             end_of_turn_token_ids)
 
     funcs, weights = resolve_reward_functions(list(reward_functions))
     tpl = registry().chat_templates.get(template) if isinstance(template, str) else template
@@ -28,7 +29,8 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
     ids = [encode_prompt(tpl, tokenizer, p) for p in prompts]
     generator = HFGenerator(model, tokenizer, stop_ids=end_of_turn_token_ids(tpl, tokenizer),
                             max_new_tokens=max_new_tokens, temperature=0.0,
-                            batch_size=batch_size)
+                            batch_size=batch_size,
+                            stop_strings=end_of_turn_stop_strings(tpl, tokenizer))
     with tqdm(total=len(ids), desc="evaluating", leave=False) as bar:
         generated = generator.generate(ids, list(range(len(ids))), 1, progress=bar.update)
     completions = [c[0].text for c in generated]
@@ -42,6 +44,9 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
         "accuracy": float(accuracy),
         "mean_reward": float(sum(valid) / len(valid)) if valid else float("nan"),
         "n": len(rows),
+        # per problem, in row order: what the paired intervals between stages are computed from
+        "correct": [bool(v) for v in first],
+        "uids": [r.get("uid", i) for i, r in enumerate(rows)],
         "samples": [{"prompt": r["prompt"][-1]["content"], "answer": r.get("answer"),
                      "completion": c, "correct": bool(first[i])}
                     for i, (r, c) in enumerate(zip(rows[:samples], completions[:samples]))],

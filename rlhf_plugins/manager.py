@@ -30,6 +30,7 @@ DEFAULT_PLUGINS = (
     "rlhf_plugins.builtin.selection",
     "rlhf_plugins.builtin.advantages",
     "rlhf_plugins.builtin.rewards",
+    "rlhf_plugins.builtin.policy_losses",
 )
 
 

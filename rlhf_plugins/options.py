@@ -22,19 +22,19 @@ from .errors import ConfigError
 _MISSING = dataclasses.MISSING
 
 
-def _type_label(hint: Any) -> str:
+def _type_label(hint: Any, words: bool = False) -> str:
     """A short human name for a type hint (`int`, `float | None`, `one of 'a', 'b'`)."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin in (Union, types.UnionType):
-        return " | ".join(_type_label(a) for a in typing.get_args(hint))
+        return " | ".join(_type_label(a, words) for a in typing.get_args(hint))
     if origin is not None:
-        args = ", ".join(_type_label(a) for a in typing.get_args(hint) if a is not Ellipsis)
+        args = ", ".join(_type_label(a, words) for a in typing.get_args(hint) if a is not Ellipsis)
         return f"{getattr(origin, '__name__', str(origin))}[{args}]" if args else origin.__name__
     if hint is type(None):
         return "None"
-    if hint in _WORDS:
+    if words and hint in _WORDS:
         return _WORDS[hint]
     if hint is Any:
         return "any"
@@ -134,7 +134,7 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
         shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
         if isinstance(value, float) and math.isnan(value):
             shown = "nan"
-        raise ConfigError(f"{where}: expected {_type_label(hint)}, got {shown}") from None
+        raise ConfigError(f"{where}: expected {_type_label(hint, words=True)}, got {shown}") from None
 
 
 def field_hints(cls: type) -> dict[str, Any]:

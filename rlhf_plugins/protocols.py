@@ -125,7 +125,10 @@ class AdvantageEstimator(Protocol):
     Optional (default in brackets): ``needs_values``: a critic must supply ``values`` [False];
     ``needs_reward_components``: the trainer passes ``reward_components`` ([B, F]) and
     ``reward_weights`` ([F]) [False]; ``needs_greedy_baseline``: the trainer passes
-    ``baseline_rewards`` ([B], the reward of a greedy completion per prompt) [False].
+    ``baseline_rewards`` ([B], the reward of a greedy completion per prompt) [False];
+    ``uses_token_rewards``: the estimator credits [B, T] token rewards (dense step rewards,
+    KL shaping) at their own tokens, as GAE and REINFORCE++ do; a sequence-level estimator
+    gets them too and sums each row (the trainer logs that once) [False].
     """
 
     def __call__(self, rewards: Any, *, num_generations: int = 1, mask: Any = None,
@@ -150,6 +153,11 @@ class PolicyLossFunction(Protocol):
     Required: callable as ``loss(log_probs, old_log_probs, advantages, mask, *,
     ref_log_probs=None)`` -> an object with ``.loss`` (a scalar differentiable in
     ``log_probs``) and ``.metrics`` (a dict of floats).
+
+    Optional (default in brackets): ``agg``: the aggregation mode the loss uses [None: it
+    aggregates on its own]. With ``token_mean`` or ``seq_mean_token_sum_norm`` the trainer
+    passes ``norm_constant=`` (TRL's token normaliser of the generation batch, or the maximum
+    completion length) unless the loss's own ``norm_constant`` is set.
     """
 
     def __call__(self, log_probs: Any, old_log_probs: Any, advantages: Any, mask: Any, *,
@@ -242,9 +250,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                      "has_step_outputs": False, "options": {}},
     "selection_rules": {},
     "advantage_estimators": {"needs_values": False, "needs_reward_components": False,
-                             "needs_greedy_baseline": False},
+                             "needs_greedy_baseline": False, "uses_token_rewards": False},
     "reward_functions": {},
-    "policy_losses": {},
+    "policy_losses": {"agg": None},
 }
 
 

@@ -27,8 +27,19 @@ def _curves(log_history: Iterable[Mapping[str, Any]]) -> dict[str, tuple[list[fl
     return out
 
 
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_curves(stage: str, log_history: list[dict], out_dir: Path) -> str | None:
-    """One PNG with a panel per logged curve of a stage; returns its file name (or None)."""
+    """A grid of small multiples (one panel per logged curve, running mean on top); its file name."""
     curves = _curves(log_history)
     if not curves:
         return None
@@ -36,15 +47,24 @@ def plot_curves(stage: str, log_history: list[dict], out_dir: Path) -> str | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted(curves)[:8]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-    for ax, key in zip(axes[0], keys):
+    keys = sorted(curves)[:12]
+    cols = min(3, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys):
         steps, values = curves[key]
-        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+        ax.plot(steps, values, color="#9db4d6", marker="." if len(steps) < 30 else None, lw=1)
+        window = max(2, len(values) // 5)
+        if len(values) >= 4:
+            ax.plot(steps, running_mean(values, window), color="#1f4e96", lw=1.8,
+                    label=f"running mean ({window})")
+            ax.legend(fontsize=6, loc="best", frameon=False)
         ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
         ax.tick_params(labelsize=7)
-    fig.suptitle(stage)
+    fig.suptitle(stage, fontsize=10)
     fig.tight_layout()
     name = f"curves_{stage}.png"
     fig.savefig(out_dir / name, dpi=90)
@@ -60,10 +80,18 @@ def plot_accuracy(evals: Mapping[str, Mapping[str, float]], out_dir: Path) -> st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .stats import wilson_interval
+
     names = list(evals)
     acc = [float(evals[n].get("accuracy", 0.0)) for n in names]
+    errs = [[], []]
+    for name, a in zip(names, acc):
+        n = int(evals[name].get("n") or 0)
+        lo, hi = wilson_interval(round(a * n), n) if n else (a, a)
+        errs[0].append(max(0.0, a - lo))
+        errs[1].append(max(0.0, hi - a))
     fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3))
-    bars = ax.bar(names, acc, color="#4c72b0")
+    bars = ax.bar(names, acc, color="#4c72b0", yerr=errs, capsize=4, ecolor="#333333")
     for bar, value in zip(bars, acc):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.2f}", ha="center", va="bottom")
     ax.set_ylim(0, 1.05)
@@ -84,6 +112,53 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+#: Trainer bookkeeping that goes to the report's appendix rather than its stage tables
+RAW_TRAINER_METRICS = ("total_flos", "epoch", "train_runtime", "train_samples_per_second",
+                       "train_steps_per_second", "eval_runtime", "eval_samples_per_second",
+                       "eval_steps_per_second", "grad_norm", "learning_rate", "num_tokens",
+                       "step_time")
+
+
+def _raw_trainer_metric(key: str) -> bool:
+    return key.split(".")[-1] in RAW_TRAINER_METRICS
+
+
+def accuracy_table(evals: Mapping[str, Mapping[str, Any]], stages: Mapping[str, Any] | None = None) -> str:
+    """Accuracy per stage with a Wilson 95% interval, and the paired change (bootstrap 95% CI,
+    McNemar p) against the previous stage and, for the last stage, against SFT."""
+    from .stats import compare, wilson_interval
+
+    stages = stages or {}
+    names = list(evals)
+    rows = []
+    for i, name in enumerate(names):
+        e = evals[name]
+        n = int(e.get("n") or 0)
+        acc = float(e.get("accuracy", float("nan")))
+        lo, hi = wilson_interval(round(acc * n), n) if n else (float("nan"),) * 2
+        change = ""
+        prev = evals[names[i - 1]] if i else None
+        if prev is not None and e.get("correct") and prev.get("correct") \
+                and len(e["correct"]) == len(prev["correct"]):
+            c = compare(prev["correct"], e["correct"])
+            change = (f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], "
+                      f"p={c['mcnemar_p']:.3g}")
+        rows.append([name, acc, f"[{lo:.3f}, {hi:.3f}]", n, change,
+                     (stages.get(name) or {}).get("wall_time_s", "")])
+    out = _table(rows, ["after", "accuracy", "95% interval (Wilson)", "problems",
+                        "paired change vs previous (bootstrap 95% CI, McNemar p)", "stage wall time (s)"])
+    if "sft" in evals and names and names[-1] != "sft":
+        a, b = evals["sft"].get("correct"), evals[names[-1]].get("correct")
+        if a and b and len(a) == len(b):
+            c = compare(a, b)
+            verdict = "excludes zero" if c["excludes_zero"] else "includes zero"
+            out += (f"\n\nFinal ({names[-1]}) vs SFT on the same {len(a)} problems: "
+                    f"{c['difference']:+.3f}, paired bootstrap 95% CI [{c['ci_low']:+.3f}, "
+                    f"{c['ci_high']:+.3f}] ({verdict}); {c['gained']} gained, {c['lost']} lost, "
+                    f"McNemar exact p = {c['mcnemar_p']:.3g}.")
+    return out
+
+
 def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:
     """Write `report.md` and its plots from a pipeline summary; returns the report path.
 
@@ -98,26 +173,32 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path
     parts = [f"# rlhf-plugins pipeline report\n\nConfig: `{summary.get('config', '')}`"
              + (" (smoke)" if summary.get("smoke") else "") + "\n"]
 
-    parts.append("## Held-out verifiable accuracy after each stage\n")
-    parts.append(_table([[name, e.get("accuracy", float("nan")), e.get("mean_reward", float("nan")),
-                          e.get("n", "")] for name, e in evals.items()],
-                        ["after", "accuracy", "mean reward", "problems"]))
+    parts.append("## Key numbers\n")
+    parts.append(accuracy_table(evals, stages))
     chart = plot_accuracy(evals, run_dir)
     if chart:
         parts.append(f"\n![accuracy]({chart})\n")
-
-    parts.append("## Stages\n")
     parts.append(_table([[name, s.get("wall_time_s", 0.0), s.get("peak_memory_mb", ""),
                           "skipped (output up to date)" if s.get("skipped") else "ran",
                           ", ".join(f"{k}={v}" for k, v in (s.get("components") or {}).items())]
                          for name, s in stages.items()],
                         ["stage", "wall time (s)", "peak memory (MB)", "status", "plugins"]))
+    total = sum(float(s.get("wall_time_s") or 0.0) for s in stages.values())
+    peak = max([float(s.get("peak_memory_mb") or 0.0) for s in stages.values()] or [0.0])
+    parts.append(f"\nStages' wall time {total:.0f} s; peak memory {peak:.0f} MB.\n")
+
+    parts.append("## Stages\n")
+    appendix = []
     for name, stage in stages.items():
         parts.append(f"\n### {name}\n")
-        metrics = stage.get("metrics") or {}
-        if metrics:
-            parts.append(_table([[k, v] for k, v in sorted(metrics.items())
-                                 if isinstance(v, (int, float, str))], ["metric", "value"]))
+        metrics = {k: v for k, v in (stage.get("metrics") or {}).items()
+                   if isinstance(v, (int, float, str))}
+        main = {k: v for k, v in metrics.items() if not _raw_trainer_metric(k)}
+        if main:
+            parts.append(_table([[k, v] for k, v in sorted(main.items())], ["metric", "value"]))
+        raw = {k: v for k, v in metrics.items() if _raw_trainer_metric(k)}
+        if raw:
+            appendix.append((name, raw))
         plot = plot_curves(name, stage.get("log_history") or [], run_dir)
         if plot:
             parts.append(f"\n![{name} curves]({plot})\n")
@@ -139,6 +220,12 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path
     parts.append(_table([[p.get("name"), p.get("distribution") or "", p.get("version") or "",
                           p.get("status", "ok")] for p in summary.get("plugins", [])],
                         ["plugin", "distribution", "version", "status"]))
+    if appendix:
+        parts.append("\n<details><summary>Appendix: the trainers' raw metrics</summary>\n")
+        for name, raw in appendix:
+            parts.append(f"\n**{name}**\n")
+            parts.append(_table([[k, v] for k, v in sorted(raw.items())], ["metric", "value"]))
+        parts.append("\n</details>\n")
     report = run_dir / "report.md"
     atomic_write_text(report, "\n".join(parts) + "\n")
     return report

@@ -19,7 +19,6 @@ Light module: no torch import.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import math
 import numbers
@@ -32,9 +31,9 @@ RewardFunc = Callable[..., Sequence[float | None]]
 
 def reward_function_name(func: Any) -> str:
     """The name TRL logs a reward function under (``__name__``, partials unwrapped, else class name)."""
-    while isinstance(func, functools.partial):
-        func = func.func
-    return getattr(func, "__name__", type(func).__name__)
+    from trl.trainer.utils import get_callable_name  # TRL's own rule, so the names always match
+
+    return get_callable_name(func)
 
 
 def message_text(content: Any) -> str:

@@ -30,7 +30,7 @@ from .advantage_types import Advantages
 from .conversation import (DEFAULT_ROLES, TEMPLATE_ROLE, Encoded, Segment, encode_segments, scaffold,
                            validate_messages)
 from .errors import ConfigError, DataError
-from .options import coerce_fields, option, options_schema
+from .options import coerce, field_hints, option, options_schema
 from .protocols import DEFAULTS, label_kind_names
 
 __all__ = ["Component", "ChatTemplate", "MaskingStrategy", "RewardHead", "SelectionRule",
@@ -80,7 +80,9 @@ class Component:
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(f"{self._label()}: unknown option {key!r}{hint}; "
                                   f"options: {', '.join(known) or 'none'}")
-        values = coerce_fields(type(self), options, f"{self._label()}: option")
+        hints = field_hints(type(self))
+        values = {key: coerce(hints.get(key, Any), value, f"{self._label()}: option {key!r}")
+                  for key, value in options.items()}
         return dataclasses.replace(self, **values)
 
     @property

@@ -282,7 +282,14 @@ def harmony_reference(messages, gen):
     if gen:
         return enc.render_conversation_for_completion(convo, Role.ASSISTANT)
     if messages[-1]["role"] == "assistant":
-        return enc.render_conversation_for_training(convo)
+        if not messages[-1].get("thinking"):
+            return enc.render_conversation_for_training(convo)
+        # the trained turn keeps its analysis (harmony's own rule decides the earlier turns):
+        # harmony's render without it, the analysis message put back before the final answer
+        analysis, final = hm[-2], hm[-1]
+        without = enc.render_conversation_for_training(Conversation.from_messages(hm[:-2] + [final]))
+        n = len(enc.render(final))
+        return list(without[:-n]) + list(enc.render(analysis)) + list(without[-n:])
     return enc.render_conversation(convo)
 
 

@@ -19,6 +19,7 @@ CONCEPT_PAGES = {
     "selection_rules": "selection_rules.md",
     "advantage_estimators": "advantage_estimators.md",
     "reward_functions": "reward_functions.md",
+    "policy_losses": "policy_losses.md",
 }
 
 

@@ -79,7 +79,9 @@ def test_load_and_block_lists(site, env, expected):
     names = {p["name"] for p in plugins_json(site, env) if not p["name"].startswith("rlhf_plugins.")}
     assert names == expected
     builtins = [p for p in plugins_json(site, env) if p["name"].startswith("rlhf_plugins.builtin.")]
-    assert len(builtins) == 6
+    from rlhf_plugins.manager import DEFAULT_PLUGINS
+
+    assert len(builtins) == len(DEFAULT_PLUGINS)
 
 
 def test_trace_prints_hook_calls(site):

@@ -52,8 +52,11 @@ def test_every_family_is_an_attribute_with_the_family_api():
 def test_builtin_plugins_load_ok_with_provenance():
     reg = rlhf_plugins.registry(reload=True)
     builtins = [p for p in reg.plugins if p.name.startswith("rlhf_plugins.builtin.")]
-    assert {p.name.rsplit(".", 1)[1] for p in builtins} == {
-        "chat_templates", "masking", "reward_heads", "selection", "advantages", "rewards"}
+    from rlhf_plugins.manager import DEFAULT_PLUGINS
+
+    assert {p.name for p in builtins} == set(DEFAULT_PLUGINS)
+    assert {"chat_templates", "masking", "reward_heads", "selection", "advantages", "rewards",
+            "policy_losses"} <= {p.name.rsplit(".", 1)[1] for p in builtins}
     assert all(p.status == "ok" and p.distribution == "rlhf-plugins"
                and p.version == rlhf_plugins.__version__ for p in builtins)
 

@@ -63,8 +63,8 @@ def test_every_stage_runs_then_unchanged_stages_are_skipped(tmp_path, tiny_dir):
     assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "ppo"}
     assert all(not s["skipped"] for s in summary["stages"].values())
     assert summary["stages"]["ppo"]["components"]["advantage_estimator"] == "gae"
-    # every stage threads its output into the next: PPO scores with the RM stage's adapter
-    assert summary["stages"]["ppo"]["components"]["reward_adapter"] is True
+    # every stage threads its output into the next: PPO scores with the RM stage's reward model
+    assert summary["stages"]["ppo"]["components"]["reward_model"] is True
     text = report.read_text()
     for stage in ("sft", "reward_model", "rejection_sampling", "ppo"):
         assert f"| {stage} |" in text

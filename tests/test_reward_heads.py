@@ -100,7 +100,7 @@ def test_orm_label_is_broadcast_to_completion_tokens_and_end_of_turn(tok, tpl):
 # --- last attended token ----------------------------------------------------------------------
 
 def test_last_attended_token_with_pad_equal_eos_left_and_right(tok):
-    from rlhf_plugins.builtin.reward_heads import last_attended_index, pad_batch
+    from rlhf_plugins.head_data import last_attended_index, pad_batch
 
     eos = tok.eos_token_id
     assert tok.pad_token_id == eos
@@ -121,7 +121,7 @@ def test_last_attended_token_with_pad_equal_eos_left_and_right(tok):
 
 
 def test_bt_scores_identical_for_left_right_padding_and_alone(tiny_dir, tok, tpl):
-    from rlhf_plugins.builtin.reward_heads import pad_batch
+    from rlhf_plugins.head_data import pad_batch
 
     head = registry().reward_heads.get("bradley_terry")
     model = _model(tiny_dir, tok, tpl, head).eval()

@@ -138,7 +138,10 @@ def test_saved_lora_reward_model_reloads_with_identical_scores(tmp_path, tiny_di
     meta = read_meta(tmp_path / "rm")
     assert meta["head"] == head_name and meta["adapter"] is True and meta["template"] == "chatml"
     assert (tmp_path / "rm" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "rm" / "reward_head.safetensors").is_file()
+    # a standard peft classification adapter: the head is its `score` (modules_to_save)
+    assert meta["hf_class"] == ("sequence_classification" if head_name == "bradley_terry"
+                                else "token_classification")
+    assert "score" in json.loads((tmp_path / "rm" / "adapter_config.json").read_text())["modules_to_save"]
     reloaded = load_reward_model(tmp_path / "rm")
     after = score(reloaded, rows, progress=False)
     assert after == pytest.approx(before, abs=1e-6)
@@ -241,9 +244,14 @@ def test_rm_stage_resumes_from_checkpoint(tmp_path, tiny_dir):
     config = {"model": str(tiny_dir), "head": "orm", "num_examples": 8, "num_eval_examples": 4,
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_steps": 2,
               "per_device_train_batch_size": 4, "save_steps": 1, "report_to": "none"}
+    config["max_steps"] = 3
     first = rm_from_config(config, output_dir=tmp_path / "o")
-    assert (tmp_path / "o" / "checkpoint-2" / "reward_head.safetensors").is_file()
-    second = rm_from_config({**config, "max_steps": 3}, output_dir=tmp_path / "o")
+    assert (tmp_path / "o" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    import shutil
+
+    shutil.rmtree(tmp_path / "o" / "checkpoint-3")  # as if killed before the last save
+    # the same config resumes (a changed one would start afresh: tests/test_resume_safety.py)
+    second = rm_from_config(config, output_dir=tmp_path / "o")
     steps = [e["step"] for e in second.metrics["log_history"] if "loss" in e]
     assert second.metrics["global_step"] == 3 and min(steps, default=3) >= 3
     assert "heldout_before" in first.metrics and "heldout_before" not in second.metrics

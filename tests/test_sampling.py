@@ -25,8 +25,8 @@ from helpers_models import make_tiny_model_dir  # noqa: E402
 from helpers_tokenizers import make_tokenizer  # noqa: E402
 from rlhf_plugins.cache import JsonCache, atomic_write_dir  # noqa: E402
 from rlhf_plugins.stages import sampling as S  # noqa: E402
-from rlhf_plugins.stages.generation import (HFGenerator, _make_sampler,  # noqa: E402
-                                            encode_prompt, end_of_turn_token_ids, sample_seed)
+from rlhf_plugins.generation import (HFGenerator, _make_sampler,  # noqa: E402
+                                     encode_prompt, end_of_turn_token_ids, sample_seed)
 from rlhf_plugins.testing import component_plugin  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,8 +393,8 @@ def test_atomic_write_dir_replaces_the_whole_directory(tmp_path):
     ({"selection": "top_kk"}, UnknownComponentError, "top_k"),
     ({"selection_params": {"k": 0}}, ConfigError, "'k' must be >= 1"),
     ({"selection_params": {"k": 22}}, ConfigError, "larger than the 21"),
-    ({"selection_params": {}}, ConfigError, "missing required parameter 'k'"),
-    ({"selection_params": {"k": 2, "kk": 1}}, ConfigError, "unknown parameter 'kk'"),
+    ({"selection_params": {}}, ConfigError, "missing required option 'k'"),
+    ({"selection_params": {"k": 2, "kk": 1}}, ConfigError, "unknown option 'kk'"),
     ({"reward_functions": ["exact_answr"]}, UnknownComponentError, "exact_answer"),
     ({"reward_functions": []}, ConfigError, "no scorer"),
     ({"reward_model": "/nonexistent/rm"}, ConfigError, "not a saved reward model"),

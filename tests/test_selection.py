@@ -90,10 +90,27 @@ def test_nan_and_none_are_never_selected_and_empty_prompts_contribute_nothing(ru
     assert rules.get("top_per_prompt").select([]) == []
 
 
-def test_ragged_lists_and_infinities(rules):
-    rewards = [[0.1], [0.5, 0.2, 0.9, 0.4, 0.3], [math.inf, 0.0], [-math.inf, -1.0]]
-    assert rules.get("top_per_prompt").select(rewards) == [(0, 0), (1, 2), (2, 0), (3, 1)]
-    assert rules.get("top_k").select(rewards, k=3) == [(1, 0), (1, 2), (2, 0)]
+def test_ragged_lists_and_minus_infinity_is_never_selected(rules):
+    rewards = [[0.1], [0.5, 0.2, 0.9, 0.4, 0.3], [-math.inf, 0.0], [-math.inf, -1.0], [-math.inf]]
+    assert rules.get("top_per_prompt").select(rewards) == [(0, 0), (1, 2), (2, 1), (3, 1)]
+    assert rules.get("top_k").select(rewards, k=3) == [(1, 0), (1, 2), (1, 3)]
+    # -inf is unscored: even the lowest threshold and the random controls skip it
+    assert rules.get("threshold").select(rewards, min_reward=-math.inf) == [
+        (0, 0), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (3, 1)]
+    for seed in range(10):
+        assert rules.get("random_per_prompt").select(rewards, seed=seed)[2:] == [(2, 1), (3, 1)]
+        assert rules.get("random_k").select(rewards, k=8, seed=seed) == rules.get(
+            "threshold").select(rewards, min_reward=-math.inf)
+    with pytest.raises(ConfigError, match="'k'=9 is larger than the 8 scored"):
+        rules.get("top_k").select(rewards, k=9)
+
+
+@pytest.mark.parametrize("rule,options", [
+    ("top_per_prompt", {}), ("top_k", {"k": 1}), ("threshold", {"min_reward": 0.0}),
+    ("random_per_prompt", {}), ("random_k", {"k": 1})])
+def test_plus_infinity_is_a_data_error_naming_the_position(rules, rule, options):
+    with pytest.raises(DataError, match=r"rewards\[1\]\[0\] is \+inf"):
+        rules.get(rule).select([[0.5], [math.inf, 0.1]], **options)
 
 
 def test_sequences_of_other_types_are_accepted(rules):
@@ -148,35 +165,47 @@ def test_configure_binds_parameters_and_call_time_values_win(rules):
 
 
 @pytest.mark.parametrize("rule,params,message", [
-    ("top_k", {}, "'top_k': missing required parameter 'k'"),
-    ("random_k", {}, "'random_k': missing required parameter 'k'"),
-    ("top_k", {"k": 0}, "'top_k': parameter 'k' must be >= 1"),
-    ("top_k", {"k": -3}, "'top_k': parameter 'k' must be >= 1"),
-    ("top_k", {"k": 21}, "'top_k': parameter 'k'=21 is larger than the 20"),
-    ("random_k", {"k": 21}, "'random_k': parameter 'k'=21 is larger than the 20"),
-    ("top_k", {"k": 2.5}, "'top_k': parameter 'k' must be an integer"),
-    ("top_k", {"k": True}, "'top_k': parameter 'k' must be an integer"),
-    ("top_k", {"k": "5"}, "'top_k': parameter 'k' must be an integer"),
-    ("top_k", {"k": 5, "min_reward": 1}, "'top_k': unknown parameter 'min_reward'"),
-    ("top_per_prompt", {"k": 1}, "'top_per_prompt': unknown parameter 'k'"),
-    ("threshold", {}, "'threshold': missing required parameter 'min_reward'"),
-    ("threshold", {"min_reward": NAN}, "'threshold': parameter 'min_reward' must be a number"),
-    ("threshold", {"min_reward": "high"}, "'threshold': parameter 'min_reward' must be a number"),
+    ("top_k", {}, "'top_k': missing required option 'k'"),
+    ("random_k", {}, "'random_k': missing required option 'k'"),
+    ("top_k", {"k": 0}, "'top_k': option 'k' must be >= 1"),
+    ("top_k", {"k": -3}, "'top_k': option 'k' must be >= 1"),
+    ("top_k", {"k": 21}, "'top_k': option 'k'=21 is larger than the 20"),
+    ("random_k", {"k": 21}, "'random_k': option 'k'=21 is larger than the 20"),
+    ("top_k", {"k": 2.5}, "'top_k': option 'k': expected an integer"),
+    ("top_k", {"k": True}, "'top_k': option 'k': expected an integer"),
+    ("top_k", {"k": "5"}, "'top_k': option 'k': expected an integer"),
+    ("top_k", {"k": 5, "min_reward": 1}, "'top_k': unknown option 'min_reward'"),
+    ("top_per_prompt", {"k": 1}, "'top_per_prompt': unknown option 'k'"),
+    ("threshold", {}, "'threshold': missing required option 'min_reward'"),
+    ("threshold", {"min_reward": NAN}, "'threshold': option 'min_reward' must be a number"),
+    ("threshold", {"min_reward": "high"}, "'threshold': option 'min_reward': expected a number"),
     ("threshold", {"min_reward": 0, "max_per_prompt": 0},
-     "'threshold': parameter 'max_per_prompt' must be >= 1"),
-    ("random_per_prompt", {"seed": "x"}, "'random_per_prompt': parameter 'seed' must be an integer"),
+     "'threshold': option 'max_per_prompt' must be >= 1"),
+    ("random_per_prompt", {"seed": "x"}, "'random_per_prompt': option 'seed': expected an integer"),
 ])
 def test_bad_parameters_name_the_rule_and_parameter(rules, rule, params, message):
     with pytest.raises(ConfigError) as info:
         rules.get(rule).select(COURSE, **params)
     assert message in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_bad_parameters_fail_at_configure_time(rules):
-    with pytest.raises(ConfigError, match="'top_k': parameter 'k' must be >= 1"):
+    with pytest.raises(ConfigError, match="'top_k': option 'k' must be >= 1"):
         rules.get("top_k", k=0)
-    with pytest.raises(ConfigError, match="unknown parameter 'kk'"):
+    with pytest.raises(ConfigError, match="unknown option 'kk'.*did you mean 'k'"):
         rules.get("top_k", kk=3)
+
+
+def test_options_are_typed_fields_with_help(rules):
+    top_k = rules.get("top_k", k=5.0)  # YAML may give an integral float
+    assert top_k.k == 5 and type(top_k.k) is int and top_k.options == {"k": 5}
+    assert rules.get("threshold", min_reward=1).options == {"min_reward": 1, "max_per_prompt": None}
+    for name in RULES:
+        for opt in rules.options(name):
+            assert opt["help"] and opt["type"], (name, opt)
+    assert [o["name"] for o in rules.options("random_k")] == ["k", "seed"]
+    assert rules.get("top_k").required_options == ("k",)
 
 
 @pytest.mark.parametrize("rewards,where", [
@@ -192,13 +221,18 @@ def test_malformed_rewards_are_data_errors(rules, rewards, where):
 
 # --- properties ----------------------------------------------------------------------------
 
-reward_values = st.one_of(st.floats(-5, 5, allow_nan=False), st.just(NAN),
+reward_values = st.one_of(st.floats(-5, 5, allow_nan=False), st.just(NAN), st.just(-math.inf),
                           st.sampled_from([0.0, 0.5, 1.0]))  # repeated values make ties likely
+
+
+def _scored(r):
+    """NaN and -inf are unscored: never selected."""
+    return not math.isnan(r) and r != -math.inf
 reward_lists = st.lists(st.lists(reward_values, max_size=6), max_size=8)
 
 
 def _valid(rewards):
-    return [(r, i, j) for i, row in enumerate(rewards) for j, r in enumerate(row) if not math.isnan(r)]
+    return [(r, i, j) for i, row in enumerate(rewards) for j, r in enumerate(row) if _scored(r)]
 
 
 def _check_shape(pairs, rewards):
@@ -206,7 +240,7 @@ def _check_shape(pairs, rewards):
     assert len(set(pairs)) == len(pairs)
     for i, j in pairs:
         assert 0 <= i < len(rewards) and 0 <= j < len(rewards[i])
-        assert not math.isnan(rewards[i][j])
+        assert _scored(rewards[i][j])
 
 
 @settings(max_examples=150, deadline=None)
@@ -243,10 +277,10 @@ def test_property_per_prompt_rules(rules, rewards, seed):
     rnd = rules.get("random_per_prompt").select(rewards, seed=seed)
     for pairs in (top, rnd):
         _check_shape(pairs, rewards)
-    scored_prompts = [i for i, row in enumerate(rewards) if any(not math.isnan(r) for r in row)]
+    scored_prompts = [i for i, row in enumerate(rewards) if any(_scored(r) for r in row)]
     assert [i for i, _ in top] == scored_prompts == [i for i, _ in rnd]
     for i, j in top:
-        row = [r for r in rewards[i] if not math.isnan(r)]
+        row = [r for r in rewards[i] if _scored(r)]
         assert rewards[i][j] == max(row)
         assert j == min(c for c, r in enumerate(rewards[i]) if r == max(row))
 
@@ -258,7 +292,7 @@ def test_property_threshold(rules, rewards, min_reward, cap):
     _check_shape(pairs, rewards)
     assert all(rewards[i][j] >= min_reward for i, j in pairs)
     for i, row in enumerate(rewards):
-        passing = [j for j, r in enumerate(row) if not math.isnan(r) and r >= min_reward]
+        passing = [j for j, r in enumerate(row) if _scored(r) and r >= min_reward]
         mine = [j for p, j in pairs if p == i]
         if cap is None:
             assert mine == passing

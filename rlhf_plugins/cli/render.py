@@ -42,14 +42,15 @@ def read_conversation(path: str) -> list[dict]:
     return data
 
 
-def _tokenizer(args: argparse.Namespace, template_name: str) -> Any:
+def _tokenizer(args: argparse.Namespace, template: Any) -> Any:
     from .. import models
+    from ..protocols import member
 
     if args.tokenizer:
         local = Path(args.tokenizer).expanduser()
         return models.load_tokenizer(local if local.is_dir() else models.resolve_model(args.tokenizer))
-    if template_name == "harmony":
-        return None  # harmony uses its own o200k encoding
+    if not member(template, "chat_templates", "needs_tokenizer"):
+        return None  # the template brings its own vocabulary (e.g. harmony's o200k)
     try:
         return models.load_tokenizer(models.default_model_path())
     except ConfigError as exc:
@@ -70,6 +71,7 @@ def marked_text(pieces: list[tuple[str, bool]], color: bool) -> str:
 def run_render(args: argparse.Namespace) -> int:
     """Print the rendered conversation (with trained tokens marked when --masking is given)."""
     from .. import registry
+    from ..protocols import member
 
     reg = registry()
     if args.template_file:
@@ -79,7 +81,7 @@ def run_render(args: argparse.Namespace) -> int:
         template = reg.chat_templates.get(args.template)
         name = args.template
     messages = read_conversation(args.conversation)
-    tokenizer = _tokenizer(args, name)
+    tokenizer = _tokenizer(args, template)
     gen = args.add_generation_prompt
     if not args.masking:
         sys.stdout.write(template.render_text(messages, tokenizer=tokenizer, add_generation_prompt=gen))
@@ -88,16 +90,12 @@ def run_render(args: argparse.Namespace) -> int:
     strategy = reg.masking_strategies.get(args.masking)
     encoded = template.encode(messages, tokenizer=tokenizer, add_generation_prompt=gen)
     mask = [int(m) for m in strategy.mask(encoded)]
-    if tokenizer is not None:
-        def decode(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    else:
-        decode = template.encoding.decode
+    decode = member(template, "chat_templates", "decode")
     pieces: list[tuple[str, bool]] = []
     start = 0
     for k in range(1, len(mask) + 1):
         if k == len(mask) or mask[k] != mask[start]:
-            pieces.append((decode(encoded.input_ids[start:k]), bool(mask[start])))
+            pieces.append((decode(encoded.input_ids[start:k], tokenizer), bool(mask[start])))
             start = k
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     sys.stdout.write(marked_text(pieces, color) + "\n")

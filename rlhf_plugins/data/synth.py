@@ -32,12 +32,12 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from ..cache import atomic_write_lines, atomic_write_text
 from ..errors import ConfigError
 
 ANSWER_TEMPLATE = "The answer is {}."
@@ -581,31 +581,9 @@ ROW_BUILDERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
 }
 
 
-def _atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> int:
-    """Write `lines` to `path` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line)
-                count += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return count
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic_write_lines(path, [text])
-
-
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
     """Write `rows` as JSON lines atomically (temp file + ``os.replace``); returns the row count."""
-    return _atomic_write_lines(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return atomic_write_lines(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_synth(out_dir: str | os.PathLike, n: int = 1000, seed: int = 0,
@@ -631,5 +609,5 @@ def write_synth(out_dir: str | os.PathLike, n: int = 1000, seed: int = 0,
                 "answer_template": ANSWER_TEMPLATE, "step_separator": STEP_SEPARATOR,
                 "files": {k: {kk: vv for kk, vv in v.items() if kk != "path"}
                           for k, v in summary.items()}}
-    _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return summary

@@ -244,8 +244,14 @@ class Pipeline:
         self.evals[label] = result
         logger.info("after %s: accuracy %.3f", label, result["accuracy"])
 
-    def stage_hash(self, name: str, section: Mapping[str, Any], upstream: str | None) -> str:
-        return config_hash(name, section, upstream, dataclasses.asdict(self.s.task))
+    def stage_hash(self, name: str, section: Mapping[str, Any], upstream: str | None,
+                   settings: Any = None) -> str:
+        """The stage's hash: its section, upstream, the task and the versions of the plugins
+        providing its components (an upgraded plugin reruns the stages that use it)."""
+        from .resume import plugin_versions, settings_components
+
+        versions = plugin_versions(settings_components(settings)) if settings is not None else {}
+        return config_hash(name, section, upstream, dataclasses.asdict(self.s.task), versions)
 
     # stage configs ------------------------------------------------------------------------
     def stage_config(self, name: str, policy: str, *, validating: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
@@ -297,7 +303,7 @@ class Pipeline:
             return StageRecord("sft", "", {"policy": policy}, metrics,
                                result.metrics.get("log_history", []),
                                {"template": settings.template, "masking": settings.masking})
-        return run_stage("sft", self.run_dir / "sft", self.stage_hash("sft", data, upstream), body)
+        return run_stage("sft", self.run_dir / "sft", self.stage_hash("sft", data, upstream, settings), body)
 
     def stage_reward_model(self, policy: str, upstream: str | None) -> StageRecord:
         """A reward head (QLoRA adapter + head) on the current policy, from preference pairs."""
@@ -313,7 +319,7 @@ class Pipeline:
                                {"head": settings.head, "loss": settings.loss or "default",
                                 "template": settings.template})
         return run_stage("reward_model", self.run_dir / "reward_model",
-                         self.stage_hash("reward_model", data, upstream), body)
+                         self.stage_hash("reward_model", data, upstream, settings), body)
 
     def stage_rejection_sampling(self, policy: str, upstream: str | None) -> StageRecord:
         """Sample N per prompt, score (verifier + reward model), select, SFT on the selection."""
@@ -334,7 +340,7 @@ class Pipeline:
                                 "reward_functions": [str(f) for f in settings.reward_functions],
                                 "reward_model": bool(settings.reward_model)})
         return run_stage("rejection_sampling", self.run_dir / "rejection_sampling",
-                         self.stage_hash("rejection_sampling", data, upstream), body)
+                         self.stage_hash("rejection_sampling", data, upstream, settings), body)
 
     def stage_ppo(self, policy: str, upstream: str | None) -> StageRecord:
         """Policy optimisation on one 4-bit base: LoRA policy, value head, reward adapter + verifier."""
@@ -354,8 +360,9 @@ class Pipeline:
                                {"advantage_estimator": settings.advantage_estimator,
                                 "reward_functions": [str(f) for f in settings.reward_functions],
                                 "reward_adapter": bool(settings.reward_adapter),
+                                "reward_model": bool(settings.reward_model),
                                 "kl_penalty": settings.kl_penalty})
-        return run_stage("ppo", self.run_dir / "ppo", self.stage_hash("ppo", data, upstream), body)
+        return run_stage("ppo", self.run_dir / "ppo", self.stage_hash("ppo", data, upstream, settings), body)
 
     # run --------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -465,6 +472,15 @@ def _training_defaults(p: "Pipeline", policy: str, data: str, **extra: Any) -> d
     return {**p.common(), "model": policy, "dataset": p.paths[data], **extra}
 
 
+def _ppo_defaults(p: "Pipeline", policy: str, rm: str | None) -> dict[str, Any]:
+    """PPO scores with the reward-model stage's output (attached to the policy's base when it
+    was trained on it, else as a separate model) unless the section names its own."""
+    extra: dict[str, Any] = {"reward_functions": list(p.s.eval.reward_functions)}
+    if rm is not None and not {"reward_adapter", "reward_model"} & set(p.s.ppo):
+        extra["reward_model"] = rm
+    return _training_defaults(p, policy, "rl", **extra)
+
+
 STAGE_SPECS: dict[str, StageSpec] = {
     "sft": StageSpec(_sft_classes, lambda p, policy, rm: _training_defaults(p, policy, "sft", merge=True),
                      _check_sft),
@@ -482,11 +498,7 @@ STAGE_SPECS: dict[str, StageSpec] = {
             "sft": {**{k: v for k, v in p.common().items() if k in ("lora", "quantization", "seed")},
                     "merge": True}},
         _check_sampling),
-    "ppo": StageSpec(_ppo_classes,
-                     lambda p, policy, rm: _training_defaults(
-                         p, policy, "rl", reward_functions=list(p.s.eval.reward_functions),
-                         reward_adapter=rm),
-                     _check_ppo),
+    "ppo": StageSpec(_ppo_classes, lambda p, policy, rm: _ppo_defaults(p, policy, rm), _check_ppo),
 }
 
 

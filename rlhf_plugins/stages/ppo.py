@@ -19,7 +19,6 @@ without a critic, batch sizes that do not hold whole prompt groups, ...) is rais
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import numbers
@@ -31,12 +30,14 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError, DataError
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
+from .resume import check_run_config
+from .skeleton import (SYNTHETIC, build_trl_config, finish_stage, keep_float32_adapter_on_cpu,
+                       load_dataset_source, load_trainable_model, resume_checkpoint,
+                       stage_config)
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC = "synthetic"
 METRICS_FILE = "ppo_metrics.json"
-STAGE_FILE = "rlhf_plugins_stage.json"
 #: TRL fields replaced by our settings
 _REJECTED_TRL_FIELDS = {
     "reward_weights": "give weights in `reward_functions` ({name: ..., weight: ...})",
@@ -71,6 +72,11 @@ class PPOSettings:
     #: a saved reward adapter + head (the reward-model stage's output) on the same base
     reward_adapter: str | None = None
     reward_adapter_weight: float = 1.0
+    #: a reward model directory (`rlhf-plugins rm` output or any transformers sequence-classification
+    #: RM): attached to the policy's base when it is an adapter on that base with the same
+    #: quantization, else loaded as a separate model (as it was trained)
+    reward_model: str | None = None
+    reward_model_weight: float = 1.0
     #: registered advantage estimator (gae, grpo, dr_grpo, rloo, reinforce, ...)
     advantage_estimator: str = "gae"
     estimator_options: dict[str, Any] = field(default_factory=dict)
@@ -105,9 +111,11 @@ class PPOSettings:
         if not isinstance(self.reward_functions, (list, tuple)):
             raise ConfigError(f"reward_functions: expected a list, got {self.reward_functions!r}")
         self.reward_functions = list(self.reward_functions)
-        if not self.reward_functions and self.reward_adapter is None:
+        if not self.reward_functions and self.reward_adapter is None and self.reward_model is None:
             raise ConfigError("reward_functions: give at least one reward function (e.g. "
-                              "exact_answer) or a reward_adapter")
+                              "exact_answer), a reward_model or a reward_adapter")
+        if self.reward_adapter is not None and self.reward_model is not None:
+            raise ConfigError("reward_model: give either `reward_model` or `reward_adapter`, not both")
         if not isinstance(self.estimator_options, Mapping):
             raise ConfigError(f"estimator_options: expected a mapping, got {self.estimator_options!r}")
         for name in ("dataset", "advantage_estimator", "dataset_split"):
@@ -121,9 +129,10 @@ class PPOSettings:
         if not isinstance(self.eval_examples, int) or isinstance(self.eval_examples, bool) \
                 or self.eval_examples < 0:
             raise ConfigError(f"eval_examples: expected an integer >= 0, got {self.eval_examples!r}")
-        w = self.reward_adapter_weight
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-            raise ConfigError(f"reward_adapter_weight: expected a finite number, got {w!r}")
+        for name in ("reward_adapter_weight", "reward_model_weight"):
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+                raise ConfigError(f"{name}: expected a finite number, got {w!r}")
 
 
 @dataclass
@@ -154,20 +163,9 @@ def build_grpo_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLi
     """TRL's `GRPOConfig` from the YAML's TRL fields (CPU-friendly defaults; ConfigError on bad values)."""
     from trl import GRPOConfig
 
-    from .trainer_args import device_defaults
-
-    kwargs = dict(trl_kwargs)
-    for name, why in _REJECTED_TRL_FIELDS.items():
-        if name in kwargs:
-            raise ConfigError(f"{name}: not supported here: {why}")
-    kwargs.pop("output_dir", None)
-    device_defaults(kwargs)
-    if reward_weights is not None:
-        kwargs["reward_weights"] = list(reward_weights)
-    try:
-        return GRPOConfig(output_dir=str(output_dir), **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"GRPO config: {exc}") from None
+    extra = {} if reward_weights is None else {"reward_weights": list(reward_weights)}
+    return build_trl_config(GRPOConfig, trl_kwargs, output_dir, label="GRPO",
+                            rejected=_REJECTED_TRL_FIELDS, reject=lambda value: True, **extra)
 
 
 def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
@@ -192,6 +190,11 @@ def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None
         if not meta.get("adapter"):
             raise ConfigError(f"reward_adapter: {directory} is a full reward model, not an adapter")
         weights = weights + [float(settings.reward_adapter_weight)]
+    if settings.reward_model is not None:
+        from .reward_export import check_reward_model_dir
+
+        check_reward_model_dir(settings.reward_model)
+        weights = weights + [float(settings.reward_model_weight)]
     args = build_grpo_config(trl_kwargs or {}, output_dir, weights)
     if settings.kl_target is not None:
         from .kl import make_kl_controller
@@ -206,20 +209,15 @@ def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None
 
 def load_prompt_rows(settings: PPOSettings, split: str | None = None, n: int | None = None) -> tuple[Any, str]:
     """The prompt dataset (an HF Dataset with a `prompt` column) and a label naming its source."""
-    from datasets import Dataset
-
     split = split or settings.dataset_split
     if settings.dataset == SYNTHETIC:
         from ..data import synth
 
         count = n or settings.num_examples or 256
         return synth.rl_dataset(count, seed=settings.dataset_seed, split=split), f"synthetic[{split}]"
-    from .sft import SFTSettings, load_rows
-
-    proxy = SFTSettings(dataset=settings.dataset, dataset_split=split,
-                        dataset_config=settings.dataset_config, num_examples=n or settings.num_examples)
-    rows, source = load_rows(proxy)
-    dataset = rows if isinstance(rows, Dataset) else Dataset.from_list(list(rows))
+    dataset, source = load_dataset_source(settings.dataset, split=split,
+                                          config=settings.dataset_config,
+                                          num_examples=n or settings.num_examples)
     if "prompt" not in dataset.column_names:
         raise DataError(f"{source}: rows need a `prompt` column (a string or a list of messages)")
     return dataset, source
@@ -242,40 +240,70 @@ class PreparedPPO:
     reward_scorer: Any = None
 
 
-def reward_adapter_function(scorer: Any, tokenizer: Any, template: Any = None) -> Any:
-    """A TRL-style reward function scoring with an attached reward adapter + head.
+def reward_adapter_function(scorer: Any, tokenizer: Any = None, template: Any = None,
+                            name: str = "reward_adapter") -> Any:
+    """A TRL-style reward function scoring with a reward model (attached adapter or separate).
 
-    The shared model's train/eval mode and active adapter are restored after each call.
+    The one scorer `sample` and `best-of-n` use too (:func:`~.reward_scoring.reward_model_function`);
+    the shared model's train/eval mode and active adapter are restored after each call, and an
+    empty completion is unscored (None).
     """
-    from .reward_model import score
+    from .reward_scoring import reward_model_function
 
-    backbone = scorer.backbone
+    if tokenizer is not None:
+        scorer.tokenizer = tokenizer
+    if template is not None:
+        scorer.template = template
+    return reward_model_function(scorer, name=name)
 
-    def reward_adapter(prompts: list, completions: list, **_: Any) -> list[float]:
-        was_training = backbone.training
-        try:
-            rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
-            return score(scorer, rows, tokenizer=tokenizer, template=template, progress=False)
-        finally:
-            backbone.train(was_training)
 
-    return reward_adapter
+def _same_base(meta: Mapping[str, Any], model_path: str) -> bool:
+    from ..models import base_model_of, resolve_model
+
+    base = meta.get("base_model")
+    if not base:
+        return False
+    try:
+        return Path(resolve_model(base)).resolve() == Path(base_model_of(model_path)).resolve()
+    except Exception:  # noqa: BLE001 - an unresolvable reference is simply not the same base
+        return False
+
+
+def load_reward_scorer(settings: PPOSettings, policy: Any, model_path: str) -> tuple[Any, bool]:
+    """The `reward_model` scorer and whether it shares the policy's base.
+
+    A reward adapter trained on the policy's base with the policy's quantization is attached
+    to the policy (a second adapter, no second base); anything else (another base, another
+    quantization, a full or transformers reward model) loads as a separate model, as trained.
+    """
+    from .reward_export import quant_settings
+    from .reward_model import META_FILE, attach_reward_adapter, load_reward_model, read_meta
+
+    directory = Path(settings.reward_model)
+    meta = read_meta(directory) if (directory / META_FILE).is_file() else {}
+    if meta.get("adapter") and hasattr(policy, "peft_config") and _same_base(meta, model_path) \
+            and quant_settings(meta.get("quantization")) == settings.quantization:
+        return attach_reward_adapter(policy, directory, "reward"), True
+    if meta.get("adapter"):
+        logger.info("reward_model %s: trained on %s (quantization %s); loading it as a separate "
+                    "model, as it was trained", directory, meta.get("base_model"),
+                    meta.get("quantization"))
+    scorer = load_reward_model(directory)
+    import torch
+
+    from ..models import is_quantized
+
+    if torch.cuda.is_available() and not is_quantized(scorer.backbone):
+        scorer = scorer.to("cuda")
+    for p in scorer.parameters():
+        p.requires_grad_(False)
+    return scorer, False
 
 
 def load_policy(model_path: str, settings: PPOSettings, gradient_checkpointing: bool = False) -> Any:
     """The policy: the base (4-bit or not) loaded once, with a fresh LoRA adapter when `lora` is set."""
-    from ..models import apply_lora, is_adapter_dir, load_causal_lm, load_peft_model
-
-    if is_adapter_dir(model_path):
-        if settings.lora is not None:
-            raise ConfigError(f"model: {model_path} is a LoRA adapter; drop `lora` to keep training "
-                              "it, or give its merged model")
-        return load_peft_model(model_path, quantization=settings.quantization, trainable=True,
-                               gradient_checkpointing=gradient_checkpointing)
-    model = load_causal_lm(model_path, quantization=settings.quantization)
-    if settings.lora is not None:
-        model = apply_lora(model, settings.lora, gradient_checkpointing=gradient_checkpointing)
-    return model
+    return load_trainable_model(model_path, settings.lora, settings.quantization,
+                                gradient_checkpointing=gradient_checkpointing)
 
 
 def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
@@ -285,7 +313,6 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
     from .. import registry
     from ..models import load_tokenizer, resolve_model
     from .ppo_trainer import PolicyOptimizationTrainer
-    from .sft import _keep_float32_adapter_on_cpu
 
     checked = checked or check_ppo_config(settings, trl_kwargs, output_dir)
     args = checked.args
@@ -311,8 +338,20 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
     if settings.reward_adapter is not None:
         from .reward_model import attach_reward_adapter
 
+        from .reward_export import quant_settings
+        from .reward_model import read_meta
+
+        recorded = quant_settings(read_meta(settings.reward_adapter).get("quantization"))
+        if recorded != settings.quantization:
+            logger.warning("reward_adapter %s was trained with quantization %s but is attached to "
+                           "a base loaded with %s: its scores differ from training (use "
+                           "`reward_model` to load it as trained)", settings.reward_adapter,
+                           recorded, settings.quantization)
         scorer = attach_reward_adapter(policy, settings.reward_adapter, "reward", tokenizer=None)
         funcs.append(reward_adapter_function(scorer, scorer.tokenizer or tokenizer, scorer.template))
+    if settings.reward_model is not None:
+        scorer, _ = load_reward_scorer(settings, policy, model_path)
+        funcs.append(reward_adapter_function(scorer, name="reward_model"))
     trainer = PolicyOptimizationTrainer(
         policy, funcs, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, advantage_estimator=checked.estimator, gamma=settings.gamma,
@@ -320,23 +359,21 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
         value_clip=settings.value_clip, kl_penalty=settings.kl_penalty,
         kl_estimator=settings.kl_estimator, kl_target=settings.kl_target,
         kl_horizon=settings.kl_horizon, whiten_advantages=settings.whiten_advantages)
-    _keep_float32_adapter_on_cpu(trainer.model, settings)
+    keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
     return PreparedPPO(trainer, tokenizer, model_path, train_dataset, eval_dataset, source, scorer)
 
 
 def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
             output_dir: str | os.PathLike = "outputs/ppo") -> PPOResult:
     """Train the policy with the configured estimator; save adapter/model, value head, metrics."""
-    from ..cache import atomic_write_json
-    from .sft import _last_checkpoint
-
     out = Path(output_dir)
     started = time.time()
     prepared = prepare_ppo(settings, trl_kwargs, out)
     trainer = prepared.trainer
     metrics: dict[str, Any] = {"train_prompts": len(prepared.train_dataset),
                                "advantage_estimator": settings.advantage_estimator}
-    resume = _last_checkpoint(out) if settings.resume else None
+    check_run_config(out, "ppo", settings, trl_kwargs)  # another config's checkpoints: start clean
+    resume = resume_checkpoint(out, settings.resume, "PPO")
     if prepared.eval_dataset is not None and settings.eval_before and resume is None:
         before = trainer.evaluate()
         metrics["eval_reward_before"] = before.get("eval_reward")
@@ -348,17 +385,11 @@ def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
         metrics["eval_reward"] = after.get("eval_reward")
     trainer.save_model(str(out))
     prepared.tokenizer.save_pretrained(str(out))
-    metrics["wall_time_s"] = round(time.time() - started, 3)
     metrics["kl_coef_final"] = float(trainer.kl_controller.value)
-    metrics["log_history"] = trainer.state.log_history
     adapter = settings.lora is not None or hasattr(trainer.model, "peft_config")
-    if trainer.is_world_process_zero():
-        atomic_write_json(out / METRICS_FILE, metrics)
-        atomic_write_json(out / STAGE_FILE, {
-            "stage": "ppo", "base_model": prepared.model_path, "adapter": adapter,
-            "value_head": trainer.value_head is not None, "dataset": prepared.source,
-            "settings": dataclasses.asdict(settings),
-        })
+    finish_stage(trainer, out, metrics, metrics_file=METRICS_FILE, started=started, stage="ppo",
+                 settings=settings, base_model=prepared.model_path, adapter=adapter,
+                 value_head=trainer.value_head is not None, dataset=prepared.source)
     return PPOResult(out, metrics, adapter)
 
 
@@ -377,17 +408,12 @@ def load_ppo_config(source: str | os.PathLike | Mapping[str, Any],
     """Parse a PPO config into (settings, TRL GRPOConfig kwargs, output_dir)."""
     from trl import GRPOConfig
 
-    from ..config import load_stage_config
-    from .sft import read_stage_source
-
-    data, where, out = read_stage_source(source, overrides, output_dir)
-    settings, trl_kwargs = load_stage_config(data, PPOSettings, GRPOConfig, where=where)
-    return settings, trl_kwargs, out
+    return stage_config(source, overrides, output_dir, PPOSettings, GRPOConfig)
 
 
 __all__ = ["PPOSettings", "PPOResult", "PreparedPPO", "CheckedPPO", "build_grpo_config",
            "check_ppo_config", "load_policy", "load_ppo_config", "load_prompt_rows",
-           "ppo_from_config", "prepare_ppo", "reward_adapter_function", "run_ppo"]
+           "load_reward_scorer", "ppo_from_config", "prepare_ppo", "reward_adapter_function", "run_ppo"]
 
 
 def __getattr__(name: str) -> Any:  # lazy re-exports of the trainer pieces (they import TRL)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -463,10 +463,3 @@ def check_trainer_options(estimator: Any, *, critic: str, kl_penalty: str, kl_es
     if value_clip is not None and (isinstance(value_clip, bool) or not isinstance(value_clip, (int, float))
                                    or not value_clip > 0):
         raise ConfigError(f"value_clip must be a number > 0 or null, got {value_clip!r}")
-
-
-def reward_function_names(funcs: Sequence[Any]) -> list[str]:
-    """The names TRL logs the given reward functions under."""
-    from ..rewarding import reward_function_name
-
-    return [reward_function_name(f) for f in funcs]

@@ -10,29 +10,31 @@ functions, :func:`run_rm` / :func:`rm_from_config` (what ``rlhf-plugins rm --con
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..cache import atomic_write_json
+from ..cache import atomic_write_figure
 from ..errors import ConfigError, DataError
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
+from ..protocols import member
 from .reward_data import (EncodedRows, encode_rows, evaluate_rows, first_error, load_rows,
                           outcome_metrics, pairwise_accuracy, step_metrics)
-from .reward_model import (FeatureDataset, RewardHeadTrainer, RewardModel, attach_reward_adapter,
-                           load_reward_model, read_meta, save_reward_model, score, step_outputs)
+from .reward_model import (RewardModel, attach_reward_adapter, load_reward_model, read_meta,
+                           save_reward_model)
+from .reward_scoring import score, step_outputs
+from .reward_trainer import FeatureDataset, RewardHeadTrainer
+from .resume import check_run_config
+from .skeleton import (SYNTHETIC, build_trl_config, finish_stage, load_trainable_model,
+                       resume_checkpoint, stage_config)
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "rm_metrics.json"
 PLOT_FILE = "rm_training.png"
-STAGE_FILE = "rlhf_plugins_stage.json"
-SYNTHETIC = "synthetic"
 _REJECTED_TRL_FIELDS = {
     "chat_template_path": "use `template` (a chat template plugin name)",
     "model_init_kwargs": "use `model`, `quantization` and `lora`",
@@ -132,18 +134,8 @@ def build_rm_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLike
     """TRL's `RewardConfig` from the YAML's TRL fields, with CPU-friendly defaults."""
     from trl import RewardConfig
 
-    from .trainer_args import device_defaults
-
-    kwargs = dict(trl_kwargs)
-    for name, why in _REJECTED_TRL_FIELDS.items():
-        if kwargs.get(name) is not None:
-            raise ConfigError(f"{name}: not supported here: {why}")
-    kwargs.pop("output_dir", None)
-    device_defaults(kwargs)
-    try:
-        return RewardConfig(output_dir=str(output_dir), **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"RM config: {exc}") from None
+    return build_trl_config(RewardConfig, trl_kwargs, output_dir, label="RM",
+                            rejected=_REJECTED_TRL_FIELDS, reject=lambda value: value is not None)
 
 
 @dataclass
@@ -178,15 +170,22 @@ def _split_holdout(rows: list[dict], settings: RMSettings, seed: int) -> tuple[l
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+def _normalizes(settings: RMSettings, head: Any) -> bool:
+    """Whether scores are normalized after training (the setting or the head's option)."""
+    return bool(settings.normalize or dict(member(head, "reward_heads", "options")).get("normalize"))
+
+
 def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
                output_dir: str | os.PathLike) -> PreparedRM:
     """Validate, load and encode the data, build the model and the trainer (config errors first)."""
     from .. import registry
-    from ..models import (apply_lora, is_adapter_dir, load_causal_lm, load_peft_model,
-                          load_tokenizer, resolve_model)
+    from ..models import base_model_of, load_tokenizer, resolve_model
 
     args = build_rm_config(trl_kwargs or {}, output_dir)
     head = registry().reward_heads.get(settings.head, **settings.head_config())
+    if _normalizes(settings, head) and not member(head, "reward_heads", "supports_normalize"):
+        raise ConfigError(f"normalize: head {settings.head!r} does not support it "
+                          "(supports_normalize is false: its module has no score offset)")
     template = registry().chat_templates.get(settings.template)
     rows, source = load_rows(settings.dataset, split=settings.dataset_split, head=head,
                              num_examples=settings.num_examples, seed=settings.dataset_seed,
@@ -196,8 +195,8 @@ def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
                                  num_examples=settings.num_eval_examples, seed=settings.dataset_seed,
                                  dataset_config=settings.dataset_config, default_synthetic=64)
     elif settings.dataset == SYNTHETIC and settings.eval_size is None and not settings.eval_fraction:
-        eval_rows = head.synthetic_rows(settings.num_eval_examples or 64, settings.dataset_seed,
-                                        settings.eval_split)
+        eval_rows = member(head, "reward_heads", "synthetic_rows")(
+            settings.num_eval_examples or 64, settings.dataset_seed, settings.eval_split)
     else:
         rows, eval_rows = _split_holdout(list(rows), settings, args.seed)
     model_path = resolve_model(settings.model)
@@ -210,25 +209,16 @@ def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
                                  strict=settings.strict, where=f"{source} (eval)")
     logger.info("RM data: %d train rows (%d dropped), %d eval rows", len(train.kept), train.dropped,
                 0 if evaluation is None else len(evaluation.kept))
-    checkpointing = bool(args.gradient_checkpointing)
-    if is_adapter_dir(model_path):  # e.g. the SFT stage's adapter: train it on as the RM adapter
-        if settings.lora is not None:
-            raise ConfigError(f"model: {model_path} is a LoRA adapter; drop `lora` to train it on, "
-                              "or give its merged model")
-        backbone = load_peft_model(model_path, quantization=settings.quantization, trainable=True,
-                                   gradient_checkpointing=checkpointing)
-        base_model = json.loads((Path(model_path) / "adapter_config.json").read_text()
-                                )["base_model_name_or_path"]
-    else:
-        backbone = load_causal_lm(model_path, quantization=settings.quantization)
-        if settings.lora is not None:
-            backbone = apply_lora(backbone, settings.lora, gradient_checkpointing=checkpointing)
-        base_model = model_path
+    # A saved adapter (e.g. the SFT stage's) is trained on as the reward model's adapter.
+    backbone = load_trainable_model(model_path, settings.lora, settings.quantization,
+                                    gradient_checkpointing=bool(args.gradient_checkpointing))
+    base_model = base_model_of(model_path)
     import torch
 
     torch.manual_seed(args.seed)  # the head's initialisation
     model = RewardModel(backbone, head, tokenizer=tokenizer, template=template,
-                        template_name=settings.template, base_model=base_model)
+                        template_name=settings.template, base_model=base_model,
+                        head_name=settings.head)
     trainer = RewardHeadTrainer(model, args, train_dataset=train.features,
                                 eval_dataset=None if evaluation is None else evaluation.features,
                                 processing_class=tokenizer)
@@ -244,7 +234,7 @@ def normalize_scores(model: RewardModel, reference_rows: Sequence[Mapping[str, A
 
     offset = getattr(model.head_module, "offset", None)
     if offset is None:
-        raise ConfigError(f"normalize: head {model.head.name!r} has no score offset")
+        raise ConfigError(f"normalize: head {model.head_name!r} has no score offset")
     scores = score(model, reference_rows, batch_size=batch_size, progress=False)
     shift = sum(scores) / len(scores)
     with torch.no_grad():
@@ -290,34 +280,24 @@ def plot_training(log_history: Sequence[Mapping[str, Any]], path: str | os.PathL
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_figure(path, fig, dpi=100)
 
 
 def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
            output_dir: str | os.PathLike = "outputs/rm") -> RMResult:
     """Train a reward head; save adapter/backbone + head + tokenizer, metrics JSON and a PNG plot."""
-    from .sft import _last_checkpoint
-
     out = Path(output_dir)
     started = time.time()
     prepared = prepare_rm(settings, trl_kwargs, out)
     trainer, model = prepared.trainer, prepared.model
-    metrics: dict[str, Any] = {"head": prepared.head.name, "head_options": dict(prepared.head.options),
+    head_options = dict(member(prepared.head, "reward_heads", "options"))
+    metrics: dict[str, Any] = {"head": model.head_name, "head_options": head_options,
                                "template": settings.template, "dataset": prepared.source,
                                "train_data": prepared.train.summary(),
                                "eval_data": None if prepared.eval is None else prepared.eval.summary()}
     kw = dict(batch_size=settings.score_batch_size, max_length=trainer.args.max_length)
-    resume = _last_checkpoint(out) if settings.resume else None
+    check_run_config(out, "rm", settings, trl_kwargs)  # another config's checkpoints: start clean
+    resume = resume_checkpoint(out, settings.resume, "RM")
     if prepared.eval_rows and resume is None:
         metrics["heldout_before"] = evaluate_rows(model, prepared.eval_rows, **kw)
     train_output = trainer.train(resume_from_checkpoint=resume)
@@ -325,9 +305,7 @@ def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
     metrics["global_step"] = train_output.global_step
     if prepared.eval is not None:
         metrics.update(trainer.evaluate())
-    if settings.normalize or prepared.head.options.get("normalize"):
-        if prepared.head.name != "bradley_terry":
-            raise ConfigError("normalize: only for the bradley_terry head")
+    if _normalizes(settings, prepared.head):
         metrics["normalization_shift"] = normalize_scores(
             model, _reference_rows(prepared.train_rows), settings.score_batch_size)
     if prepared.eval_rows:
@@ -335,16 +313,12 @@ def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
     if trainer.is_world_process_zero():
         save_reward_model(model, out, extra={"quantization": dataclasses.asdict(settings.quantization)
                                              if settings.quantization else None})
-    metrics["wall_time_s"] = round(time.time() - started, 3)
-    metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
-        atomic_write_json(out / METRICS_FILE, metrics)
         plot_training(trainer.state.log_history, out / PLOT_FILE,
-                      title=f"{prepared.head.name} reward model ({prepared.source})")
-        atomic_write_json(out / STAGE_FILE, {
-            "stage": "rm", "head": prepared.head.name, "base_model": prepared.base_model,
-            "adapter": model.is_peft, "template": settings.template, "dataset": prepared.source,
-            "settings": dataclasses.asdict(settings)})
+                      title=f"{model.head_name} reward model ({prepared.source})")
+    finish_stage(trainer, out, metrics, metrics_file=METRICS_FILE, started=started, stage="rm",
+                 settings=settings, head=model.head_name, base_model=prepared.base_model,
+                 adapter=model.is_peft, template=settings.template, dataset=prepared.source)
     return RMResult(out, metrics, model)
 
 
@@ -354,12 +328,7 @@ def rm_from_config(source: str | os.PathLike | Mapping[str, Any],
     """Run the RM stage from a YAML path or mapping (the Python twin of `rlhf-plugins rm --config`)."""
     from trl import RewardConfig
 
-    from ..config import load_stage_config
-    from .sft import read_stage_source
-
-    data, where, out = read_stage_source(source, overrides, output_dir)
-    settings, trl_kwargs = load_stage_config(data, RMSettings, RewardConfig, where=where)
-    return run_rm(settings, trl_kwargs, out)
+    return run_rm(*stage_config(source, overrides, output_dir, RMSettings, RewardConfig))
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,7 +384,7 @@ def policy_sampler(model: Any, tokenizer: Any, template: Any, *, max_new_tokens:
     """``sample(prompt, prefix, n)``: `n` sampled continuations of an assistant `prefix` (HF generate)."""
     import torch
 
-    from .generation import end_of_turn_token_ids
+    from ..generation import end_of_turn_token_ids
 
     stops = end_of_turn_token_ids(template, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..errors import DataError, RlhfPluginsError
+from ..protocols import member
+from .skeleton import SYNTHETIC, load_dataset_source
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], head: Any, tokenizer: Any, te
 
     out = EncodedRows([], [])
     total = len(rows) if hasattr(rows, "__len__") else None
-    for index, row in enumerate(tqdm(rows, total=total, desc=f"Encoding {head.name} rows",
+    desc = f"Encoding {getattr(head, 'name', None) or 'reward head'} rows"
+    for index, row in enumerate(tqdm(rows, total=total, desc=desc,
                                      leave=False, disable=total is not None and total < 2000)):
         try:
             if not isinstance(row, Mapping):
@@ -85,17 +88,13 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], head: Any, tokenizer: Any, te
 
 def load_rows(source: str, *, split: str, head: Any, num_examples: int | None, seed: int,
               dataset_config: str | None = None, default_synthetic: int = 256) -> tuple[list[dict], str]:
-    """Rows from ``"synthetic"`` (the head's synthetic task), a JSON/JSONL file, an HF dataset dir or name."""
-    from types import SimpleNamespace
-
-    if source == "synthetic":
+    """Rows from ``"synthetic"`` (the head's synthetic task) or a dataset source (a data file,
+    saved HF dataset dir or hub name: :func:`~rlhf_plugins.stages.skeleton.load_dataset_source`)."""
+    if source == SYNTHETIC:
         n = num_examples or default_synthetic
-        return head.synthetic_rows(n, seed, split), f"synthetic[{split}]"
-    from .sft import load_rows as _load
-
-    ns = SimpleNamespace(dataset=source, dataset_split=split, dataset_config=dataset_config,
-                         num_examples=num_examples, dataset_seed=seed)
-    rows, where = _load(ns)
+        return member(head, "reward_heads", "synthetic_rows")(n, seed, split), f"synthetic[{split}]"
+    rows, where = load_dataset_source(source, split=split, config=dataset_config,
+                                      num_examples=num_examples)
     return [dict(r) for r in rows], where
 
 
@@ -199,9 +198,9 @@ def evaluate_rows(model: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: 
     """Held-out metrics of a reward model on rows of its head's format (see module docstring)."""
     from .reward_model import score, step_outputs
 
-    name = model.head.name
     if not rows:
         return {}
+    kind = member(model.head, "reward_heads", "label_kind")
     kw = dict(batch_size=batch_size, max_length=max_length, progress=progress)
     first = rows[0]
     if "chosen" in first or "completions" in first:
@@ -233,15 +232,16 @@ def evaluate_rows(model: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: 
                 out[f"pairwise_accuracy/{kind}"] = pairwise_accuracy([per[i][0] for i in idx],
                                                                      [per[i][1] for i in idx])
         return out
-    if name == "prm" or "steps" in first:
-        preds, labs = [], []
-        outs = step_outputs(model, rows, **kw)
-        for r, o in zip(rows, outs):
-            preds.append(o["predicted"])
-            labs.append([int(x) if not isinstance(x, bool) else (1 if x else -1) for x in r["labels"]])
-        result = step_metrics(preds, labs)
+    if kind == "step" or "steps" in first:
+        labs = [[int(x) if not isinstance(x, bool) else (1 if x else -1) for x in r["labels"]]
+                for r in rows]
+        if member(model.head, "reward_heads", "has_step_outputs"):
+            outs = step_outputs(model, rows, **kw)
+            result = step_metrics([o["predicted"] for o in outs], labs)
+            seq = [o["score"] for o in outs]
+        else:  # a step head without per-step outputs: its sequence score only
+            result, seq = {"n": len(rows)}, score(model, rows, **kw)
         # The sequence score (aggregated P(correct)) as an outcome verifier: correct = no -1 step.
-        seq = [o["score"] for o in outs]
         result.update({f"outcome_{k}": v for k, v in outcome_metrics(
             seq, [float(first_error(lab) < 0) for lab in labs]).items() if k != "n"})
         return result

@@ -1,11 +1,14 @@
-"""Rejection sampling and best-of-N: generate N completions per prompt, score, select, write, fine-tune.
+"""Rejection sampling and best-of-N: generate N completions per prompt, score, select, write, tune.
 
-1. **Generate** (:mod:`.generation`): prompts rendered by the chat template component with
+The stage's public names are importable from here; its settings, prompts and components live in
+:mod:`.sampling_settings`, its output rows, files and summary in :mod:`.sampling_outputs`.
+
+1. **Generate** (:mod:`rlhf_plugins.generation`): prompts rendered by the chat template component with
    ``add_generation_prompt=True``; HF ``generate`` (or vLLM when installed and asked for),
    stopping at the template's end-of-turn token; one seeded random stream per completion.
 2. **Score**: registered reward functions (weighted sum, :func:`~rlhf_plugins.rewarding.
    call_reward_functions`) and/or a saved reward model (length-sorted
-   :func:`~rlhf_plugins.stages.reward_model.score`), added together with
+   :func:`~rlhf_plugins.stages.reward_scoring.score`), added together with
    ``reward_model_weight``. A completion no scorer applies to gets NaN.
 3. **Select** with a selection rule component by name (NaN is never selected).
 4. **Write** ``selected.jsonl`` + ``selected/`` (HF ``datasets``), optionally ``all.jsonl`` +
@@ -24,338 +27,26 @@ complete run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..cache import (JsonCache, atomic_write_bytes, atomic_write_dir, atomic_write_json,
-                     atomic_write_jsonl, model_fingerprint)
-from ..config import build_dataclass, config_hash
-from ..errors import ConfigError, DataError, PluginError, RlhfPluginsError
-from ..models import QuantSettings
+from ..cache import JsonCache, atomic_write_json, model_fingerprint
+from ..config import config_hash
+from ..errors import DataError, PluginError, RlhfPluginsError
+from .sampling_outputs import (build_rows, nan_to_none, none_to_nan, plot_histogram, summarize,
+                               write_outputs)
+from .sampling_settings import (ALL, BACKENDS, HISTOGRAM_FILE, RESERVED_COLUMNS, REWARD_MODEL_KEY,
+                                SELECTED, SUMMARY_FILE, SYNTHETIC, SamplingComponents,
+                                SamplingResult, SamplingSettings, check_prompt, load_prompt_rows,
+                                load_sampling_config, resolve_components)
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC = "synthetic"
-BACKENDS = ("hf", "vllm", "auto")
-SUMMARY_FILE = "summary.json"
-SELECTED = "selected"
-ALL = "all"
-HISTOGRAM_FILE = "rewards.png"
-REWARD_MODEL_KEY = "reward_model"
-#: columns every output row has; dataset columns with these names are not copied
-RESERVED_COLUMNS = frozenset({"prompt_index", "completion_index", "prompt", "completion",
-                              "reward", "rewards", "rank", "selected", "num_tokens",
-                              "finish_reason", "provenance"})
 _CACHE_VERSION = 1
-
-
-@dataclass
-class SamplingSettings:
-    """A rejection-sampling / best-of-N config (YAML fields of `rlhf-plugins sample`)."""
-
-    #: policy: HF model dir, PEFT adapter dir, hub id, .gguf, or None/"default" (embedded SmolLM2)
-    model: str | None = None
-    #: JSONL/JSON file, saved HF dataset dir, or "synthetic" (the built-in verifiable task)
-    dataset: str = SYNTHETIC
-    dataset_split: str = "train"
-    #: column holding the prompt: a message list (conversational) or a string (one user turn)
-    prompt_field: str = "prompt"
-    #: use at most this many prompts (synthetic: how many problems; default 64)
-    num_prompts: int | None = None
-    dataset_seed: int = 0
-    template: str = "chatml"
-    #: N, completions per prompt
-    num_samples: int = 4
-    max_new_tokens: int = 128
-    #: 0 = greedy decoding
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    #: sequences per `generate` call
-    batch_size: int = 16
-    #: prompts per cache chunk (the unit of resume)
-    chunk_size: int = 8
-    #: "hf" (transformers generate), "vllm" (must be installed), "auto" (vllm if installed)
-    backend: str = "hf"
-    dtype: str | None = None
-    quantization: QuantSettings | None = None
-    #: reward function specs: names, or {"name", "weight", **options}
-    reward_functions: list[Any] = field(default_factory=list)
-    #: a saved reward model directory (rlhf-plugins reward-model output)
-    reward_model: str | None = None
-    reward_model_weight: float = 1.0
-    reward_batch_size: int = 16
-    #: a selection rule component name and its parameters
-    selection: str = "top_per_prompt"
-    selection_params: dict[str, Any] = field(default_factory=dict)
-    #: also write every completion (all.jsonl, all/)
-    save_all: bool = True
-    #: cache generations/scores per chunk (resume); false recomputes everything
-    cache: bool = True
-    #: fine-tune on the selection with the SFT stage after writing it
-    finetune: bool = False
-    #: when the rule selects nothing: "error", or "skip" the fine-tuning (policy unchanged)
-    on_empty_selection: str = "error"
-    #: SFT stage config (SFTSettings + TRL SFTConfig fields); model/dataset/template default
-    #: to the policy, the selection and `template`
-    sft: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.on_empty_selection not in ("error", "skip"):
-            raise ConfigError(f"on_empty_selection: expected 'error' or 'skip', got "
-                              f"{self.on_empty_selection!r}")
-        if isinstance(self.quantization, Mapping):
-            self.quantization = build_dataclass(QuantSettings, self.quantization, "quantization")
-        elif self.quantization is True:
-            self.quantization = QuantSettings()
-        elif self.quantization is False:
-            self.quantization = None
-        _positive_int(self, "num_samples", "max_new_tokens", "batch_size", "chunk_size",
-                      "reward_batch_size")
-        if self.num_prompts is not None:
-            _positive_int(self, "num_prompts")
-        for name in ("seed", "dataset_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        if _not_number(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature: expected a number >= 0, got {self.temperature!r}")
-        if _not_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        if _not_number(self.reward_model_weight):
-            raise ConfigError(f"reward_model_weight: expected a number, got {self.reward_model_weight!r}")
-        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        for name in ("dataset", "template", "selection", "prompt_field", "dataset_split"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
-        if not isinstance(self.reward_functions, (list, tuple)):
-            self.reward_functions = [self.reward_functions]
-        self.reward_functions = list(self.reward_functions)
-        if not isinstance(self.selection_params, Mapping):
-            raise ConfigError(f"selection_params: expected a mapping, got {self.selection_params!r}")
-        self.selection_params = dict(self.selection_params)
-        if self.sft is None:
-            self.sft = {}
-        if not isinstance(self.sft, Mapping):
-            raise ConfigError(f"sft: expected a mapping of SFT settings, got {self.sft!r}")
-        self.sft = dict(self.sft)
-
-
-def _not_number(value: Any) -> bool:
-    return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-
-
-def _positive_int(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-
-
-@dataclass
-class SamplingResult:
-    """What a sampling run wrote: the folder, the summary, and the SFT result when fine-tuned."""
-
-    output_dir: Path
-    summary: dict[str, Any]
-    selected: list[dict[str, Any]]
-    rows: list[dict[str, Any]]
-    sft: Any = None
-
-    @property
-    def selected_path(self) -> Path:
-        """The selected completions as JSONL."""
-        return self.output_dir / f"{SELECTED}.jsonl"
-
-
-# --------------------------------------------------------------------------------------------
-# Config and data
-# --------------------------------------------------------------------------------------------
-
-def load_sampling_config(source: str | os.PathLike | Mapping[str, Any],
-                         overrides: Sequence[str] | Mapping[str, Any] | None = None,
-                         output_dir: str | os.PathLike | None = None,
-                         ) -> tuple[SamplingSettings, Path]:
-    """Read a sampling YAML (or mapping) + `key=value` overrides -> (settings, output dir)."""
-    from .sft import read_stage_source
-
-    data, where, out = read_stage_source(source, overrides, output_dir)
-    return build_dataclass(SamplingSettings, data, where), Path(out)
-
-
-def _read_rows_file(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise DataError(f"{path}: invalid JSON: {exc}") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON array of rows")
-        return data
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise DataError(f"{path}:{number}: invalid JSON: {exc}") from None
-    return rows
-
-
-def load_prompt_rows(settings: SamplingSettings) -> tuple[list[dict[str, Any]], str]:
-    """The prompt rows (each with a conversational `prompt`) and a label naming their source."""
-    source, split = settings.dataset, settings.dataset_split
-    if source == SYNTHETIC:
-        from ..data import synth
-
-        rows = synth.rl_rows(settings.num_prompts or 64, seed=settings.dataset_seed, split=split)
-        label = f"synthetic[{split}]"
-    else:
-        path = Path(source).expanduser()
-        if path.is_file():
-            rows, label = _read_rows_file(path), str(path)
-        elif path.is_dir():
-            import datasets
-
-            try:
-                ds = datasets.load_from_disk(str(path))
-            except (OSError, ValueError, FileNotFoundError) as exc:
-                raise ConfigError(f"dataset: {path}: not a saved HF dataset: "
-                                  f"{str(exc).splitlines()[0]}") from None
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ConfigError(f"dataset: {path}: no split {split!r} (has {list(ds)})")
-                ds = ds[split]
-            rows, label = [dict(r) for r in ds], f"{path}[{split}]"
-        else:
-            raise ConfigError(f"dataset: {source}: no such file or directory")
-        if settings.num_prompts is not None:
-            rows = rows[:settings.num_prompts]
-    if not rows:
-        raise DataError(f"dataset: {label}: no rows")
-    out = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise DataError(f"dataset {label}: row {i}: expected an object, got {type(row).__name__}")
-        if settings.prompt_field not in row:
-            raise DataError(f"dataset {label}: row {i}: missing field {settings.prompt_field!r}")
-        prompt = row[settings.prompt_field]
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        prompt = _check_prompt(prompt, i, label)
-        extra = {k: v for k, v in row.items() if k != settings.prompt_field}
-        out.append({"prompt": prompt, **extra})
-    return out, label
-
-
-def _check_prompt(prompt: Any, i: int, label: str) -> list[dict]:
-    from ..conversation import validate_messages
-
-    try:
-        messages = validate_messages(prompt, row=i)
-    except DataError as exc:
-        raise DataError(f"dataset {label}: {exc}") from None
-    if messages[-1].get("role") == "assistant":
-        raise DataError(f"dataset {label}: row {i}: the prompt ends with an assistant message")
-    return [dict(m) for m in messages]
-
-
-# --------------------------------------------------------------------------------------------
-# Components (resolved and validated before any model loads)
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class _Components:
-    template: Any
-    funcs: list[Any]
-    weights: list[float]
-    function_specs: list[Any]
-    rule: Any
-    reward_model_dir: Path | None
-    sft: tuple[Any, dict[str, Any], Path] | None
-
-
-def _spec_repr(spec: Any) -> Any:
-    """A JSON-able description of a reward function spec (for hashes and provenance)."""
-    if isinstance(spec, (str, int, float)) or spec is None:
-        return spec
-    if isinstance(spec, Mapping):
-        return {str(k): _spec_repr(v) for k, v in spec.items()}
-    if isinstance(spec, (list, tuple)):
-        return [_spec_repr(v) for v in spec]
-    from ..rewarding import reward_function_name
-
-    return f"<callable {reward_function_name(spec)}>"
-
-
-def resolve_components(settings: SamplingSettings, num_prompts: int, output_dir: Path,
-                       policy_ref: str | None = None) -> _Components:
-    """Look up the template, reward functions, selection rule, reward model and SFT config.
-
-    Unknown names, bad rule parameters (the rule is run once on a dummy reward matrix of the
-    run's shape), a missing reward model and a bad SFT section fail here, before loading models.
-    """
-    from .. import registry
-    from ..rewarding import resolve_reward_functions
-
-    if not settings.reward_functions and not settings.reward_model:
-        raise ConfigError("no scorer: set `reward_functions` (names) and/or `reward_model` "
-                          "(a saved reward model directory)")
-    reg = registry()
-    template = reg.chat_templates.get(settings.template)
-    funcs, weights = resolve_reward_functions(settings.reward_functions) \
-        if settings.reward_functions else ([], [])
-    rule = reg.selection_rules.get(settings.selection, **settings.selection_params) \
-        if settings.selection_params else reg.selection_rules.get(settings.selection)
-    dummy = [[0.0] * settings.num_samples for _ in range(num_prompts)]
-    try:
-        rule.select(dummy)
-    except RlhfPluginsError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a third-party rule may dislike the dummy input
-        logger.warning("selection rule %r failed on a dummy reward matrix (%s: %s); "
-                       "continuing", settings.selection, type(exc).__name__, exc)
-    rm_dir = None
-    if settings.reward_model:
-        rm_dir = Path(settings.reward_model).expanduser()
-        if not (rm_dir / "reward_model.json").is_file():
-            raise ConfigError(f"reward_model: {rm_dir}: not a saved reward model "
-                              "(no reward_model.json)")
-    if settings.backend == "vllm":
-        from .generation import vllm_available
-
-        if not vllm_available():
-            raise ConfigError("backend: vllm is not installed (use backend: hf)")
-    sft = None
-    if settings.finetune:
-        sft = _sft_settings(settings, output_dir, policy_ref)
-    return _Components(template, funcs, weights, [_spec_repr(s) for s in settings.reward_functions],
-                       rule, rm_dir, sft)
-
-
-def _sft_settings(settings: SamplingSettings, output_dir: Path,
-                  policy_ref: str | None) -> tuple[Any, dict[str, Any], Path]:
-    from trl import SFTConfig
-
-    from ..config import load_stage_config
-    from .sft import SFTSettings
-
-    data = dict(settings.sft)
-    out = Path(data.pop("output_dir", None) or output_dir / "sft")
-    base = {"model": policy_ref if policy_ref is not None else settings.model,
-            "dataset": str(output_dir / f"{SELECTED}.jsonl"), "template": settings.template}
-    ours, trl_kwargs = load_stage_config({**base, **data}, SFTSettings, SFTConfig, where="sft")
-    return ours, trl_kwargs, out
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,46 +57,12 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _nan_to_none(values: Sequence[float]) -> list[float | None]:
-    return [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-            for v in values]
-
-
-def _none_to_nan(values: Sequence[float | None]) -> list[float]:
-    return [math.nan if v is None else float(v) for v in values]
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    good = [v for v in values if not math.isnan(v)]
-    return math.fsum(good) / len(good) if good else None
-
-
-def _std(values: Sequence[float]) -> float | None:
-    good = [v for v in values if not math.isnan(v)]
-    if not good:
-        return None
-    m = math.fsum(good) / len(good)
-    return math.sqrt(math.fsum((v - m) ** 2 for v in good) / len(good))
-
-
-def _ranks(rewards: Sequence[float]) -> list[int | None]:
-    """1 = best within the prompt; ties go to the lower completion index; NaN gets None."""
-    order = sorted((j for j, r in enumerate(rewards) if not math.isnan(r)),
-                   key=lambda j: (-rewards[j], j))
-    ranks: list[int | None] = [None] * len(rewards)
-    for rank, j in enumerate(order, 1):
-        ranks[j] = rank
-    return ranks
-
-
 def _load_tokenizer_for(policy_ref: str) -> Any:
-    from ..models import is_adapter_dir, load_tokenizer
+    from ..models import adapter_base_model, is_adapter_dir, load_tokenizer
 
     path = Path(policy_ref)
     if is_adapter_dir(path) and not (path / "tokenizer_config.json").is_file():
-        from peft import PeftConfig
-
-        return load_tokenizer(PeftConfig.from_pretrained(str(path)).base_model_name_or_path)
+        return load_tokenizer(adapter_base_model(path))
     return load_tokenizer(policy_ref)
 
 
@@ -436,11 +93,11 @@ def _load_policy(settings: SamplingSettings, policy_ref: str) -> Any:
     return model
 
 
-class _Run:
+class SamplingRun:
     """One sampling run: state shared by the generate / score / select / write steps."""
 
     def __init__(self, settings: SamplingSettings, output_dir: Path, rows: list[dict[str, Any]],
-                 source: str, components: _Components, policy_ref: str, tokenizer: Any,
+                 source: str, components: SamplingComponents, policy_ref: str, tokenizer: Any,
                  policy: Any = None) -> None:
         self.s = settings
         self.out = output_dir
@@ -452,18 +109,23 @@ class _Run:
         self.policy = policy
         self.cache = JsonCache(output_dir / "cache")
         self.chunks = _chunks(len(rows), settings.chunk_size)
-        from .generation import encode_prompt, end_of_turn_token_ids
+        from ..generation import encode_prompt, end_of_turn_stop_strings, end_of_turn_token_ids
 
         self.prompt_ids = [encode_prompt(components.template, tokenizer, r["prompt"]) for r in rows]
         self.stop_ids = end_of_turn_token_ids(components.template, tokenizer)
+        self.stop_strings = end_of_turn_stop_strings(components.template, tokenizer)
         self.backend = settings.backend
         if self.backend == "auto":
-            from .generation import vllm_available
+            from ..generation import vllm_available
 
             self.backend = "vllm" if vllm_available() and policy is None else "hf"
         if policy is not None:
             self.backend = "hf"  # an in-memory policy runs through transformers
         self.policy_fingerprint = model_fingerprint(policy_ref)
+        from .resume import plugin_versions, settings_components
+
+        #: plugin versions of the template / reward functions: an upgrade invalidates the cache
+        self.versions = plugin_versions(settings_components(settings))
         self.stats: dict[str, Any] = {}
 
     # -- keys --------------------------------------------------------------------------------
@@ -477,6 +139,8 @@ class _Run:
         s = self.s
         return config_hash("generation", _CACHE_VERSION, self.policy_fingerprint, s.template,
                            s.dtype, s.quantization, self.sampler_params(), self.stop_ids,
+                           *([self.stop_strings] if self.stop_strings else []),
+                           {k: v for k, v in self.versions.items() if k.startswith("chat_templates/")},
                            list(chunk), [self.prompt_ids[i] for i in chunk])
 
     def scorer_params(self) -> dict[str, Any]:
@@ -488,7 +152,7 @@ class _Run:
         rm = model_fingerprint(self.c.reward_model_dir) if self.c.reward_model_dir else None
         columns = [{k: v for k, v in self.rows[i].items()} for i in chunk]
         return config_hash("scores", _CACHE_VERSION, self.gen_key(chunk), self.scorer_params(),
-                           rm, columns)
+                           rm, columns, self.versions)
 
     @staticmethod
     def chunk_name(kind: str, chunk: range) -> str:
@@ -541,10 +205,11 @@ class _Run:
         return [row for c in range(len(self.chunks)) for row in results[c]]
 
     def _generator(self) -> Any:
-        from .generation import HFGenerator, VLLMGenerator
+        from ..generation import HFGenerator, VLLMGenerator
 
         s = self.s
-        common = dict(stop_ids=self.stop_ids, max_new_tokens=s.max_new_tokens,
+        common = dict(stop_ids=self.stop_ids, stop_strings=self.stop_strings,
+                      max_new_tokens=s.max_new_tokens,
                       temperature=s.temperature, top_p=s.top_p, seed=s.seed)
         if self.backend == "vllm":
             return VLLMGenerator(self.policy_ref, dtype=s.dtype, **common)
@@ -593,14 +258,14 @@ class _Run:
                 head = [math.nan] * len(texts)
                 if reward_model is not None:
                     head = self._head_scores(reward_model, prompts, texts)
-                    scores[REWARD_MODEL_KEY] = _nan_to_none(head)
+                    scores[REWARD_MODEL_KEY] = nan_to_none(head)
                 w = float(self.s.reward_model_weight)
                 total = []
                 for f, h in zip(fn_total, head):
                     terms = [t for t in (f, w * h if not math.isnan(h) else math.nan)
                              if not math.isnan(t)]
                     total.append(math.fsum(terms) if terms else math.nan)
-                payload = {"total": _nan_to_none(total), "scores": scores}
+                payload = {"total": nan_to_none(total), "scores": scores}
                 self.store("scores", chunk, self.score_key(chunk), payload)
                 per_chunk[c] = payload
                 bar.update(len(texts))
@@ -610,7 +275,7 @@ class _Run:
         totals: list[list[float]] = []
         per_scorer: list[list[dict[str, float | None]]] = []
         for c, chunk in enumerate(self.chunks):
-            flat_total = _none_to_nan(per_chunk[c]["total"])
+            flat_total = none_to_nan(per_chunk[c]["total"])
             names = list(per_chunk[c]["scores"])
             for k in range(len(chunk)):
                 sl = slice(k * n, (k + 1) * n)
@@ -625,24 +290,20 @@ class _Run:
         from ..models import is_quantized
         from .reward_model import load_reward_model
 
-        model = load_reward_model(self.c.reward_model_dir, quantization=self.s.quantization)
+        # the quantization it was trained with (reward_model.json), not the policy's
+        model = load_reward_model(self.c.reward_model_dir)
         if torch.cuda.is_available() and not is_quantized(model.backbone):
             model = model.to("cuda")
         return model
 
     def _head_scores(self, model: Any, prompts: list[Any], texts: list[str]) -> list[float]:
-        from .reward_model import score
+        from .reward_scoring import reward_model_function
 
-        keep = [i for i, t in enumerate(texts) if t.strip()]  # empty completions: unscored
-        rows = [{"prompt": prompts[i], "completion": texts[i]} for i in keep]
-        out = [math.nan] * len(texts)
-        if rows:
-            values = score(model, rows, batch_size=self.s.reward_batch_size, progress=False)
-            for i, v in zip(keep, values):
-                out[i] = float(v)
-        return out
+        # the scorer `ppo` uses too (empty completions: unscored)
+        scores = reward_model_function(model, batch_size=self.s.reward_batch_size)(prompts, texts)
+        return [math.nan if v is None else float(v) for v in scores]
 
-    # -- selection and outputs ---------------------------------------------------------------
+    # -- selection ---------------------------------------------------------------------------
     def select(self, totals: list[list[float]]) -> list[tuple[int, int]]:
         try:
             pairs = self.c.rule.select(totals)
@@ -657,103 +318,11 @@ class _Run:
             if not (0 <= i < len(totals) and 0 <= j < len(totals[i])):
                 raise PluginError(f"selection rule {self.s.selection!r} returned {pair!r}, "
                                   "outside the reward matrix")
-            if math.isnan(totals[i][j]):
+            if math.isnan(totals[i][j]) or totals[i][j] == -math.inf:
                 raise PluginError(f"selection rule {self.s.selection!r} selected the unscored "
-                                  f"(NaN) completion {pair!r}")
+                                  f"(NaN or -inf) completion {pair!r}")
             out.append((i, j))
         return sorted(set(out))
-
-    def build_rows(self, completions: list[list[dict[str, Any]]], scored: dict[str, Any],
-                   selected: set[tuple[int, int]]) -> list[dict[str, Any]]:
-        from .generation import sample_seed
-
-        s = self.s
-        provenance = {
-            "policy": str(self.policy_ref), "template": s.template, "source": self.source,
-            "sampler": self.sampler_params(),
-            "scorer": {**self.scorer_params(), "reward_functions": [
-                spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
-                for spec in self.c.function_specs]},
-            "rule": s.selection, "rule_params": json.dumps(s.selection_params, sort_keys=True),
-        }
-        out = []
-        for i, row in enumerate(self.rows):
-            ranks = _ranks(scored["totals"][i])
-            extra = {k: v for k, v in row.items() if k not in RESERVED_COLUMNS}
-            for j, comp in enumerate(completions[i]):
-                total = scored["totals"][i][j]
-                out.append({
-                    "prompt_index": i, "completion_index": j,
-                    "prompt": row["prompt"],
-                    "completion": [{"role": "assistant", "content": comp["text"]}],
-                    "reward": None if math.isnan(total) else total,
-                    "rewards": scored["per_scorer"][i][j],
-                    "rank": ranks[j], "selected": (i, j) in selected,
-                    "num_tokens": comp["num_tokens"], "finish_reason": comp["finish_reason"],
-                    **extra,
-                    "provenance": {**provenance,
-                                   "sample_seed": sample_seed(s.seed, i, j)
-                                   if s.temperature > 0 else None},
-                })
-        return out
-
-    def write(self, rows: list[dict[str, Any]], pairs: list[tuple[int, int]],
-              summary: dict[str, Any]) -> dict[str, str]:
-        import datasets
-
-        n = self.s.num_samples
-        index = {(r["prompt_index"], r["completion_index"]): k for k, r in enumerate(rows)}
-        sel_idx = [index[p] for p in pairs]
-        full = datasets.Dataset.from_list(rows)
-        files: dict[str, str] = {}
-        if self.s.save_all:
-            atomic_write_jsonl(self.out / f"{ALL}.jsonl", rows)
-            atomic_write_dir(self.out / ALL, lambda d: full.save_to_disk(str(d)))
-            files.update({"all_jsonl": f"{ALL}.jsonl", "all_dataset": ALL})
-        atomic_write_jsonl(self.out / f"{SELECTED}.jsonl", [rows[k] for k in sel_idx])
-        chosen = full.select(sel_idx)
-        atomic_write_dir(self.out / SELECTED, lambda d: chosen.save_to_disk(str(d)))
-        files.update({"selected_jsonl": f"{SELECTED}.jsonl", "selected_dataset": SELECTED})
-        if plot_histogram(self.out / HISTOGRAM_FILE,
-                          [r["reward"] for r in rows if r["reward"] is not None],
-                          [rows[k]["reward"] for k in sel_idx], rule=self.s.selection, n=n):
-            files["histogram"] = HISTOGRAM_FILE
-        return files
-
-
-def plot_histogram(path: Path, before: Sequence[float], after: Sequence[float], *,
-                   rule: str = "", n: int | None = None) -> bool:
-    """PNG histogram of rewards before (all scored) and after selection; False if nothing to plot."""
-    if not before:
-        return False
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lo, hi = min(before), max(before)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    bins = [lo + (hi - lo) * k / 20 for k in range(21)]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    mean_b = math.fsum(before) / len(before)
-    ax.hist(before, bins=bins, alpha=0.55, label=f"all completions (n={len(before)}, "
-                                                 f"mean {mean_b:.3f})")
-    if after:
-        mean_a = math.fsum(after) / len(after)
-        ax.hist(after, bins=bins, alpha=0.55, label=f"selected (n={len(after)}, mean {mean_a:.3f})")
-    ax.set_xlabel("reward")
-    ax.set_ylabel("completions")
-    ax.set_title(f"Rewards before/after selection ({rule}{f', N={n}' if n else ''})")
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return True
 
 
 def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
@@ -771,7 +340,7 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
     if rows is None:
         prompt_rows, source = load_prompt_rows(settings)
     else:
-        prompt_rows = [{**dict(r), "prompt": _check_prompt(
+        prompt_rows = [{**dict(r), "prompt": check_prompt(
             [{"role": "user", "content": r["prompt"]}] if isinstance(r.get("prompt"), str)
             else r.get("prompt"), i, "rows")} for i, r in enumerate(rows)]
         source = "rows"
@@ -783,20 +352,23 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
     policy_ref = resolve_model(settings.model)
     components = resolve_components(settings, len(prompt_rows), out, policy_ref)
     out.mkdir(parents=True, exist_ok=True)
+    from .resume import check_run_config
+
+    check_run_config(out, "sample", settings)  # the cache is keyed by content: kept
     (out / SUMMARY_FILE).unlink(missing_ok=True)  # this folder is incomplete until the end
     started = time.perf_counter()
     if tokenizer is None:
         tokenizer = _load_tokenizer_for(policy_ref)
-    run = _Run(settings, out, prompt_rows, source, components, policy_ref, tokenizer, policy)
+    run = SamplingRun(settings, out, prompt_rows, source, components, policy_ref, tokenizer, policy)
     with main_process_first():  # under accelerate: the other processes read the main one's cache
         completions = run.generate()
         scored = run.score(completions)
         totals = scored["totals"]
         pairs = run.select(totals)
         chosen = set(pairs)
-        result_rows = run.build_rows(completions, scored, chosen)
-        summary = _summary(settings, run, result_rows, pairs, totals)
-        summary["files"] = run.write(result_rows, pairs, summary)
+        result_rows = build_rows(run, completions, scored, chosen)
+        summary = summarize(settings, run, result_rows, pairs, totals)
+        summary["files"] = write_outputs(run, result_rows, pairs, summary)
         summary["seconds"] = round(time.perf_counter() - started, 3)
     sft_result = None
     if components.sft is not None and not pairs and settings.on_empty_selection == "skip":
@@ -813,41 +385,6 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
                 summary["completions"], summary["reward_mean_all"], summary["reward_mean_selected"])
     selected_rows = [r for r in result_rows if r["selected"]]
     return SamplingResult(out, summary, selected_rows, result_rows, sft_result)
-
-
-def _summary(settings: SamplingSettings, run: _Run, rows: list[dict[str, Any]],
-             pairs: list[tuple[int, int]], totals: list[list[float]]) -> dict[str, Any]:
-    flat = [r for row in totals for r in row]
-    chosen = [totals[i][j] for i, j in pairs]
-    all_nan = sum(1 for row in totals if row and all(math.isnan(r) for r in row))
-    names = sorted({k for r in rows for k in r["rewards"]})
-
-    def per_name(subset: list[dict[str, Any]]) -> dict[str, float | None]:
-        return {name: _mean([math.nan if r["rewards"].get(name) is None else r["rewards"][name]
-                             for r in subset]) for name in names}
-
-    reasons: dict[str, int] = {}
-    for r in rows:
-        reasons[r["finish_reason"]] = reasons.get(r["finish_reason"], 0) + 1
-    selected_rows = [r for r in rows if r["selected"]]
-    return {
-        "complete": True,
-        "config_hash": config_hash(dataclasses.asdict(settings), len(totals)),
-        "policy": str(run.policy_ref), "source": run.source,
-        "prompts": len(totals), "num_samples": settings.num_samples, "completions": len(flat),
-        "scored": sum(1 for r in flat if not math.isnan(r)),
-        "unscored": sum(1 for r in flat if math.isnan(r)),
-        "all_nan_prompts": all_nan,
-        "selected": len(pairs), "selected_prompts": len({i for i, _ in pairs}),
-        "reward_mean_all": _mean(flat), "reward_mean_selected": _mean(chosen),
-        "reward_std_all": _std(flat), "reward_std_selected": _std(chosen),
-        "per_scorer_mean_all": per_name(rows), "per_scorer_mean_selected": per_name(selected_rows),
-        "finish_reasons": reasons,
-        "mean_completion_tokens": _mean([float(r["num_tokens"]) for r in rows]),
-        "rule": settings.selection, "rule_params": dict(settings.selection_params),
-        "sampler": run.sampler_params(), "scorer": run.scorer_params(),
-        "generation": run.stats.get("generation"), "scoring": run.stats.get("scoring"),
-    }
 
 
 def _finetune(sft: tuple[Any, dict[str, Any], Path], selected: int) -> Any:
@@ -875,3 +412,11 @@ def sample_from_config(source: str | os.PathLike | Mapping[str, Any],
     """`rlhf-plugins sample --config` as a function: load the YAML, run the stage."""
     settings, out = load_sampling_config(source, overrides, output_dir)
     return run_sampling(settings, out, finetune=finetune)
+
+
+__all__ = [
+    "ALL", "BACKENDS", "HISTOGRAM_FILE", "RESERVED_COLUMNS", "REWARD_MODEL_KEY", "SELECTED",
+    "SUMMARY_FILE", "SYNTHETIC", "SamplingComponents", "SamplingResult", "SamplingRun",
+    "SamplingSettings", "best_of_n", "check_prompt", "load_prompt_rows", "load_sampling_config",
+    "plot_histogram", "resolve_components", "run_sampling", "sample_from_config",
+]

@@ -24,8 +24,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..cache import atomic_write_bytes
+from ..models import backbone_of, hidden_size_of, unwrap
+
 __all__ = ["ValueHead", "ValueCapture", "GenerationValueCapture", "backbone_of", "capture_values",
-           "capture_generation_values", "unwrap"]
+           "capture_generation_values", "hidden_size_of", "unwrap"]
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -50,22 +53,10 @@ class ValueHead(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write the head's weights to ``directory/value_head.safetensors`` (atomically)."""
-        import os
-        import tempfile
+        from safetensors.torch import save
 
-        from safetensors.torch import save_file
-
-        path = Path(directory) / VALUE_HEAD_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        return atomic_write_bytes(Path(directory) / VALUE_HEAD_FILE, save(state))
 
     def load(self, directory: str | Path) -> bool:
         """Load weights saved by :meth:`save` when ``directory`` has them; return whether it did."""
@@ -77,29 +68,6 @@ class ValueHead(nn.Module):
         state = load_file(str(path), device=str(self.summary.weight.device))
         self.load_state_dict(state)
         return True
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / compile-style wrappers (``.module``) and return the wrapped model."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
-def backbone_of(model: nn.Module) -> nn.Module:
-    """The transformer body (``last_hidden_state`` producer) of a causal LM, PEFT-wrapped or not."""
-    model = unwrap(model)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    body = getattr(model, "base_model", None)  # transformers: the `base_model_prefix` module
-    return body if isinstance(body, nn.Module) and body is not model else model
-
-
-def hidden_size_of(model: nn.Module) -> int:
-    """The hidden size of a causal LM's last hidden state."""
-    config = unwrap(model).config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(config.hidden_size)
 
 
 class ValueCapture:

@@ -1,13 +1,17 @@
 """An example third-party rlhf-plugins plugin: a Llama-3-style chat template and a reward function.
 
-Installed, it is found through the `rlhf_plugins` entry point group; nothing else is needed.
+Both are built on :mod:`rlhf_plugins.sdk`: the template implements only ``segments()`` and
+``jinja`` (the base supplies validation, rendering, the injection-safe ``encode``, decoding),
+the reward function only ``__call__`` with one typed option. Installed, the plugin is found
+through the `rlhf_plugins` entry point group; nothing else is needed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
-from rlhf_plugins import hookimpl
-from rlhf_plugins.conversation import TEMPLATE_ROLE, Encoded
+from rlhf_plugins import hookimpl, sdk
+from rlhf_plugins.sdk import Segment, option, scaffold
 
 LLAMA3_JINJA = (
     "{{- bos_token }}"
@@ -18,43 +22,37 @@ LLAMA3_JINJA = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
+END_OF_TURN = "<|eot_id|>"
 
-class Llama3Template:
+
+@dataclass(frozen=True)
+class Llama3Template(sdk.ChatTemplate):
     """Llama-3 chat format: header tokens around the role, <|eot_id|> ends every turn."""
 
-    name = "llama3"
-    description = "Llama 3 chat format (<|start_header_id|>role<|end_header_id|>, <|eot_id|>)"
-    jinja = LLAMA3_JINJA
-    end_of_turn = "<|eot_id|>"
+    name: ClassVar[str] = "llama3"
+    description: ClassVar[str] = "Llama 3 chat format (<|start_header_id|>role<|end_header_id|>, <|eot_id|>)"
+    jinja: ClassVar[str] = LLAMA3_JINJA
 
-    def _segments(self, messages, tokenizer, add_generation_prompt):
-        bos = getattr(tokenizer, "bos_token", None) or "" if tokenizer is not None else ""
-        segments = [(bos, TEMPLATE_ROLE, -1)] if bos else []
+    def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        """BOS, then per message: header (scaffolding), content (data), <|eot_id|> (its end of turn)."""
+        bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else None
+        out = [scaffold(bos)] if bos else []
         for i, m in enumerate(messages):
-            segments.append((f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", TEMPLATE_ROLE, -1))
-            segments.append((m["content"].strip(), m["role"], i))
-            segments.append((self.end_of_turn, m["role"], i))
+            role = m["role"]
+            out += [scaffold(f"<|start_header_id|>{role}<|end_header_id|>\n\n"),
+                    Segment(m["content"].strip(), role, i, literal=True),  # content: never a control token
+                    Segment(END_OF_TURN, role, i)]  # the end of turn belongs to the message (trained)
         if add_generation_prompt:
-            segments.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", TEMPLATE_ROLE, -1))
-        return segments
+            out.append(scaffold("<|start_header_id|>assistant<|end_header_id|>\n\n"))
+        return out
 
-    def render_text(self, messages, *, tokenizer=None, add_generation_prompt=False) -> str:
-        return "".join(s for s, _, _ in self._segments(messages, tokenizer, add_generation_prompt))
-
-    def encode(self, messages, *, tokenizer=None, add_generation_prompt=False) -> Encoded:
-        if tokenizer is None:
-            raise ValueError("llama3.encode needs a tokenizer")
-        ids, roles, turns = [], [], []
-        for text, role, turn in self._segments(messages, tokenizer, add_generation_prompt):
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-            ids += piece
-            roles += [role] * len(piece)
-            turns += [turn] * len(piece)
-        return Encoded(ids, roles, turns, self.render_text(
-            messages, tokenizer=tokenizer, add_generation_prompt=add_generation_prompt), list(messages))
+    def stop_strings(self, tokenizer: Any = None) -> list[str]:
+        """<|eot_id|> ends every Llama-3 turn (generation stops there)."""
+        return [END_OF_TURN]
 
 
-def _text(completion) -> str:
+def _text(completion: Any) -> str:
     """A completion as text, whether TRL passes a string or a list of messages."""
     if isinstance(completion, str):
         return completion
@@ -62,21 +60,20 @@ def _text(completion) -> str:
 
 
 @dataclass(frozen=True)
-class KeywordBonus:
+class KeywordBonus(sdk.RewardFunction):
     """Reward 1.0 when the completion mentions `keyword` (case-insensitive), else 0.0."""
 
-    keyword: str = "please"
-    name: str = "keyword_bonus"
-    description: str = "1.0 when the completion contains the keyword, else 0.0"
+    name: ClassVar[str] = "keyword_bonus"
+    description: ClassVar[str] = "1.0 when the completion contains the keyword, else 0.0"
 
-    @property
-    def __name__(self) -> str:  # TRL logs reward functions by __name__
-        return self.name
+    keyword: str = option("please", help="the word to look for (case-insensitive)")
 
-    def configure(self, **options) -> "KeywordBonus":
-        return replace(self, **options)
+    def validate_options(self) -> None:
+        """The keyword must not be empty (every completion would match)."""
+        if not self.keyword:
+            raise ValueError("option 'keyword' must not be empty")
 
-    def __call__(self, prompts, completions, **columns) -> list[float]:
+    def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
         return [float(self.keyword.lower() in _text(c).lower()) for c in completions]
 
 

@@ -1,0 +1,321 @@
+"""Sampling N completions per prompt: HF `generate` (batched, left padding) or vLLM when installed.
+
+Every completion has its own random stream, seeded by ``(seed, prompt index, sample index)``
+(:func:`sample_seed`): a logits processor draws each row's next token with that row's
+``torch.Generator`` and hands HF's greedy decoder a one-hot choice. A completion therefore does
+not depend on which other prompts share its batch, on the batch size, or on whether the run
+was interrupted and resumed (up to the floating-point effect of padding on the forward pass,
+which is fixed for a fixed chunk of prompts). Temperature 0 means greedy decoding.
+
+Prompts are token ids produced by the chat template component with
+``add_generation_prompt=True``; generation stops at the template's end-of-turn token(s)
+(:func:`end_of_turn_token_ids`) and at every stop string that is several tokens
+(:func:`end_of_turn_stop_strings`, through transformers' ``stop_strings``); the stop token or
+string is not part of the returned text, and each completion records why it ended
+(``finish_reason``: ``stop`` or ``length``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any, Callable, NamedTuple, Sequence
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_SENTINEL = "Zq7SENTINELx9"
+
+
+class Completion(NamedTuple):
+    """One sampled completion: its text (stop token cut), generated tokens, and why it ended."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens)
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of completion `sample_index` of prompt `prompt_index` (stable across runs)."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(prompt_index)}:{int(sample_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def end_of_turn_token_ids(template: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn in `template`, then the tokenizer's eos.
+
+    Exactly what the template declares: ``stop_token_ids(tokenizer)``, then each of
+    ``stop_strings(tokenizer)`` as a token (a string that is several tokens of `tokenizer` is
+    left to :func:`end_of_turn_stop_strings`); templates that leave them out get the Protocol's defaults (none; the eos). When
+    that yields nothing beyond the eos, an assistant turn is rendered and the special token right
+    after its content is added too, so a template's own end-of-turn marker still stops generation.
+    """
+    from .protocols import member
+
+    ids: list[int] = []
+
+    def add_token(tid: Any) -> None:
+        if isinstance(tid, int) and tid >= 0 and tid not in ids:
+            ids.append(tid)
+
+    def add_string(text: Any) -> None:
+        if not isinstance(text, str) or not text:
+            return
+        tid = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            add_token(tid)
+            return
+        pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(pieces) == 1:
+            add_token(pieces[0])
+
+    for tid in member(template, "chat_templates", "stop_token_ids")(tokenizer) or ():
+        add_token(int(tid))
+    for text in member(template, "chat_templates", "stop_strings")(tokenizer) or ():
+        add_string(text)
+    eos = tokenizer.eos_token_id
+    if not any(t != eos for t in ids):
+        ids.extend(t for t in _rendered_end_of_turn(template, tokenizer) if t not in ids)
+    add_token(eos)
+    if not ids:
+        raise ConfigError("generation: cannot find an end-of-turn token for the chat template "
+                          "and the tokenizer has no eos token")
+    return ids
+
+
+def _single_token(tokenizer: Any, text: str) -> bool:
+    tid = tokenizer.convert_tokens_to_ids(text)
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+        return True
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
+
+
+def end_of_turn_stop_strings(template: Any, tokenizer: Any) -> list[str]:
+    """The template's stop strings that are several tokens of `tokenizer` (the others are ids in
+    :func:`end_of_turn_token_ids`); generation stops at them too, through ``stop_strings``."""
+    from .protocols import member
+
+    out: list[str] = []
+    for text in member(template, "chat_templates", "stop_strings")(tokenizer) or ():
+        if isinstance(text, str) and text and text not in out and not _single_token(tokenizer, text):
+            out.append(text)
+    return out
+
+
+def _rendered_end_of_turn(template: Any, tokenizer: Any) -> list[int]:
+    """The special token right after an assistant message's content, found by rendering one."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = template.render_text(messages, tokenizer=tokenizer, add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this simply declares nothing
+        return []
+    at = text.find(_SENTINEL)
+    if at < 0:
+        return []
+    suffix = text[at + len(_SENTINEL):]
+    pieces = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}) or {}}
+    return [pieces[0]] if pieces and pieces[0] in special else []
+
+
+def encode_prompt(template: Any, tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    """Token ids of a conversational prompt followed by the assistant generation prompt."""
+    encoded = template.encode(list(messages), tokenizer=tokenizer, add_generation_prompt=True)
+    return [int(t) for t in encoded.input_ids]
+
+
+def _make_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> Any:
+    """A LogitsProcessor drawing row r's token from its own generator seeded with seeds[r]."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class PerSampleSampler(LogitsProcessor):
+        """Temperature + nucleus sampling with one torch.Generator per row; returns a one-hot choice."""
+
+        def __init__(self) -> None:
+            self.generators: list[torch.Generator] | None = None
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.generators is None:
+                self.generators = [torch.Generator(device=scores.device).manual_seed(int(s))
+                                   for s in seeds]
+            probs = torch.softmax(scores.float() / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = probs.sort(dim=-1, descending=True)
+                # keep the smallest prefix whose mass reaches top_p (the top token always stays)
+                drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
+                sorted_p = sorted_p.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+            choice = torch.stack([torch.multinomial(probs[r], 1, generator=g)[0]
+                                  for r, g in enumerate(self.generators)])
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter_(1, choice[:, None], 0.0)
+
+    return PerSampleSampler()
+
+
+class HFGenerator:
+    """N completions per prompt with `model.generate`; `calls` counts generate calls made."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, stop_ids: Sequence[int],
+                 max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0, batch_size: int = 16, stop_strings: Sequence[str] = ()) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = [int(t) for t in stop_ids]
+        #: multi-token stop strings (transformers' `stop_strings` criterion; text cut before them)
+        self.stop_strings = [str(t) for t in stop_strings if t]
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
+        self.calls = 0
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], prompt_indices: Sequence[int],
+                 num_samples: int, progress: Callable[[int], Any] | None = None,
+                 ) -> list[list[Completion]]:
+        """`num_samples` completions for each prompt (ids), seeded by its global index."""
+        import torch
+        from transformers import GenerationConfig
+
+        jobs = [(p, j) for p in range(len(prompt_ids)) for j in range(num_samples)]
+        jobs.sort(key=lambda job: (len(prompt_ids[job[0]]), job))  # less padding per batch
+        out: list[list[Completion | None]] = [[None] * num_samples for _ in prompt_ids]
+        greedy = self.temperature == 0.0
+        config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False,
+                                  eos_token_id=list(self.stop_ids), pad_token_id=self.pad_id,
+                                  stop_strings=list(self.stop_strings) or None)
+        extra = {"tokenizer": self.tokenizer} if self.stop_strings else {}
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            for start in range(0, len(jobs), self.batch_size):
+                batch = jobs[start:start + self.batch_size]
+                width = max(len(prompt_ids[p]) for p, _ in batch)
+                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, (p, _) in enumerate(batch):  # left padding (decoder-only generation)
+                    n = len(prompt_ids[p])
+                    ids[row, width - n:] = torch.tensor(list(prompt_ids[p]), dtype=torch.long)
+                    mask[row, width - n:] = 1
+                processors = []
+                if not greedy:
+                    seeds = [sample_seed(self.seed, prompt_indices[p], j) for p, j in batch]
+                    processors.append(_make_sampler(seeds, self.temperature, self.top_p))
+                with torch.no_grad():
+                    self.calls += 1
+                    generated = model.generate(input_ids=ids.to(device),
+                                               attention_mask=mask.to(device),
+                                               generation_config=config,
+                                               logits_processor=processors or None, **extra)
+                new_tokens = generated[:, width:].tolist()
+                for row, (p, j) in enumerate(batch):
+                    out[p][j] = self._completion(new_tokens[row])
+                if progress is not None:
+                    progress(len(batch))
+        finally:
+            model.train(was_training)
+        return [[c for c in row if c is not None] for row in out]
+
+    def _completion(self, tokens: list[int]) -> Completion:
+        cut = next((k for k, t in enumerate(tokens) if t in self.stop_ids), None)
+        body = tokens if cut is None else tokens[:cut]
+        if self.stop_strings:
+            found = cut_at_stop_string(self.tokenizer, body, self.stop_strings)
+            if found is not None:
+                return Completion(found[0], found[1], "stop")
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        return Completion(text, len(body), "length" if cut is None else "stop")
+
+
+def cut_at_stop_string(tokenizer: Any, tokens: Sequence[int], stop_strings: Sequence[str],
+                       ) -> tuple[str, int] | None:
+    """(text before the first stop string, tokens wholly before it), or None when none occurs.
+
+    The text drops special tokens as ``decode(skip_special_tokens=True)`` does.
+    """
+    def text_of(k: int) -> str:
+        return tokenizer.decode(list(tokens[:k]), skip_special_tokens=False)
+
+    full = text_of(len(tokens))
+    hits = [(full.find(s), s) for s in stop_strings if s in full]
+    if not hits:
+        return None
+    start = min(h[0] for h in hits)
+    lo, hi = 0, len(tokens)  # the largest k whose text ends at or before the stop string
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(text_of(mid)) <= start:
+            lo = mid
+        else:
+            hi = mid - 1
+    text = full[:start]
+    for special in sorted(getattr(tokenizer, "all_special_tokens", []) or [], key=len, reverse=True):
+        text = text.replace(special, "")
+    return text, lo
+
+
+def vllm_available() -> bool:
+    """True when vLLM can be imported (it is optional)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMGenerator:
+    """The same interface as :class:`HFGenerator` on vLLM (per-request seeds); optional backend."""
+
+    def __init__(self, model_path: str | os.PathLike, *, stop_ids: Sequence[int],
+                 max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0, dtype: str | None = None, stop_strings: Sequence[str] = (),
+                 **llm_kwargs: Any) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(model=os.fspath(model_path), seed=int(seed), dtype=dtype or "auto",
+                       **llm_kwargs)
+        self.stop_ids = [int(t) for t in stop_ids]
+        self.stop_strings = [str(t) for t in stop_strings if t]
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.seed = int(seed)
+        self.calls = 0
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], prompt_indices: Sequence[int],
+                 num_samples: int, progress: Callable[[int], Any] | None = None,
+                 ) -> list[list[Completion]]:
+        """`num_samples` completions for each prompt (ids), one seeded request per completion."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        requests, params = [], []
+        for ids, index in zip(prompt_ids, prompt_indices):
+            for j in range(num_samples):
+                requests.append(TokensPrompt(prompt_token_ids=[int(t) for t in ids]))
+                params.append(SamplingParams(
+                    n=1, temperature=self.temperature, top_p=self.top_p,
+                    max_tokens=self.max_new_tokens, stop_token_ids=self.stop_ids,
+                    stop=list(self.stop_strings) or None,
+                    seed=None if self.temperature == 0.0 else sample_seed(self.seed, index, j),
+                    skip_special_tokens=True))
+        self.calls += 1
+        results = self.llm.generate(requests, params, use_tqdm=False)
+        out: list[list[Completion]] = []
+        for p in range(len(prompt_ids)):
+            row = []
+            for j in range(num_samples):
+                o = results[p * num_samples + j].outputs[0]
+                tokens = [t for t in o.token_ids if t not in self.stop_ids]
+                reason = "stop" if o.finish_reason == "stop" else "length"
+                row.append(Completion(o.text, len(tokens), reason))
+            out.append(row)
+        if progress is not None:
+            progress(len(requests))
+        return out

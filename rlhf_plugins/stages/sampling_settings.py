@@ -1,0 +1,293 @@
+"""Rejection sampling: its settings (YAML fields of `rlhf-plugins sample`), result, prompts
+and components (resolved and validated before any model loads)."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..config import build_dataclass
+from ..errors import ConfigError, DataError, RlhfPluginsError
+from ..models import QuantSettings
+from .skeleton import SYNTHETIC, load_dataset_source, read_stage_source
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("hf", "vllm", "auto")
+SUMMARY_FILE = "summary.json"
+SELECTED = "selected"
+ALL = "all"
+HISTOGRAM_FILE = "rewards.png"
+REWARD_MODEL_KEY = "reward_model"
+#: columns every output row has; dataset columns with these names are not copied
+RESERVED_COLUMNS = frozenset({"prompt_index", "completion_index", "prompt", "completion",
+                              "reward", "rewards", "rank", "selected", "num_tokens",
+                              "finish_reason", "provenance"})
+
+
+@dataclass
+class SamplingSettings:
+    """A rejection-sampling / best-of-N config (YAML fields of `rlhf-plugins sample`)."""
+
+    #: policy: HF model dir, PEFT adapter dir, hub id, .gguf, or None/"default" (embedded SmolLM2)
+    model: str | None = None
+    #: JSONL/JSON file, saved HF dataset dir, or "synthetic" (the built-in verifiable task)
+    dataset: str = SYNTHETIC
+    dataset_split: str = "train"
+    #: column holding the prompt: a message list (conversational) or a string (one user turn)
+    prompt_field: str = "prompt"
+    #: use at most this many prompts (synthetic: how many problems; default 64)
+    num_prompts: int | None = None
+    dataset_seed: int = 0
+    template: str = "chatml"
+    #: N, completions per prompt
+    num_samples: int = 4
+    max_new_tokens: int = 128
+    #: 0 = greedy decoding
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    #: sequences per `generate` call
+    batch_size: int = 16
+    #: prompts per cache chunk (the unit of resume)
+    chunk_size: int = 8
+    #: "hf" (transformers generate), "vllm" (must be installed), "auto" (vllm if installed)
+    backend: str = "hf"
+    dtype: str | None = None
+    quantization: QuantSettings | None = None
+    #: reward function specs: names, or {"name", "weight", **options}
+    reward_functions: list[Any] = field(default_factory=list)
+    #: a reward model directory: `rlhf-plugins rm` output, or any transformers
+    #: sequence-classification reward model (e.g. TRL RewardTrainer's); loaded as trained
+    reward_model: str | None = None
+    reward_model_weight: float = 1.0
+    reward_batch_size: int = 16
+    #: a selection rule component name and its parameters
+    selection: str = "top_per_prompt"
+    selection_params: dict[str, Any] = field(default_factory=dict)
+    #: also write every completion (all.jsonl, all/)
+    save_all: bool = True
+    #: cache generations/scores per chunk (resume); false recomputes everything
+    cache: bool = True
+    #: fine-tune on the selection with the SFT stage after writing it
+    finetune: bool = False
+    #: when the rule selects nothing: "error", or "skip" the fine-tuning (policy unchanged)
+    on_empty_selection: str = "error"
+    #: SFT stage config (SFTSettings + TRL SFTConfig fields); model/dataset/template default
+    #: to the policy, the selection and `template`
+    sft: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.on_empty_selection not in ("error", "skip"):
+            raise ConfigError(f"on_empty_selection: expected 'error' or 'skip', got "
+                              f"{self.on_empty_selection!r}")
+        if isinstance(self.quantization, Mapping):
+            self.quantization = build_dataclass(QuantSettings, self.quantization, "quantization")
+        elif self.quantization is True:
+            self.quantization = QuantSettings()
+        elif self.quantization is False:
+            self.quantization = None
+        _positive_int(self, "num_samples", "max_new_tokens", "batch_size", "chunk_size",
+                      "reward_batch_size")
+        if self.num_prompts is not None:
+            _positive_int(self, "num_prompts")
+        for name in ("seed", "dataset_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if _not_number(self.temperature) or self.temperature < 0:
+            raise ConfigError(f"temperature: expected a number >= 0, got {self.temperature!r}")
+        if _not_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        if _not_number(self.reward_model_weight):
+            raise ConfigError(f"reward_model_weight: expected a number, got {self.reward_model_weight!r}")
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name in ("dataset", "template", "selection", "prompt_field", "dataset_split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+        if not isinstance(self.reward_functions, (list, tuple)):
+            self.reward_functions = [self.reward_functions]
+        self.reward_functions = list(self.reward_functions)
+        if not isinstance(self.selection_params, Mapping):
+            raise ConfigError(f"selection_params: expected a mapping, got {self.selection_params!r}")
+        self.selection_params = dict(self.selection_params)
+        if self.sft is None:
+            self.sft = {}
+        if not isinstance(self.sft, Mapping):
+            raise ConfigError(f"sft: expected a mapping of SFT settings, got {self.sft!r}")
+        self.sft = dict(self.sft)
+
+
+def _not_number(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+
+
+def _positive_int(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+
+
+@dataclass
+class SamplingResult:
+    """What a sampling run wrote: the folder, the summary, and the SFT result when fine-tuned."""
+
+    output_dir: Path
+    summary: dict[str, Any]
+    selected: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    sft: Any = None
+
+    @property
+    def selected_path(self) -> Path:
+        """The selected completions as JSONL."""
+        return self.output_dir / f"{SELECTED}.jsonl"
+
+
+# --------------------------------------------------------------------------------------------
+# Config and prompts
+# --------------------------------------------------------------------------------------------
+
+def load_sampling_config(source: str | os.PathLike | Mapping[str, Any],
+                         overrides: Sequence[str] | Mapping[str, Any] | None = None,
+                         output_dir: str | os.PathLike | None = None,
+                         ) -> tuple[SamplingSettings, Path]:
+    """Read a sampling YAML (or mapping) + `key=value` overrides -> (settings, output dir)."""
+    data, where, out = read_stage_source(source, overrides, output_dir)
+    return build_dataclass(SamplingSettings, data, where), Path(out)
+
+
+def load_prompt_rows(settings: SamplingSettings) -> tuple[list[dict[str, Any]], str]:
+    """The prompt rows (each with a conversational `prompt`) and a label naming their source."""
+    split = settings.dataset_split
+    if settings.dataset == SYNTHETIC:
+        from ..data import synth
+
+        rows = synth.rl_rows(settings.num_prompts or 64, seed=settings.dataset_seed, split=split)
+        label = f"synthetic[{split}]"
+    else:
+        dataset, label = load_dataset_source(settings.dataset, split=split,
+                                             num_examples=settings.num_prompts)
+        rows = [dict(r) for r in dataset]
+    if not rows:
+        raise DataError(f"dataset: {label}: no rows")
+    out = []
+    for i, row in enumerate(rows):
+        if settings.prompt_field not in row:
+            raise DataError(f"dataset {label}: row {i}: missing field {settings.prompt_field!r}")
+        prompt = row[settings.prompt_field]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        prompt = check_prompt(prompt, i, label)
+        extra = {k: v for k, v in row.items() if k != settings.prompt_field}
+        out.append({"prompt": prompt, **extra})
+    return out, label
+
+
+def check_prompt(prompt: Any, i: int, label: str) -> list[dict]:
+    """A prompt as validated messages (a DataError naming the row; no final assistant turn)."""
+    from ..conversation import validate_messages
+
+    try:
+        messages = validate_messages(prompt, row=i)
+    except DataError as exc:
+        raise DataError(f"dataset {label}: {exc}") from None
+    if messages[-1].get("role") == "assistant":
+        raise DataError(f"dataset {label}: row {i}: the prompt ends with an assistant message")
+    return [dict(m) for m in messages]
+
+
+# --------------------------------------------------------------------------------------------
+# Components (resolved and validated before any model loads)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingComponents:
+    """What a run uses, resolved from its settings: template, scorers, rule, SFT config."""
+
+    template: Any
+    funcs: list[Any]
+    weights: list[float]
+    function_specs: list[Any]
+    rule: Any
+    reward_model_dir: Path | None
+    sft: tuple[Any, dict[str, Any], Path] | None
+
+
+def _spec_repr(spec: Any) -> Any:
+    """A JSON-able description of a reward function spec (for hashes and provenance)."""
+    if isinstance(spec, (str, int, float)) or spec is None:
+        return spec
+    if isinstance(spec, Mapping):
+        return {str(k): _spec_repr(v) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return [_spec_repr(v) for v in spec]
+    from ..rewarding import reward_function_name
+
+    return f"<callable {reward_function_name(spec)}>"
+
+
+def resolve_components(settings: SamplingSettings, num_prompts: int, output_dir: Path,
+                       policy_ref: str | None = None) -> SamplingComponents:
+    """Look up the template, reward functions, selection rule, reward model and SFT config.
+
+    Unknown names, bad rule parameters (the rule is run once on a dummy reward matrix of the
+    run's shape), a missing reward model and a bad SFT section fail here, before loading models.
+    """
+    from .. import registry
+    from ..rewarding import resolve_reward_functions
+
+    if not settings.reward_functions and not settings.reward_model:
+        raise ConfigError("no scorer: set `reward_functions` (names) and/or `reward_model` "
+                          "(a saved reward model directory)")
+    reg = registry()
+    template = reg.chat_templates.get(settings.template)
+    funcs, weights = resolve_reward_functions(settings.reward_functions) \
+        if settings.reward_functions else ([], [])
+    rule = reg.selection_rules.get(settings.selection, **settings.selection_params) \
+        if settings.selection_params else reg.selection_rules.get(settings.selection)
+    dummy = [[0.0] * settings.num_samples for _ in range(num_prompts)]
+    try:
+        rule.select(dummy)
+    except RlhfPluginsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a third-party rule may dislike the dummy input
+        logger.warning("selection rule %r failed on a dummy reward matrix (%s: %s); "
+                       "continuing", settings.selection, type(exc).__name__, exc)
+    rm_dir = None
+    if settings.reward_model:
+        from .reward_export import check_reward_model_dir
+
+        rm_dir = check_reward_model_dir(settings.reward_model)
+    if settings.backend == "vllm":
+        from ..generation import vllm_available
+
+        if not vllm_available():
+            raise ConfigError("backend: vllm is not installed (use backend: hf)")
+    sft = None
+    if settings.finetune:
+        sft = _sft_settings(settings, output_dir, policy_ref)
+    specs = [_spec_repr(s) for s in settings.reward_functions]
+    return SamplingComponents(template, funcs, weights, specs, rule, rm_dir, sft)
+
+
+def _sft_settings(settings: SamplingSettings, output_dir: Path,
+                  policy_ref: str | None) -> tuple[Any, dict[str, Any], Path]:
+    from trl import SFTConfig
+
+    from ..config import load_stage_config
+    from .sft import SFTSettings
+
+    data = dict(settings.sft)
+    out = Path(data.pop("output_dir", None) or output_dir / "sft")
+    base = {"model": policy_ref if policy_ref is not None else settings.model,
+            "dataset": str(output_dir / f"{SELECTED}.jsonl"), "template": settings.template}
+    ours, trl_kwargs = load_stage_config({**base, **data}, SFTSettings, SFTConfig, where="sft")
+    return ours, trl_kwargs, out
