@@ -23,6 +23,7 @@ from ..config import build_dataclass, config_hash, load_stage_config, load_yaml
 from ..errors import ConfigError, RlhfPluginsError
 from ..report import atomic_write_text, write_report
 from .distributed import is_main_process, main_process_first
+from .stage_specs import DATA_FILES, STAGE_SPECS, locate
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ class Pipeline:
                 try:
                     STAGE_SPECS[name].check(settings, trl_kwargs, Path(scratch) / name)
                 except ConfigError as exc:
-                    raise ConfigError(_locate(str(exc), where)) from None
+                    raise ConfigError(locate(str(exc), where)) from None
                 except RlhfPluginsError as exc:
                     raise type(exc)(f"{where}: {exc}") from None
 
@@ -395,121 +396,6 @@ class Pipeline:
             return self.run_dir / "report.md"
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         return write_report(self.run_dir, summary)
-
-
-# --- the table of stages ---------------------------------------------------------------------
-
-#: the files `write_data` writes (keys of `Pipeline.paths`)
-DATA_FILES = ("sft", "preference", "preference_eval", "rl", "eval")
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One pipeline stage: its config classes, its defaults from the pipeline, and its checks."""
-
-    classes: Callable[[], tuple[type, type | None]]
-    defaults: Callable[["Pipeline", str, str | None], dict[str, Any]]
-    check: Callable[[Any, dict[str, Any], Path], None]
-
-
-def _sft_classes() -> tuple[type, type]:
-    from trl import SFTConfig
-
-    from .sft import SFTSettings
-    return SFTSettings, SFTConfig
-
-
-def _rm_classes() -> tuple[type, type]:
-    from trl import RewardConfig
-
-    from .reward import RMSettings
-    return RMSettings, RewardConfig
-
-
-def _sampling_classes() -> tuple[type, None]:
-    from .sampling import SamplingSettings
-    return SamplingSettings, None
-
-
-def _ppo_classes() -> tuple[type, type]:
-    from trl import GRPOConfig
-
-    from .ppo import PPOSettings
-    return PPOSettings, GRPOConfig
-
-
-def _check_sft(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
-    from .sft import build_sft_config, get_components
-
-    get_components(settings.template, settings.masking)
-    build_sft_config(trl_kwargs, out)
-
-
-def _check_rm(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
-    from .. import registry
-    from .reward import build_rm_config
-
-    registry().chat_templates.get(settings.template)
-    registry().reward_heads.get(settings.head, **settings.head_config())
-    build_rm_config(trl_kwargs, out)
-
-
-def _check_sampling(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
-    from .sampling import resolve_components
-
-    resolve_components(settings, settings.num_prompts or 8, out, policy_ref="<policy>")
-
-
-def _check_ppo(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
-    from .. import registry
-    from .ppo import check_ppo_config
-
-    registry().chat_templates.get(settings.template)
-    check_ppo_config(settings, trl_kwargs, out)
-
-
-def _training_defaults(p: "Pipeline", policy: str, data: str, **extra: Any) -> dict[str, Any]:
-    return {**p.common(), "model": policy, "dataset": p.paths[data], **extra}
-
-
-def _ppo_defaults(p: "Pipeline", policy: str, rm: str | None) -> dict[str, Any]:
-    """PPO scores with the reward-model stage's output (attached to the policy's base when it
-    was trained on it, else as a separate model) unless the section names its own."""
-    extra: dict[str, Any] = {"reward_functions": list(p.s.eval.reward_functions)}
-    if rm is not None and not {"reward_adapter", "reward_model"} & set(p.s.ppo):
-        extra["reward_model"] = rm
-    return _training_defaults(p, policy, "rl", **extra)
-
-
-STAGE_SPECS: dict[str, StageSpec] = {
-    "sft": StageSpec(_sft_classes, lambda p, policy, rm: _training_defaults(p, policy, "sft", merge=True),
-                     _check_sft),
-    "reward_model": StageSpec(
-        _rm_classes,
-        lambda p, policy, rm: _training_defaults(p, policy, "preference",
-                                                 eval_dataset=p.paths["preference_eval"]),
-        _check_rm),
-    "rejection_sampling": StageSpec(
-        _sampling_classes,
-        lambda p, policy, rm: {
-            "model": policy, "dataset": p.paths["rl"], "template": p.s.template, "seed": p.s.seed,
-            "reward_functions": list(p.s.eval.reward_functions), "reward_model": rm,
-            "finetune": True, "on_empty_selection": "skip",
-            "sft": {**{k: v for k, v in p.common().items() if k in ("lora", "quantization", "seed")},
-                    "merge": True}},
-        _check_sampling),
-    "ppo": StageSpec(_ppo_classes, lambda p, policy, rm: _ppo_defaults(p, policy, rm), _check_ppo),
-}
-
-
-def _locate(message: str, where: str) -> str:
-    """A stage check's `field: text` message located in the config (`file: section.field: text`)."""
-    if message.startswith(where) or ": " in where and message.startswith(where.split(": ")[0]):
-        return message
-    head, sep, rest = message.partition(":")
-    if sep and head.replace("_", "").replace(".", "").isalnum() and " " not in head:
-        return f"{where}.{head}:{rest}"
-    return f"{where}: {message}"
 
 
 def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
