@@ -10,6 +10,7 @@ logger = logging.getLogger(__name__)
 def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]], *,
                     template: str = "chatml", reward_functions: Sequence[Any] = ("exact_answer",),
                     max_new_tokens: int = 96, batch_size: int = 16, samples: int = 3,
+                    stop_patterns: Sequence[str] = (),
                     ) -> dict[str, Any]:
     """Greedy-decode every row's `prompt`, score with the reward functions; accuracy = first one.
 
@@ -29,7 +30,7 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
     ids = [encode_prompt(tpl, tokenizer, p) for p in prompts]
     generator = HFGenerator(model, tokenizer, stop_ids=end_of_turn_token_ids(tpl, tokenizer),
                             max_new_tokens=max_new_tokens, temperature=0.0,
-                            batch_size=batch_size,
+                            batch_size=batch_size, stop_patterns=stop_patterns,
                             stop_strings=end_of_turn_stop_strings(tpl, tokenizer))
     with tqdm(total=len(ids), desc="evaluating", leave=False) as bar:
         generated = generator.generate(ids, list(range(len(ids))), 1, progress=bar.update)
@@ -47,12 +48,22 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
         # per problem, in row order: what the paired intervals between stages are computed from
         "correct": [bool(v) for v in first],
         "uids": [r.get("uid", i) for i, r in enumerate(rows)],
+        "accuracy_by_kind": accuracy_by_kind(rows, first),
         "samples": [{"prompt": r["prompt"][-1]["content"], "answer": r.get("answer"),
                      "completion": c, "correct": bool(first[i])}
                     for i, (r, c) in enumerate(zip(rows[:samples], completions[:samples]))],
     }
     logger.info("held-out accuracy %.3f over %d prompts", out["accuracy"], len(rows))
     return out
+
+
+def accuracy_by_kind(rows: Sequence[Mapping[str, Any]], correct: Sequence[Any]) -> dict[str, float]:
+    """Accuracy per value of the rows' `kind` column (the synthetic task's problem types)."""
+    groups: dict[str, list[float]] = {}
+    for row, value in zip(rows, correct):
+        if isinstance(row.get("kind"), str) and value is not None:
+            groups.setdefault(row["kind"], []).append(float(value))
+    return {kind: sum(v) / len(v) for kind, v in sorted(groups.items())}
 
 
 def evaluate_saved_policy(model_dir: str, rows: Sequence[Mapping[str, Any]], *,

@@ -161,8 +161,13 @@ class HFGenerator:
 
     def __init__(self, model: Any, tokenizer: Any, *, stop_ids: Sequence[int],
                  max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int = 0, batch_size: int = 16, stop_strings: Sequence[str] = ()) -> None:
+                 seed: int = 0, batch_size: int = 16, stop_strings: Sequence[str] = (),
+                 stop_patterns: Sequence[str] = ()) -> None:
+        import re
+
         self.model = model
+        #: regular expressions that end a completion once its text matches (e.g. an answer line)
+        self.stop_patterns = [re.compile(p) for p in stop_patterns if p]
         self.tokenizer = tokenizer
         self.stop_ids = [int(t) for t in stop_ids]
         #: multi-token stop strings (transformers' `stop_strings` criterion; text cut before them)
@@ -206,6 +211,8 @@ class HFGenerator:
                     ids[row, width - n:] = torch.tensor(list(prompt_ids[p]), dtype=torch.long)
                     mask[row, width - n:] = 1
                 processors = []
+                criteria = ([_PatternStop(self.tokenizer, self.stop_patterns, width)]
+                            if self.stop_patterns else None)
                 if not greedy:
                     seeds = [sample_seed(self.seed, prompt_indices[p], j) for p, j in batch]
                     processors.append(_make_sampler(seeds, self.temperature, self.top_p))
@@ -214,7 +221,8 @@ class HFGenerator:
                     generated = model.generate(input_ids=ids.to(device),
                                                attention_mask=mask.to(device),
                                                generation_config=config,
-                                               logits_processor=processors or None, **extra)
+                                               logits_processor=processors or None,
+                                               stopping_criteria=criteria, **extra)
                 new_tokens = generated[:, width:].tolist()
                 for row, (p, j) in enumerate(batch):
                     out[p][j] = self._completion(new_tokens[row])
@@ -232,7 +240,25 @@ class HFGenerator:
             if found is not None:
                 return Completion(found[0], found[1], "stop")
         text = self.tokenizer.decode(body, skip_special_tokens=True)
+        for pattern in self.stop_patterns:
+            match = pattern.search(text)
+            if match is not None:
+                return Completion(text[:match.end()], len(body), "stop")
         return Completion(text, len(body), "length" if cut is None else "stop")
+
+
+def _PatternStop(tokenizer: Any, patterns: Sequence[Any], start: int) -> Any:  # noqa: N802
+    """A transformers StoppingCriteria: a row is done once its new text matches a pattern."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class PatternStop(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([any(p.search(t) for p in patterns) for t in texts],
+                                dtype=torch.bool, device=input_ids.device)
+
+    return PatternStop()
 
 
 def cut_at_stop_string(tokenizer: Any, tokens: Sequence[int], stop_strings: Sequence[str],

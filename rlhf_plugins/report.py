@@ -178,6 +178,12 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path
     chart = plot_accuracy(evals, run_dir)
     if chart:
         parts.append(f"\n![accuracy]({chart})\n")
+    kinds = sorted({k for e in evals.values() for k in (e.get("accuracy_by_kind") or {})})
+    if kinds:
+        parts.append("\nAccuracy by problem kind:\n")
+        parts.append(_table([[name] + [(e.get("accuracy_by_kind") or {}).get(k, "") for k in kinds]
+                             for name, e in evals.items()], ["after"] + kinds))
+        parts.append("")
     parts.append(_table([[name, s.get("wall_time_s", 0.0), s.get("peak_memory_mb", ""),
                           "skipped (output up to date)" if s.get("skipped") else "ran",
                           ", ".join(f"{k}={v}" for k, v in (s.get("components") or {}).items())]

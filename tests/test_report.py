@@ -40,3 +40,33 @@ def test_report_puts_key_numbers_first_and_raw_metrics_in_an_appendix(tmp_path):
     assert "total_flos" in appendix and "total_flos" not in report[:report.index("<details>")]
     assert "train_loss" in report[:report.index("<details>")]
     assert (tmp_path / "curves_sft.png").is_file() and (tmp_path / "accuracy.png").is_file()
+
+
+def test_generation_stops_at_an_answer_line_pattern():
+    """A stop pattern ends greedy generation early (a tiny model that would run to the limit)."""
+    import re
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers_tokenizers import make_tokenizer
+    from rlhf_plugins.data.synth import ANSWER_STOP_PATTERN
+    from rlhf_plugins.generation import HFGenerator
+
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, max_position_embeddings=128))
+    prompt = tok("hello", add_special_tokens=False)["input_ids"]
+    gen = HFGenerator(model, tok, stop_ids=[], max_new_tokens=12, temperature=0.0)
+    free = gen.generate([prompt], [0], 1)[0][0]
+    assert free.finish_reason == "length" and free.num_tokens == 12
+    # stop once the text so far contains its first two characters: a pattern that must hit
+    target = re.escape(free.text[:2])
+    stopped = HFGenerator(model, tok, stop_ids=[], max_new_tokens=12, temperature=0.0,
+                          stop_patterns=[target]).generate([prompt], [0], 1)[0][0]
+    assert stopped.finish_reason == "stop" and stopped.num_tokens < 12
+    assert stopped.text == free.text[:2]
+    assert re.search(ANSWER_STOP_PATTERN, "so\n\nThe answer is 12.5.\nThe answer")
+    assert re.search(ANSWER_STOP_PATTERN, "The answer is 12.5").__class__ is type(None)

@@ -14,6 +14,9 @@ from typing import Any, Callable, Iterable, Sequence
 from ..errors import ConfigError
 
 ANSWER_TEMPLATE = "The answer is {}."
+#: a completed answer line (the number may hold '.', so the line ends at '.' + whitespace);
+#: generation for evaluation stops there instead of repeating it until max_new_tokens
+ANSWER_STOP_PATTERN = r"The answer is\s*\S+?\.(?=\s)"
 STEP_SEPARATOR = "\n\n"
 INSTRUCTION = 'Solve step by step. End with "The answer is <number>."'
 SPLITS: dict[str, range] = {"train": range(0, 80), "validation": range(80, 90), "test": range(90, 100)}

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..cache import atomic_write_lines, atomic_write_text
 from ..errors import ConfigError
 from .problems import (  # noqa: F401 - re-exported: the task's public names live here too
+    ANSWER_STOP_PATTERN,
     ANSWER_TEMPLATE,
     HELD_OUT_SPLIT,
     INSTRUCTION,

@@ -49,6 +49,8 @@ class EvalSettings:
     batch_size: int = 16
     samples_in_report: int = 3
     reward_functions: list[str] = field(default_factory=lambda: ["exact_answer"])
+    #: stop a completion once its text matches (the task's answer line); null: run to the limit
+    stop_pattern: str | None = r"The answer is\s*\S+?\.(?=\s)"
 
 
 @dataclass
@@ -240,6 +242,7 @@ class Pipeline:
         result = evaluate_saved_policy(model_dir, rows, adapter_dir=adapter_dir,
                                        template=self.s.template, reward_functions=e.reward_functions,
                                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                       stop_patterns=[e.stop_pattern] if e.stop_pattern else [],
                                        samples=e.samples_in_report)
         atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=2))
         self.evals[label] = result
