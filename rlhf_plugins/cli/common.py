@@ -36,6 +36,17 @@ def add_output_and_overrides(parser: Any, output_help: str, example: str = SET_E
                              f"e.g. {example})")
 
 
+def stage_command(subparsers: Any, name: str, *, help: str, description: str,  # noqa: A002
+                  output_help: str, func: Any, config_required: bool = True,
+                  config_help: str = "stage config file") -> Any:
+    """A stage command's parser: ``--config YAML``, ``--output-dir``, ``--set``, and its handler."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("--config", required=config_required, metavar="YAML", help=config_help)
+    add_output_and_overrides(parser, output_help)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def metric_parts(metrics: Any, keys: Sequence[str], prefix: str = "") -> list[str]:
     """``key=value`` strings (4 decimals) for those of `keys` that `metrics` has (not None)."""
     return [f"{prefix}{key}={metrics[key]:.4f}" for key in keys if metrics.get(key) is not None]

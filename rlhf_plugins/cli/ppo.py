@@ -4,20 +4,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_output_and_overrides, metric_parts, print_stage_result
+from .common import stage_command, metric_parts, print_stage_result
 
 
 def add_parser(subparsers: Any) -> None:
     """Add the `ppo` command."""
-    parser = subparsers.add_parser(
-        "ppo", help="policy optimisation with a pluggable advantage estimator (TRL GRPOTrainer)",
+    stage_command(
+        subparsers, "ppo", help="policy optimisation with a pluggable advantage estimator (TRL GRPOTrainer)",
         description="Optimise a policy against reward functions and/or a reward adapter. The YAML "
                     "holds TRL GRPOConfig fields plus model, dataset, reward_functions, "
                     "advantage_estimator (gae|grpo|rloo|...), critic, kl_penalty, lora, "
-                    "quantization (see examples/ppo.yaml).")
-    parser.add_argument("--config", required=True, metavar="YAML", help="stage config file")
-    add_output_and_overrides(parser, "where the adapter/model, value head and metrics go")
-    parser.set_defaults(func=handle)
+                    "quantization (see examples/ppo.yaml).",
+        output_help="where the adapter/model, value head and metrics go", func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:

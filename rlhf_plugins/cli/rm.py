@@ -4,20 +4,18 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_output_and_overrides, metric_parts, print_stage_result
+from .common import stage_command, metric_parts, print_stage_result
 
 
 def add_parser(subparsers: Any) -> None:
     """Add the `rm` command (and its `mc-labels` subcommand)."""
-    parser = subparsers.add_parser(
-        "rm", help="reward models: bradley_terry / orm / prm / value heads (LoRA, QLoRA)",
+    parser = stage_command(
+        subparsers, "rm", help="reward models: bradley_terry / orm / prm / value heads (LoRA, QLoRA)",
         description="Train a reward head on a causal LM. The YAML holds TRL RewardConfig fields "
                     "plus model, head, loss, aggregation, template, dataset, lora, quantization "
                     "(see examples/rm.yaml). Writes the adapter + head, rm_metrics.json and "
-                    "rm_training.png to the output directory.")
-    parser.add_argument("--config", metavar="YAML", help="stage config file")
-    add_output_and_overrides(parser, "where the model, metrics and plot go")
-    parser.set_defaults(func=handle)
+                    "rm_training.png to the output directory.",
+        output_help="where the model, metrics and plot go", func=handle, config_required=False)
     sub = parser.add_subparsers(dest="rm_command", metavar="SUBCOMMAND")
     mc = sub.add_parser(
         "mc-labels", help="label solution steps by Monte Carlo rollouts (Math-Shepherd)",

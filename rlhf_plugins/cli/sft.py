@@ -4,19 +4,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_output_and_overrides, metric_parts, print_stage_result
+from .common import stage_command, metric_parts, print_stage_result
 
 
 def add_parser(subparsers: Any) -> None:
     """Add the `sft` command."""
-    parser = subparsers.add_parser(
-        "sft", help="supervised fine-tuning (chat template + masking plugins, TRL SFTTrainer)",
+    stage_command(
+        subparsers, "sft", help="supervised fine-tuning (chat template + masking plugins, TRL SFTTrainer)",
         description="Fine-tune a causal LM on conversations. The YAML holds TRL SFTConfig fields "
                     "plus model, dataset, template, masking, lora, quantization (see "
-                    "examples/sft.yaml).")
-    parser.add_argument("--config", required=True, metavar="YAML", help="stage config file")
-    add_output_and_overrides(parser, "where the model, tokenizer and metrics go")
-    parser.set_defaults(func=handle)
+                    "examples/sft.yaml).",
+        output_help="where the model, tokenizer and metrics go", func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
