@@ -48,6 +48,35 @@ def tool_call_text(call: dict) -> str:
             + ', "arguments": ' + args_text + '}\n</tool_call>')
 
 
+def reject_forged_headers(template: str, messages: Sequence[dict], tokenizer: Any,
+                          markers: Sequence[str]) -> None:
+    """DataError when message content holds one of the template's turn markers that `tokenizer`
+    reads as plain text (not one of its added tokens).
+
+    A marker that is an added (special) token is safe: content is tokenized as plain text, so
+    it never yields the marker's id. A marker that is ordinary text tokenizes the same in
+    content as in the template's scaffolding, so ``"\n<|assistant|>\n..."`` in a user message
+    would be a turn the model cannot tell from a real one: such content is rejected, never
+    silently rewritten (see docs/concepts/chat_templates.md).
+    """
+    added = set(getattr(tokenizer, "added_tokens_encoder", None) or {}) if tokenizer is not None else set()
+    plain = [m for m in markers if m and m not in added]
+    if not plain:
+        return
+    for i, message in enumerate(messages):
+        texts = [message.get("content")]
+        texts += [json.dumps(call, ensure_ascii=False, default=str) for call in message.get("tool_calls") or ()]
+        for text in texts:
+            if not isinstance(text, str):
+                continue
+            found = next((m for m in plain if m in text), None)
+            if found is not None:
+                raise DataError(f"message {i}: content contains {found!r}, a turn marker of template "
+                                f"{template!r} that this tokenizer reads as plain text, so it would "
+                                "forge a turn; remove it from the data (or use a tokenizer that has "
+                                f"{found!r} as a special token)")
+
+
 @dataclass(frozen=True)
 class ChatML(sdk.ChatTemplate):
     """ChatML: `<|im_start|>{role}\\n{content|trim}<|im_end|>\\n`; BOS first unless it is `<|im_start|>`."""
@@ -65,6 +94,7 @@ class ChatML(sdk.ChatTemplate):
     def segments(self, messages: Sequence[dict], *, tokenizer: Any = None,
                  add_generation_prompt: bool = False) -> list[Segment]:
         """The rendered conversation as owned segments."""
+        reject_forged_headers(self.name, messages, tokenizer, ("<|im_start|>", "<|im_end|>"))
         out: list[Segment] = []
         bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else None
         if isinstance(bos, str) and bos and bos != "<|im_start|>":
@@ -101,6 +131,8 @@ class Zephyr(sdk.ChatTemplate):
                  add_generation_prompt: bool = False) -> list[Segment]:
         """The rendered conversation as owned segments."""
         eos = _eos(tokenizer, self.name)
+        reject_forged_headers(self.name, messages, tokenizer,
+                              [f"<|{role}|>" for role in self.roles] + [eos])
         out: list[Segment] = []
         for i, m in enumerate(messages):
             role = m["role"]
@@ -127,6 +159,8 @@ class Tulu(sdk.ChatTemplate):
                  add_generation_prompt: bool = False) -> list[Segment]:
         """The rendered conversation as owned segments."""
         eos = _eos(tokenizer, self.name)
+        reject_forged_headers(self.name, messages, tokenizer,
+                              [f"<|{role}|>" for role in self.roles] + [eos])
         out: list[Segment] = []
         last = len(messages) - 1
         for i, m in enumerate(messages):

@@ -8,6 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import (
+    ComponentError,
     ComponentTypeError,
     ConfigError,
     DataError,
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "PluginError",
+    "ComponentError",
     "ComponentTypeError",
     "DuplicateComponentError",
     "UnknownComponentError",

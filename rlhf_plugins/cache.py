@@ -41,8 +41,10 @@ def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str | bytes]) ->
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:  # disk full, killed, ...: the previous `path` is untouched
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # "no space left" names the file it could not write
         raise
     return count
 
@@ -91,6 +93,7 @@ def atomic_write_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Pa
     briefly absent and the complete new one sits next to it under a temp name).
     """
     path = Path(path)
+    _remove_stale_temp_dirs(path)
     tmp = _temp_dir_next_to(path)
     old: Path | None = None
     try:
@@ -128,6 +131,18 @@ def atomic_update_dir(path: str | os.PathLike, fill: Callable[[Path], Path | Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _remove_stale_temp_dirs(path: Path) -> None:
+    """Delete the temp/old folders a writer of `path` killed mid-write left beside it (a merged
+    model is large: a rerun must not leave a copy of it behind)."""
+    if not path.parent.is_dir():
+        return
+    for pattern in (f".{path.name}.*.tmp", f".{path.name}.*.old"):
+        for stale in path.parent.glob(pattern):
+            if stale.is_dir():
+                logger.info("removing %s, left by an interrupted write", stale)
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _temp_dir_next_to(path: Path) -> Path:

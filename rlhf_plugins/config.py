@@ -26,15 +26,47 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_strict_loader())  # noqa: S506
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(yaml_error_message(p, exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     load_config_plugins(data.pop("plugins", None), p)
     return data
+
+
+def _strict_loader() -> type:
+    """yaml.SafeLoader that rejects a key given twice in one mapping (YAML keeps the last one)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden: that is what merging is for
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r}", key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def yaml_error_message(path: Path, exc: Exception) -> str:
+    """`file:LINE:COLUMN: invalid YAML: problem` (1-based, where the parser stopped)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def load_config_plugins(plugins: Any, path: Path) -> None:
@@ -97,6 +129,21 @@ def _nested_type(cls: type, name: str) -> type | None:
     return None
 
 
+#: names every command accepts for our fields (TRL-style), mapped to the field they set
+FIELD_ALIASES: dict[str, str] = {"split": "dataset_split"}
+
+
+def apply_aliases(data: Mapping[str, Any], names: Any, where: str) -> dict[str, Any]:
+    """`data` with :data:`FIELD_ALIASES` keys renamed to the field of `names` they stand for."""
+    out = dict(data)
+    for alias, target in FIELD_ALIASES.items():
+        if alias in out and alias not in names and target in names:
+            if target in out:
+                raise ConfigError(f"{at(where, alias)}: give either {alias!r} or {target!r}, not both")
+            out[target] = out.pop(alias)
+    return out
+
+
 def build_dataclass(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
     """Make `cls(**data)`, recursing into dataclass-typed fields; unknown keys are ConfigErrors."""
     if data is None:
@@ -108,7 +155,7 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any], where: str = "config"
     names = _field_names(cls)
     hints = field_hints(cls)
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
+    for key, value in apply_aliases(data, names, where).items():
         if key not in names:
             raise ConfigError(f"{at(where, str(key))}: unknown field{_suggest(str(key), names)}")
         nested = _nested_type(cls, key)
@@ -190,6 +237,7 @@ def load_stage_config(source: str | os.PathLike | Mapping[str, Any], ours: type[
     our_names = set(_field_names(ours))
     if {"lora", "quantization"} <= our_names:
         data = map_model_config_names(data, where)
+    data = apply_aliases(data, our_names, where)
     trl_names = set(_field_names(trl_cls)) if trl_cls is not None else set()
     mine, trl = {}, {}
     for key, value in data.items():

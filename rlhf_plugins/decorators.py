@@ -64,6 +64,36 @@ class _ScriptPlugin:
 _script = _ScriptPlugin()
 
 
+def _origin(obj: Any) -> tuple[str, str]:
+    """(module, qualified name) of a decorated function or class: the same after a reload."""
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    module = getattr(target, "__module__", "") or ""
+    if module.startswith("rlhf_plugins_user_"):  # a --plugin file: name it by its path
+        module = getattr(sys.modules.get(module), "__file__", None) or module
+    return module, getattr(target, "__qualname__", repr(target))
+
+
+def _check_collision(family: str, key: str, obj: Any) -> None:
+    """DuplicateComponentError when `key` is taken in `family` by another plugin or by another
+    object of this script: only the duplicate is refused, never the script's other components."""
+    from .errors import DuplicateComponentError
+    from .manager import registry
+
+    previous = _script.components[family].get(key)
+    if previous is not None:
+        before = _origin(previous[0])
+        if before != _origin(obj):
+            raise DuplicateComponentError(
+                f"{family}: {key!r} is registered twice by decorators ({':'.join(before)} and "
+                f"{':'.join(_origin(obj))}); give one of them another name (name=...)")
+        return
+    entry = registry().family(family)._entries.get(key)
+    if entry is not None and entry.provenance.plugin != SCRIPT_PLUGIN:
+        raise DuplicateComponentError(
+            f"{family}: {key!r} is already registered by {entry.provenance.label()}; pass "
+            "override=True to replace it, or give yours another name (name=...)")
+
+
 def _decorator(family: str, instantiate: bool) -> Callable[..., Any]:
     def decorator(obj: Any = None, *, name: str | None = None, override: bool = False) -> Any:
         def decorate(o: Any) -> Any:
@@ -71,8 +101,11 @@ def _decorator(family: str, instantiate: bool) -> Callable[..., Any]:
             key = name or getattr(component, "name", None) or getattr(o, "__name__", None)
             if not isinstance(key, str) or not key:
                 raise ConfigError(f"@{family}: {o!r} needs a name (pass name=...)")
-            # a later registration of the same name replaces the earlier one (script reload);
-            # other names registered from the same module are kept
+            if not override:
+                _check_collision(family, key, o)
+            # a later registration of the same object (a reloaded script) replaces the earlier
+            # one; a name taken by another component is refused above, and either way every
+            # other component registered from the module is kept
             _script.components[family][key] = (component, override)
             add_plugin(_script, SCRIPT_PLUGIN)  # invalidates the cached registry
             return o
@@ -113,8 +146,9 @@ def load_plugin_module(spec: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's plugin's
         sys.modules.pop(locals().get("mod_name", ""), None)
         raise ConfigError(f"--plugin {spec}: {type(exc).__name__}: {exc}") from None
-    # a module that defines hook implementations is a plugin object of its own
-    if any(hasattr(getattr(module, f.hook, None), "rlhf_plugins_impl") for f in FAMILIES.values()):
+    # a module that defines hook implementations is a plugin object of its own (any @hookimpl:
+    # a misspelled hook name then fails the plugin instead of being silently ignored)
+    if any(hasattr(value, "rlhf_plugins_impl") for value in list(vars(module).values())):
         add_plugin(module, getattr(module, "__name__", spec))
     failed = [p for p in registry().plugins if p.status != "ok"]
     for p in failed:

@@ -26,6 +26,20 @@ class DuplicateComponentError(PluginError):
     """Two plugins registered the same name in one family without override=True."""
 
 
+class ComponentError(PluginError):
+    """A registered component raised (or returned something invalid) while in use.
+
+    The message names the family, the component, the plugin and distribution that provide it,
+    and what it was doing: ``chat_templates component 'mine' (plugin 'my_plugin' (my-dist
+    1.0)) failed in encode(): ZeroDivisionError: division by zero``.
+    """
+
+    def __init__(self, message: str, *, family: str = "", component: str = "",
+                 plugin: str = "", action: str = "") -> None:
+        super().__init__(message)
+        self.family, self.component, self.plugin, self.action = family, component, plugin, action
+
+
 class UnknownComponentError(RlhfPluginsError, LookupError):
     """A component (or family) name that no loaded plugin provides."""
 

@@ -47,8 +47,8 @@ def end_of_turn_token_ids(template: Any, tokenizer: Any) -> list[int]:
 
     Exactly what the template declares: ``stop_token_ids(tokenizer)``, then each of
     ``stop_strings(tokenizer)`` as a token (a string that is several tokens of `tokenizer` is
-    left to :func:`end_of_turn_stop_strings`); templates that leave them out get the Protocol's defaults (none; the eos). When
-    that yields nothing beyond the eos, an assistant turn is rendered and the special token right
+    left to :func:`end_of_turn_stop_strings`); templates that leave them out get the Protocol's
+    defaults (none; the eos). When that yields nothing beyond the eos, an assistant turn is rendered and the special token right
     after its content is added too, so a template's own end-of-turn marker still stops generation.
     """
     from .protocols import member
@@ -122,7 +122,10 @@ def _rendered_end_of_turn(template: Any, tokenizer: Any) -> list[int]:
 
 def encode_prompt(template: Any, tokenizer: Any, messages: Sequence[dict]) -> list[int]:
     """Token ids of a conversational prompt followed by the assistant generation prompt."""
-    encoded = template.encode(list(messages), tokenizer=tokenizer, add_generation_prompt=True)
+    from .guard import guarded
+
+    with guarded(template, "chat_templates", "encode()"):
+        encoded = template.encode(list(messages), tokenizer=tokenizer, add_generation_prompt=True)
     return [int(t) for t in encoded.input_ids]
 
 

@@ -38,6 +38,8 @@ PRM_CLASS_OF_LABEL = {-1: 0, 0: 1, 1: 2}
 
 def as_messages(value: Any, role: str, field: str) -> list[dict]:
     """A prompt/completion given as text, one message or a message list, as a message list."""
+    if value is None:  # a key missing from this row of a file whose other rows have it
+        raise DataError(f"{field}: missing")
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, Mapping):
@@ -179,7 +181,8 @@ def render_ranked(row: Mapping[str, Any], tokenizer: Any, template: Any,
             ids, _, _ = render_completion(prompt, as_messages(value, "assistant", field),
                                           tokenizer, template, max_length)
         except DataError as exc:
-            raise DataError(f"{field}: {exc}") from None
+            text = str(exc)
+            raise DataError(text if text.startswith(f"{field}") else f"{field}: {text}") from None
         ids_list.append(ids)
     seen: dict[tuple, int] = {}
     for i, ids in enumerate(ids_list):

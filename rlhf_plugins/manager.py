@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "rlhf_plugins.builtin.advantages",
     "rlhf_plugins.builtin.rewards",
     "rlhf_plugins.builtin.policy_losses",
+    "rlhf_plugins.builtin.trl_rewards",
 )
 
 
@@ -80,8 +81,9 @@ def _version() -> str:
 
 def _register_object(name: str, obj: Any) -> Callable[[pluggy.PluginManager], Any]:
     def load(pm: pluggy.PluginManager) -> Any:
-        pm.register(obj, name=name)
-        return obj
+        if pm.is_blocked(name):  # an entry point of that name was filtered out: the object wins
+            pm.unblock(name)
+        return obj if pm.register(obj, name=name) is not None else None
     return load
 
 

@@ -28,6 +28,9 @@ def _type_label(hint: Any, words: bool = False) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
     if origin in (Union, types.UnionType):
+        if words:  # "an integer or null" reads better in an error than "an integer | None"
+            return " or ".join("null" if a is type(None) else _type_label(a, words)
+                               for a in typing.get_args(hint))
         return " | ".join(_type_label(a, words) for a in typing.get_args(hint))
     if origin is not None:
         args = ", ".join(_type_label(a, words) for a in typing.get_args(hint) if a is not Ellipsis)

@@ -141,6 +141,10 @@ class RewardFunction(Protocol):
 
     Required: ``f(prompts, completions, **columns) -> list[float | None]``; ``None`` excludes a
     sample.
+
+    Optional (default in brackets): ``check_requirements()``: raise ConfigError when something
+    the function needs (an optional package) is missing; called when a config names it, before
+    any model loads [nothing to check].
     """
 
     def __call__(self, prompts: list, completions: list, **kwargs: Any) -> list[float | None]: ...
@@ -237,6 +241,10 @@ def _head_synthetic_rows(component: Any, n: int, seed: int, split: str) -> list:
                       "synthetic rows: set `dataset` (and `eval_dataset`)")
 
 
+def _reward_check_requirements(component: Any) -> None:
+    return None
+
+
 #: family -> optional member -> default (a value, or a function taking the component first)
 DEFAULTS: dict[str, dict[str, Any]] = {
     "chat_templates": {"validate": _template_validate, "stop_strings": _template_stop_strings,
@@ -251,7 +259,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "selection_rules": {},
     "advantage_estimators": {"needs_values": False, "needs_reward_components": False,
                              "needs_greedy_baseline": False, "uses_token_rewards": False},
-    "reward_functions": {},
+    "reward_functions": {"check_requirements": _reward_check_requirements},
     "policy_losses": {"agg": None},
 }
 

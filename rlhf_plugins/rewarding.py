@@ -12,7 +12,10 @@ The rejection-sampling stage, best-of-N and the policy-optimisation trainer call
   (TRL 1.16 marks such rows NaN too, so they never get a spurious reward of 0; selection rules
   never select NaN);
 - a wrong-length output, a non-number, NaN or +/-inf is a :class:`~rlhf_plugins.errors.DataError`
-  naming the function (TRL only checks the length).
+  naming the function (TRL only checks the length);
+- with ``allow_step_rewards=True`` (the policy-optimisation trainer) a completion's reward may
+  also be **step rewards**: a list of ``(end_char_offset, value)`` pairs (see
+  :mod:`rlhf_plugins.step_rewards`); it counts as the sum of its values in the total.
 
 Light module: no torch import.
 """
@@ -24,7 +27,7 @@ import math
 import numbers
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import ConfigError, DataError, PluginError, RlhfPluginsError
+from .errors import ConfigError, DataError, RlhfPluginsError
 
 RewardFunc = Callable[..., Sequence[float | None]]
 
@@ -124,8 +127,10 @@ def call_reward_functions(
     weights: Sequence[float] | None,
     prompts: Sequence[Any],
     completions: Sequence[Any],
+    *,
+    allow_step_rewards: bool = False,
     **columns: Any,
-) -> tuple[list[float], dict[str, list[float | None]]]:
+) -> tuple[list[float], dict[str, list[Any]]]:
     """Call each reward function, validate its output, and return (weighted total, per function).
 
     ``weights=None`` means weight 1 for every function. ``columns`` are passed through to every
@@ -133,7 +138,9 @@ def call_reward_functions(
     columns must have one entry per completion. ``per_function`` maps each function's name
     (TRL's ``__name__`` rule; a repeated name gets ``_2``, ``_3`` ...) to its raw outputs
     (``None`` kept). ``total[i]`` is the ``nansum``-style weighted sum over the non-None
-    outputs, or NaN when every function returned None for sample ``i``.
+    outputs, or NaN when every function returned None for sample ``i``. With
+    ``allow_step_rewards``, step-reward lists are kept (validated) in ``per_function`` and add
+    their sum to the total.
     """
     funcs = list(funcs)
     if not funcs:
@@ -166,8 +173,10 @@ def call_reward_functions(
                 output = asyncio.run(_await(output))
         except RlhfPluginsError:
             raise
-        except Exception as exc:  # name the function: a traceback alone may not
-            raise PluginError(f"reward function {name!r} raised {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # name the function, its plugin and distribution
+            from .guard import component_error
+
+            raise component_error(func, "reward_functions", "__call__()", exc) from exc
         values = _as_list(output)
         if values is None:
             raise DataError(f"reward function {name!r} returned {type(output).__name__}, "
@@ -177,7 +186,10 @@ def call_reward_functions(
                             f"{n} completions")
         clean: list[float | None] = []
         for i, value in enumerate(values):
-            reward = _as_reward(value)
+            if allow_step_rewards and isinstance(value, (list, tuple)):
+                reward = _as_step_rewards(value)
+            else:
+                reward = _as_reward(value)
             if isinstance(reward, str):
                 raise DataError(f"reward function {name!r} returned {reward} for completion {i}")
             clean.append(reward)
@@ -185,10 +197,33 @@ def call_reward_functions(
 
     total: list[float] = []
     for i in range(n):
-        terms = [float(w) * per_function[name][i] for name, w in zip(names, weights)
+        terms = [float(w) * reward_value_total(per_function[name][i]) for name, w in zip(names, weights)
                  if per_function[name][i] is not None]
         total.append(math.fsum(terms) if terms else math.nan)
     return total, per_function
+
+
+def _as_step_rewards(value: Any) -> list[tuple[int, float]] | str:
+    """Validated ``(end_char_offset, value)`` pairs, or an error string."""
+    pairs: list[tuple[int, float]] = []
+    for k, pair in enumerate(value):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            return f"step rewards whose step {k} is not an (end_char_offset, value) pair ({pair!r})"
+        offset, reward = pair
+        if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 1:
+            return f"step rewards whose step {k} end_char_offset is not an integer >= 1 ({offset!r})"
+        checked = _as_reward(reward)
+        if checked is None or isinstance(checked, str):
+            return f"step rewards whose step {k} value is {checked or 'None'}"
+        pairs.append((int(offset), checked))
+    return pairs
+
+
+def reward_value_total(value: float | None | Sequence[tuple[int, float]]) -> float | None:
+    """A completion's reward as one number: a float, None, or the sum of its step rewards."""
+    if isinstance(value, (list, tuple)):
+        return math.fsum(v for _, v in value)
+    return value
 
 
 async def _await(awaitable: Any) -> Any:
@@ -235,6 +270,10 @@ def resolve_reward_functions(
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise ConfigError(f"reward function {reward_function_name(func)!r}: weight must be a "
                               f"finite number, got {weight!r}")
+        from .protocols import member
+
+        # an optional dependency missing: say so before any model loads
+        member(func, "reward_functions", "check_requirements")()
         funcs.append(func)
         weights.append(float(weight))
     return funcs, weights

@@ -222,6 +222,10 @@ class RewardFunction(Component):
     def __call__(self, prompts: list, completions: list, **columns: Any) -> list[float | None]:
         raise NotImplementedError
 
+    def check_requirements(self) -> None:
+        """Raise ConfigError when an optional package this function needs is missing (default: none)."""
+        return DEFAULTS["reward_functions"]["check_requirements"](self)
+
 
 # --- selection and policy optimisation ------------------------------------------------------------
 

@@ -111,7 +111,8 @@ def test_unknown_component_lists_names_and_suggests(rlhf_plugin):
 ])
 def test_invalid_components_fail_the_plugin_with_a_clear_error(rlhf_plugin, family, component,
                                                                name, expected):
-    reg = rlhf_plugin(component_plugin(family, component, name=name), name="broken-plugin")
+    reg = rlhf_plugin(component_plugin(family, component, name=name), name="broken-plugin",
+                      raise_errors=False)
     info = next(p for p in reg.plugins if p.name == "broken-plugin")
     assert info.status == "failed"
     assert "ComponentTypeError" in info.error and "broken-plugin" in info.error
@@ -126,14 +127,15 @@ def test_failed_plugin_registers_nothing_at_all(rlhf_plugin):
             register(Select())
             register(object(), name="bad")
 
-    reg = rlhf_plugin(HalfGood(), name="half")
+    reg = rlhf_plugin(HalfGood(), name="half", raise_errors=False)
     assert "pick_nothing" not in reg.selection_rules
     assert next(p for p in reg.plugins if p.name == "half").components == {}
 
 
 def test_collision_names_both_plugins_and_override_replaces(rlhf_plugin, caplog):
     rlhf_plugin(component_plugin("selection_rules", Select()), name="first")
-    reg = rlhf_plugin(component_plugin("selection_rules", Select()), name="second")
+    reg = rlhf_plugin(component_plugin("selection_rules", Select()), name="second",
+                      raise_errors=False)
     second = next(p for p in reg.plugins if p.name == "second")
     assert second.status == "failed"
     assert "'pick_nothing' is registered by both first and second" in second.error
@@ -159,7 +161,7 @@ def test_misspelled_hook_is_an_error_not_a_silent_noop(rlhf_plugin):
         def register_selection_rule(self, register):  # missing "s"
             register(Select())
 
-    reg = rlhf_plugin(Typo(), name="typo")
+    reg = rlhf_plugin(Typo(), name="typo", raise_errors=False)
     info = next(p for p in reg.plugins if p.name == "typo")
     assert info.status == "failed" and "register_selection_rule" in info.error
 
@@ -170,7 +172,7 @@ def test_hook_argument_not_in_spec_is_rejected(rlhf_plugin):
         def register_selection_rules(self, register, config):
             pass
 
-    reg = rlhf_plugin(Extra(), name="extra-arg")
+    reg = rlhf_plugin(Extra(), name="extra-arg", raise_errors=False)
     info = next(p for p in reg.plugins if p.name == "extra-arg")
     assert info.status == "failed" and "config" in info.error
 

@@ -339,9 +339,9 @@ def test_encode_rows_drops_with_count_or_rejects_in_strict_mode(tok, tpl, caplog
     with caplog.at_level("WARNING"):
         out = encode_rows(rows, head, tok, tpl, where="steps.jsonl")
     assert out.kept == [0, 3] and out.dropped == 2
-    assert out.first_error.startswith("steps.jsonl row 1: labels: 1 labels for 2 steps")
-    assert "dropped 2 of 4 rows" in caplog.text and "steps.jsonl row 1" in caplog.text
-    with pytest.raises(DataError, match="steps.jsonl row 1: labels"):
+    assert out.first_error.startswith("steps.jsonl row 2: labels: 1 labels for 2 steps")  # 1-based
+    assert "dropped 2 of 4 rows" in caplog.text and "steps.jsonl row 2" in caplog.text
+    with pytest.raises(DataError, match="steps.jsonl row 2: labels"):
         encode_rows(rows, head, tok, tpl, strict=True, where="steps.jsonl")
     with pytest.raises(DataError, match="no usable rows"):
         encode_rows(rows[1:3], head, tok, tpl)

@@ -397,7 +397,7 @@ def test_atomic_write_dir_replaces_the_whole_directory(tmp_path):
     ({"selection_params": {"k": 2, "kk": 1}}, ConfigError, "unknown option 'kk'"),
     ({"reward_functions": ["exact_answr"]}, UnknownComponentError, "exact_answer"),
     ({"reward_functions": []}, ConfigError, "no scorer"),
-    ({"reward_model": "/nonexistent/rm"}, ConfigError, "not a saved reward model"),
+    ({"reward_model": "/nonexistent/rm"}, ConfigError, "reward_model: /nonexistent/rm: no such"),
     ({"template": "chatmk"}, UnknownComponentError, "chatml"),
     ({"dataset": "/nonexistent/prompts.jsonl"}, ConfigError, "no such file"),
 ])
@@ -424,7 +424,7 @@ def test_bad_sampler_settings(field, value, match):
 def test_bad_prompt_rows_are_data_errors(tmp_path, tiny_dir, text_reward):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}]}) + "\n")
-    with pytest.raises(DataError, match="row 0"):
+    with pytest.raises(DataError, match="row 1"):  # 1-based: the file's line
         S.run_sampling(_settings(tiny_dir, path), tmp_path / "out")
     path.write_text(json.dumps({"question": "x"}) + "\n")
     with pytest.raises(DataError, match="missing field 'prompt'"):

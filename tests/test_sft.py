@@ -97,19 +97,19 @@ def test_build_sft_dataset_final_turn_and_prompt_completion_rows(tokenizer):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"text": "hello"}, r"row 1: missing field 'messages'"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"row 1: .*ends with a 'user' turn"),
-    ({"messages": []}, r"row 1: .*non-empty list"),
+    ({"content": "hello"}, r"row 2: missing field 'messages'"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, r"row 2: .*ends with a 'user' turn"),
+    ({"messages": []}, r"row 2: .*non-empty list"),
     ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]},
-     r"row 1: .*wizard"),
+     r"row 2: .*wizard"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
-     r"row 1: "),
+     r"row 2: "),
 ])
 def test_build_sft_dataset_names_the_bad_row(tokenizer, bad, message):
     rows = [CONVERSATIONS[0], bad, CONVERSATIONS[1]]
     with pytest.raises(DataError, match=message) as info:
         build_sft_dataset(rows, tokenizer, "chatml", "all_assistant_turns", where="data.jsonl")
-    assert str(info.value).startswith("data.jsonl row 1: ") and "\n" not in str(info.value)
+    assert str(info.value).startswith("data.jsonl row 2: ") and "\n" not in str(info.value)
 
 
 # --- the mask is the loss ------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_config_errors_before_any_model_loads(tmp_path, tiny_dir, no_model_loadi
 def test_bad_rows_fail_before_any_model_loads(tmp_path, tiny_dir, no_model_loading):
     rows = CONVERSATIONS[:2] + [{"messages": [{"role": "user", "content": "only a question"}]}]
     data = _write_jsonl(tmp_path / "train.jsonl", rows)
-    with pytest.raises(DataError, match=r"train.jsonl row 2: "):
+    with pytest.raises(DataError, match=r"train.jsonl row 3: "):  # 1-based: the file's line
         sft_from_config({"model": str(tiny_dir), "dataset": str(data)}, output_dir=tmp_path / "o")
     (tmp_path / "broken.jsonl").write_text('{"messages": []}\n{not json\n')
     with pytest.raises(DataError, match=r"broken.jsonl:2: invalid JSON"):
@@ -317,16 +317,23 @@ def test_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_dir):
     data = _write_jsonl(tmp_path / "train.jsonl", CONVERSATIONS)
     settings = SFTSettings(model=str(tiny_dir), dataset=str(data), lora={"r": 2, "alpha": 4})
     out = tmp_path / "out"
-    trl = {**FAST_TRL, "save_strategy": "steps", "save_steps": 1, "max_steps": 2}
+    trl = {**FAST_TRL, "save_strategy": "steps", "save_steps": 1, "max_steps": 3}
     first = run_sft(settings, trl, out)
-    assert first.metrics["global_step"] == 2 and (out / "checkpoint-2").is_dir()
-    # a fresh run would log the new learning rate at steps 1-2; a resumed one keeps the old log
-    second = run_sft(settings, {**trl, "max_steps": 3, "learning_rate": 5e-2}, out)
+    assert first.metrics["global_step"] == 3 and (out / "checkpoint-2").is_dir()
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-3")  # as if killed before the last save
+    # the same config resumes: the log of steps 1-2 comes from checkpoint-2
+    second = run_sft(settings, trl, out)
     assert second.metrics["global_step"] == 3
     old_log = [(e["step"], e["learning_rate"]) for e in first.metrics["log_history"] if "loss" in e]
     new_log = [(e["step"], e["learning_rate"]) for e in second.metrics["log_history"] if "loss" in e]
-    assert [s for s, _ in new_log] == [1, 2, 3] and new_log[:2] == old_log
+    assert [s for s, _ in new_log] == [1, 2, 3] and new_log[:2] == old_log[:2]
     assert old_log[0][1] == pytest.approx(1e-3)
+    # a changed config starts clean (tests/test_resume_safety.py): the new rate from step 1
+    changed = run_sft(settings, {**trl, "learning_rate": 5e-2}, out)
+    log = [(e["step"], e["learning_rate"]) for e in changed.metrics["log_history"] if "loss" in e]
+    assert [s for s, _ in log] == [1, 2, 3] and log[0][1] == pytest.approx(5e-2)
     resumed = SFTSettings(model=str(tiny_dir), dataset=str(data), lora={"r": 2, "alpha": 4}, resume=False)
     fresh = run_sft(resumed, {**trl, "max_steps": 1}, tmp_path / "other")
     assert fresh.metrics["global_step"] == 1
@@ -359,6 +366,6 @@ def test_last_checkpoint_skips_one_killed_while_saving(tmp_path):
         folder.mkdir()
         (folder / "adapter_model.safetensors").write_bytes(b"")
         if complete:  # transformers writes trainer_state.json last
-            (folder / "trainer_state.json").write_text("{}")
+            (folder / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     (tmp_path / "checkpoint-x").mkdir()
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")

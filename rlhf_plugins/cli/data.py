@@ -35,6 +35,19 @@ def run_synth(args: argparse.Namespace) -> int:
     splits = [x.strip() for x in str(args.splits).split(",") if x.strip()]
     if not splits:
         raise ConfigError("--splits: give at least one split (train, validation, test)")
+    from ..guard import check_output_dir
+
+    for flag, value in (("--n", args.n), ("--n-test", args.n_test)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: expected a positive integer, got {value}")
+    from ..data.problems import check_split
+
+    for split in splits:
+        try:
+            check_split(split)
+        except ConfigError as exc:
+            raise ConfigError(f"--splits: {exc}") from None
+    check_output_dir(args.out, "--out")
     summary = write_synth(args.out, n=args.n, seed=args.seed, n_test=args.n_test, splits=splits)
     if args.json:
         print_json(summary)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import pkgutil
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .. import __version__
 from ..errors import RlhfPluginsError
+from ..guard import one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: libraries whose warnings a user cannot act on (deprecations inside transformers/TRL, the
+#: bitsandbytes "pip install kernels" CPU notice); shown again with -v
+_NOISY_LOGGERS = ("bitsandbytes", "transformers", "trl", "peft", "accelerate", "datasets", "torchao")
+_NOISY_MODULES = r"(transformers|trl|peft|bitsandbytes|accelerate|datasets|torch|torchao)(\.|$)"
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: int) -> Iterator[None]:
+    """Silence third-party warnings and library log noise unless `-v` asks for detail (undone
+    on exit, so calling `main` in-process leaves the interpreter as it was)."""
+    import os
+    import warnings
+
+    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    env = {name: os.environ.get(name) for name in _QUIET_ENV}
+    with warnings.catch_warnings():
+        if verbose:
+            warnings.simplefilter("default")  # every warning once, deprecations included
+        else:
+            for category in (FutureWarning, DeprecationWarning, PendingDeprecationWarning):
+                warnings.filterwarnings("ignore", category=category)
+            warnings.filterwarnings("ignore", category=UserWarning, module=_NOISY_MODULES)
+            for name, value in _QUIET_ENV.items():  # read when those libraries first log
+                os.environ.setdefault(name, value)
+            for name in _NOISY_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
@@ -44,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    with quiet_libraries(args.verbose):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's handler; project errors become one `rlhf-plugins: error:` line + exit 2."""
     try:
         if args.plugin:
             from ..decorators import load_plugin_module
@@ -55,12 +103,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             import traceback
 
+            traceback.print_exc()  # with the original exception of a wrapped component error
+        print(f"rlhf-plugins: error: {one_line(str(_in_config(exc, args)))}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # anything else is a bug worth its traceback
+        if args.verbose:
+            import traceback
+
             traceback.print_exc()
-        print(f"rlhf-plugins: error: {exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"rlhf-plugins: error: {where}{exc.strerror or exc} (completed files were kept; "
+              "free space and rerun to resume)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rlhf-plugins: interrupted", file=sys.stderr)
         return 130
+
+
+def _in_config(exc: RlhfPluginsError, args: argparse.Namespace) -> RlhfPluginsError:
+    """A config problem (a field, a component name) that does not name the config file yet,
+    prefixed with it: `sft.yaml: model: ...`. Errors about data files, plugins and flags are
+    left as they are."""
+    from ..errors import ConfigError, UnknownComponentError
+    from ..guard import located
+
+    config = getattr(args, "config", None)
+    if not isinstance(config, str) or not isinstance(exc, (ConfigError, UnknownComponentError)):
+        return exc
+    text = str(exc)
+    if text.startswith(("--", "override ")) or config in text:
+        return exc
+    return located(exc, config)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ def add_parser(subparsers: Any) -> None:
     """Add the `ppo` command."""
     stage_command(
         subparsers, "ppo", help="policy optimisation with a pluggable advantage estimator (TRL GRPOTrainer)",
-        description="Optimise a policy against reward functions and/or a reward adapter. The YAML "
+        description="Optimise a policy against reward functions and/or a reward model. The YAML "
                     "holds TRL GRPOConfig fields plus model, dataset, reward_functions, "
+                    "reward_model (an rlhf-plugins rm output or any transformers "
+                    "sequence-classification reward model), "
                     "advantage_estimator (gae|grpo|rloo|...), critic, kl_penalty, lora, "
                     "quantization (see examples/ppo.yaml).",
         output_help="where the adapter/model, value head and metrics go", func=handle)

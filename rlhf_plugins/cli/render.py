@@ -70,7 +70,17 @@ def marked_text(pieces: list[tuple[str, bool]], color: bool) -> str:
 
 def run_render(args: argparse.Namespace) -> int:
     """Print the rendered conversation (with trained tokens marked when --masking is given)."""
+    from ..guard import located
+
+    try:
+        return _render(args)
+    except DataError as exc:  # a bad message: name the file it came from
+        raise located(exc, args.conversation) from None
+
+
+def _render(args: argparse.Namespace) -> int:
     from .. import registry
+    from ..guard import check_mask, guarded
     from ..protocols import member
 
     reg = registry()
@@ -84,12 +94,16 @@ def run_render(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args, template)
     gen = args.add_generation_prompt
     if not args.masking:
-        sys.stdout.write(template.render_text(messages, tokenizer=tokenizer, add_generation_prompt=gen))
-        sys.stdout.write("\n")
+        with guarded(template, "chat_templates", "render_text()"):
+            text = template.render_text(messages, tokenizer=tokenizer, add_generation_prompt=gen)
+        sys.stdout.write(text + "\n")
         return 0
     strategy = reg.masking_strategies.get(args.masking)
-    encoded = template.encode(messages, tokenizer=tokenizer, add_generation_prompt=gen)
-    mask = [int(m) for m in strategy.mask(encoded)]
+    with guarded(template, "chat_templates", "encode()"):
+        encoded = template.encode(messages, tokenizer=tokenizer, add_generation_prompt=gen)
+    with guarded(strategy, "masking_strategies", "mask()"):
+        raw = strategy.mask(encoded)
+    mask = check_mask(raw, len(encoded.input_ids), strategy)  # never a truncated render
     decode = member(template, "chat_templates", "decode")
     pieces: list[tuple[str, bool]] = []
     start = 0

@@ -69,8 +69,13 @@ def handle_mc_labels(args: argparse.Namespace) -> int:
     from ..data import synth
     from ..errors import ConfigError, DataError
     from ..models import load_causal_lm, load_tokenizer, resolve_model
+    from ..guard import check_output_dir
     from ..stages.reward import mc_step_labels, policy_sampler
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a directory (give a .jsonl file path)")
+    check_output_dir(out.parent, f"--out: {out}")  # before any model loads
     if args.problems == "synthetic":
         problems = synth.step_rows(args.num_problems or 16, seed=args.seed, split="train")
         problems = [{k: v for k, v in r.items() if k != "labels"} for r in problems]

@@ -36,7 +36,9 @@ def add_parser(subparsers: Any) -> None:
     b.add_argument("-n", "--num-samples", type=int, metavar="N", help="completions per prompt")
     b.add_argument("--reward-function", action="append", default=[], metavar="NAME",
                    help="a registered reward function (repeatable; replaces the config's)")
-    b.add_argument("--reward-model", metavar="DIR", help="a saved reward model directory")
+    b.add_argument("--reward-model", metavar="DIR",
+                   help="a reward model directory (rlhf-plugins rm output or any transformers "
+                        "sequence-classification reward model)")
     b.add_argument("--model", help="the policy (default: the config's, else the embedded model)")
     b.set_defaults(func=handle_best_of_n)
 

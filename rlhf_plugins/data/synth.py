@@ -258,10 +258,11 @@ def write_synth(out_dir: str | os.PathLike, n: int = 1000, seed: int = 0,
     """
     n = check_n(n)
     n_test = max(1, n // 5) if n_test is None else check_n(n_test)
+    for split in splits:  # every split checked before the first file is written
+        check_split(split)
     out_dir = Path(out_dir)
     summary: dict[str, dict[str, Any]] = {}
     for split in splits:
-        check_split(split)
         count = n_test if split == "test" else n
         for name, build in ROW_BUILDERS.items():
             path = out_dir / f"{name}_{split}.jsonl"

@@ -40,6 +40,12 @@ class TaskSettings:
     n_eval: int = 40
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_eval"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+
 
 @dataclass
 class EvalSettings:
@@ -280,12 +286,20 @@ class Pipeline:
         """Check every selected stage's section (fields, types, plugins, options); no models, no files."""
         import tempfile
 
+        from ..guard import check_model_ref, check_output_dir
+
+        label = f"{self.config_label}: " if self.config_label else ""
+        check_model_ref(self.s.model, f"{label}model")  # before data is written or a model evaluated
+        check_output_dir(self.run_dir, f"{label}output_dir")
         policy = "<policy of the previous stage>"
         self.paths = {key: f"<{key} data>" for key in DATA_FILES}
         with tempfile.TemporaryDirectory() as scratch:
             for name in self.s.stages:
                 _, settings, trl_kwargs = self.stage_config(name, policy, validating=True)
                 where = f"{self.config_label}: {name}" if self.config_label else name
+                model = getattr(settings, "model", None)
+                if model is not None and model != policy:  # a section naming its own model
+                    check_model_ref(model, f"{where}.model")
                 try:
                     STAGE_SPECS[name].check(settings, trl_kwargs, Path(scratch) / name)
                 except ConfigError as exc:

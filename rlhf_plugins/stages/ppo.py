@@ -38,6 +38,8 @@ from .skeleton import (SYNTHETIC, build_trl_config, finish_stage, keep_float32_a
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "ppo_metrics.json"
+#: how a PRM reward model's step outputs become the PPO reward (see PPOSettings.prm_reward)
+PRM_REWARDS = ("probability", "sign", "score")
 #: TRL fields replaced by our settings
 _REJECTED_TRL_FIELDS = {
     "reward_weights": "give weights in `reward_functions` ({name: ..., weight: ...})",
@@ -61,8 +63,15 @@ class PPOSettings:
     dataset_config: str | None = None
     num_examples: int | None = None
     dataset_seed: int = 0
-    #: held-out prompts for TRL's evaluation (synthetic: the "test" split); 0 disables it
+    #: held-out prompts for TRL's evaluation; 0 disables it unless `eval_split`/`eval_dataset`
+    #: is set. They never overlap the training prompts: the synthetic task's "test" split,
+    #: `eval_split` of `eval_dataset` (default: `dataset`), or else `eval_examples` rows carved
+    #: from the training data (seeded by `dataset_seed`) and removed from training
     eval_examples: int = 0
+    #: the split (of `eval_dataset`, default `dataset`) evaluated on; None: see `eval_examples`
+    eval_split: str | None = None
+    #: where held-out prompts come from (same forms as `dataset`); None: `dataset`
+    eval_dataset: str | None = None
     #: evaluate before training too (metrics `eval_reward_before`)
     eval_before: bool = True
     #: chat template plugin whose Jinja becomes the tokenizer's chat_template (None: keep it)
@@ -93,6 +102,17 @@ class PPOSettings:
     kl_target: float | None = None
     kl_horizon: float = 10000.0
     whiten_advantages: bool = False
+    #: registered policy loss (ppo_clip, gspo, cispo, ...) replacing TRL's surrogate; None = TRL's
+    policy_loss: str | None = None
+    policy_loss_options: dict[str, Any] = field(default_factory=dict)
+    #: selection rule dropping whole groups from the update (DAPO dynamic sampling: nonzero_variance)
+    group_filter: str | None = None
+    group_filter_options: dict[str, Any] = field(default_factory=dict)
+    #: over-generate to refill dropped groups: not supported on GRPOTrainer (must stay false)
+    group_filter_refill: bool = False
+    #: a PRM reward model's reward: per-step P(correct) ("probability"), +1/0/-1 by the arg-max
+    #: class ("sign"), both as step rewards at the step ends; or its aggregated score ("score")
+    prm_reward: str = "probability"
     lora: LoraSettings | None = None
     peft: LoraSettings | None = None
     quantization: QuantSettings | None = None
@@ -116,11 +136,26 @@ class PPOSettings:
                               "exact_answer), a reward_model or a reward_adapter")
         if self.reward_adapter is not None and self.reward_model is not None:
             raise ConfigError("reward_model: give either `reward_model` or `reward_adapter`, not both")
-        if not isinstance(self.estimator_options, Mapping):
-            raise ConfigError(f"estimator_options: expected a mapping, got {self.estimator_options!r}")
+        for name in ("estimator_options", "policy_loss_options", "group_filter_options"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, {})
+            elif not isinstance(value, Mapping):
+                raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        for name in ("policy_loss", "group_filter"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{name}: expected a registered name or null, got {value!r}")
+        if self.prm_reward not in PRM_REWARDS:
+            raise ConfigError(f"prm_reward: expected one of {', '.join(PRM_REWARDS)}, got "
+                              f"{self.prm_reward!r}")
         for name in ("dataset", "advantage_estimator", "dataset_split"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+        for name in ("eval_split", "eval_dataset"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
         for name in ("num_examples",):
             value = getattr(self, name)
@@ -152,6 +187,8 @@ class CheckedPPO:
     reward_funcs: list[Any]
     reward_weights: list[float]
     args: Any  # trl.GRPOConfig
+    policy_loss: Any = None
+    group_filter: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,9 +209,14 @@ def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None
                      output_dir: str | os.PathLike) -> CheckedPPO:
     """Resolve the estimator and reward functions and build the TRL config; all errors, no models."""
     from ..rewarding import resolve_reward_functions
-    from .ppo_trainer import check_trainer_options, resolve_estimator
+    from .ppo_trainer import (check_estimator_args, check_group_filter_refill, check_policy_loss_args,
+                              check_trainer_options, resolve_estimator, resolve_group_filter,
+                              resolve_policy_loss)
 
     estimator = resolve_estimator(settings.advantage_estimator, settings.estimator_options)
+    policy_loss = resolve_policy_loss(settings.policy_loss, settings.policy_loss_options)
+    group_filter = resolve_group_filter(settings.group_filter, settings.group_filter_options)
+    check_group_filter_refill(settings.group_filter_refill)
     check_trainer_options(estimator, critic=settings.critic, kl_penalty=settings.kl_penalty,
                           kl_estimator=settings.kl_estimator, vf_coef=settings.vf_coef,
                           value_clip=settings.value_clip, gamma=settings.gamma, lam=settings.lam)
@@ -200,27 +242,132 @@ def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None
         from .kl import make_kl_controller
 
         make_kl_controller(float(args.beta), settings.kl_target, settings.kl_horizon)
-    return CheckedPPO(estimator, list(funcs), list(weights), args)
+    if policy_loss is not None:
+        check_policy_loss_args(args)
+    check_estimator_args(estimator, args)
+    return CheckedPPO(estimator, list(funcs), list(weights), args, policy_loss, group_filter)
 
 
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
 
-def load_prompt_rows(settings: PPOSettings, split: str | None = None, n: int | None = None) -> tuple[Any, str]:
+def load_prompt_rows(settings: PPOSettings, split: str | None = None, n: int | None = None,
+                     dataset: str | None = None) -> tuple[Any, str]:
     """The prompt dataset (an HF Dataset with a `prompt` column) and a label naming its source."""
     split = split or settings.dataset_split
-    if settings.dataset == SYNTHETIC:
+    dataset = dataset or settings.dataset
+    if dataset == SYNTHETIC:
         from ..data import synth
 
         count = n or settings.num_examples or 256
         return synth.rl_dataset(count, seed=settings.dataset_seed, split=split), f"synthetic[{split}]"
-    dataset, source = load_dataset_source(settings.dataset, split=split,
-                                          config=settings.dataset_config,
-                                          num_examples=n or settings.num_examples)
-    if "prompt" not in dataset.column_names:
+    rows, source = load_dataset_source(dataset, split=split, config=settings.dataset_config,
+                                       num_examples=n or settings.num_examples)
+    if "prompt" not in rows.column_names:
         raise DataError(f"{source}: rows need a `prompt` column (a string or a list of messages)")
-    return dataset, source
+    check_prompt_column(rows["prompt"], source)
+    return rows, source
+
+
+def check_prompt_column(prompts: Sequence[Any], source: str) -> None:
+    """DataError naming the 1-based row of a prompt that is neither a non-empty string nor a valid
+    message list (known roles, not ending with an assistant turn), or whose form differs from the
+    first row's (TRL treats the whole dataset as conversational or not from one row)."""
+    from ..conversation import validate_messages
+    from ..guard import row_number
+
+    first: str | None = None
+    for i, prompt in enumerate(prompts):
+        row = row_number(source, i)
+        if isinstance(prompt, str):
+            kind = "a string"
+            if not prompt.strip():
+                raise DataError(f"{source}: row {row}: prompt: empty string")
+        elif isinstance(prompt, (list, tuple)):
+            kind = "a list of messages"
+            try:
+                messages = validate_messages(list(prompt), row=row)
+            except DataError as exc:
+                raise DataError(f"{source}: {exc}") from None
+            if messages[-1]["role"] == "assistant":
+                raise DataError(f"{source}: row {row}: prompt: ends with an assistant message")
+        else:
+            raise DataError(f"{source}: row {row}: prompt: expected a string or a list of messages, "
+                            f"got {type(prompt).__name__}")
+        if first is None:
+            first = kind
+        elif kind != first:
+            raise DataError(f"{source}: row {row}: prompt is {kind} but row "
+                            f"{row_number(source, 0)} holds {first}; use one form for every row")
+
+
+def check_prompt_tokens(prompts: Sequence[Any], tokenizer: Any, template: Any, source: str) -> None:
+    """DataError naming the row of a prompt whose content spells one of the tokenizer's special
+    tokens (TRL renders prompts as text and parses special tokens in it, so the content would
+    become that control token) or a turn marker the template rejects (a forged turn)."""
+    from ..guard import guarded, located, row_number
+
+    added = sorted(getattr(tokenizer, "added_tokens_encoder", None) or {}, key=len, reverse=True)
+    for i, prompt in enumerate(prompts):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        place = f"{source}: row {row_number(source, i)}"
+        for j, message in enumerate(messages):
+            content = message.get("content")
+            hit = next((t for t in added if isinstance(content, str) and t in content), None)
+            if hit is not None:
+                raise DataError(f"{place}, message {j}: content contains {hit!r}, a special token "
+                                "of the tokenizer; the prompt is rendered as text, so it would "
+                                "become that control token: remove it from the data")
+        if template is not None and not isinstance(prompt, str):
+            try:
+                with guarded(template, "chat_templates", "encode()"):
+                    template.encode(messages, tokenizer=tokenizer, add_generation_prompt=True)
+            except DataError as exc:
+                raise located(exc, place) from None
+
+
+def _prompt_key(prompt: Any) -> str:
+    import json
+
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    return json.dumps(prompt, sort_keys=True, default=str)
+
+
+def held_out_prompts(settings: PPOSettings, train: Any) -> tuple[Any, Any]:
+    """(training rows, held-out rows or None): the eval rows never hold a training prompt.
+
+    Synthetic data evaluates on its "test" split; `eval_split` / `eval_dataset` name the eval
+    rows; otherwise `eval_examples` rows are carved from `train` (seeded) and removed from it.
+    Eval rows whose prompt is also a training prompt are dropped (logged).
+    """
+    n = settings.eval_examples or None
+    named = settings.eval_split is not None or settings.eval_dataset is not None
+    if n is None and not named:
+        return train, None
+    source = settings.eval_dataset or settings.dataset
+    if named or source == SYNTHETIC:
+        split = settings.eval_split or ("test" if source == SYNTHETIC else settings.dataset_split)
+        if source == settings.dataset and split == settings.dataset_split and source != SYNTHETIC:
+            raise ConfigError(f"eval_split: {split!r} is the training split; name another split "
+                              "(or leave eval_split unset to carve eval_examples rows out of it)")
+        held, _ = load_prompt_rows(settings, split=split, n=n, dataset=source)
+    else:
+        if n >= len(train):
+            raise ConfigError(f"eval_examples: {n} held-out prompts would leave none of the "
+                              f"{len(train)} training prompts")
+        parts = train.train_test_split(test_size=n, seed=settings.dataset_seed, shuffle=True)
+        train, held = parts["train"], parts["test"]
+    seen = {_prompt_key(p) for p in train["prompt"]}
+    keep = [i for i, p in enumerate(held["prompt"]) if _prompt_key(p) not in seen]
+    if len(keep) < len(held):
+        logger.warning("held-out prompts: dropped %d that are also training prompts",
+                       len(held) - len(keep))
+        held = held.select(keep)
+    if len(held) == 0:
+        raise DataError("held-out prompts: none left that is not a training prompt")
+    return train, held
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +402,66 @@ def reward_adapter_function(scorer: Any, tokenizer: Any = None, template: Any = 
     if template is not None:
         scorer.template = template
     return reward_model_function(scorer, name=name)
+
+
+def prm_reward_function(scorer: Any, mode: str = "probability", tokenizer: Any = None,
+                        template: Any = None, name: str = "reward_adapter",
+                        batch_size: int = 16) -> Any:
+    """A TRL-style reward function giving a PRM's **step rewards** for each completion.
+
+    The completion is split into steps on the head's ``delimiter`` (as the PRM was trained);
+    each step's reward sits at its end offset: P(correct) (``mode="probability"``) or +1/0/-1
+    by the arg-max class (``mode="sign"``). A completion with no non-blank step is unscored.
+    """
+    from ..rewarding import completion_text
+    from ..step_rewards import PRM_MODES, prm_step_rewards, step_end_offsets
+    from .reward_scoring import step_outputs
+
+    if mode not in PRM_MODES:
+        raise ConfigError(f"prm_reward: expected one of {', '.join(PRM_MODES)}, got {mode!r}")
+    if tokenizer is not None:
+        scorer.tokenizer = tokenizer
+    if template is not None:
+        scorer.template = template
+    delimiter = getattr(scorer.head, "delimiter", "\n\n")
+    backbone = getattr(scorer, "backbone", scorer)
+
+    def prm_reward(prompts: list, completions: list, **_: Any) -> list[Any]:
+        texts = [completion_text(c) for c in completions]
+        ends = [step_end_offsets(t, delimiter) for t in texts]
+        keep = [i for i, e in enumerate(ends) if e]
+        out: list[Any] = [None] * len(texts)
+        if not keep:
+            return out
+        was_training = backbone.training
+        try:
+            rows = [{"prompt": prompts[i], "completion": texts[i]} for i in keep]
+            results = step_outputs(scorer, rows, batch_size=batch_size)
+        finally:
+            backbone.train(was_training)
+        if mode == "probability":
+            probs = [r["p_correct"] for r in results]
+        else:  # one-hot of the predicted class (labels -1/0/+1 -> classes 0/1/2)
+            probs = [[[float(c == label + 1) for c in range(3)] for label in r["predicted"]]
+                     for r in results]
+        for i, steps in zip(keep, prm_step_rewards(probs, [ends[i] for i in keep], mode)):
+            out[i] = steps
+        return out
+
+    prm_reward.__name__ = prm_reward.__qualname__ = name
+    return prm_reward
+
+
+def _scorer_function(scorer: Any, settings: PPOSettings, name: str, tokenizer: Any = None,
+                     template: Any = None) -> Any:
+    """The reward function of a reward-model scorer: step rewards for a PRM (``prm_reward``)."""
+    from ..protocols import member
+
+    head = scorer.head
+    if settings.prm_reward != "score" and member(head, "reward_heads", "label_kind") == "step" \
+            and member(head, "reward_heads", "has_step_outputs"):
+        return prm_reward_function(scorer, settings.prm_reward, tokenizer, template, name=name)
+    return reward_adapter_function(scorer, tokenizer, template, name=name)
 
 
 def _same_base(meta: Mapping[str, Any], model_path: str) -> bool:
@@ -319,16 +526,18 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
     template = registry().chat_templates.get(settings.template) if settings.template else None
     if train_dataset is None:
         train_dataset, source = load_prompt_rows(settings)
+        if eval_dataset is None:
+            train_dataset, eval_dataset = held_out_prompts(settings, train_dataset)
     else:
         source = "given dataset"
-    if eval_dataset is None and settings.eval_examples:
-        eval_split = "test" if settings.dataset == SYNTHETIC else settings.dataset_split
-        eval_dataset, _ = load_prompt_rows(settings, split=eval_split, n=settings.eval_examples)
     if eval_dataset is not None and args.eval_strategy == "no":
         args.do_eval = True
 
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
+    for rows, label in ((train_dataset, source), (eval_dataset, f"{source} (eval)")):
+        if rows is not None and "prompt" in getattr(rows, "column_names", ()):
+            check_prompt_tokens(rows["prompt"], tokenizer, template, label)  # before the model loads
     if template is not None:
         tokenizer.chat_template = template.jinja
     policy = load_policy(model_path, settings, bool(args.gradient_checkpointing))
@@ -348,17 +557,20 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
                            "`reward_model` to load it as trained)", settings.reward_adapter,
                            recorded, settings.quantization)
         scorer = attach_reward_adapter(policy, settings.reward_adapter, "reward", tokenizer=None)
-        funcs.append(reward_adapter_function(scorer, scorer.tokenizer or tokenizer, scorer.template))
+        funcs.append(_scorer_function(scorer, settings, "reward_adapter",
+                                      scorer.tokenizer or tokenizer, scorer.template))
     if settings.reward_model is not None:
         scorer, _ = load_reward_scorer(settings, policy, model_path)
-        funcs.append(reward_adapter_function(scorer, name="reward_model"))
+        funcs.append(_scorer_function(scorer, settings, "reward_model"))
     trainer = PolicyOptimizationTrainer(
         policy, funcs, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, advantage_estimator=checked.estimator, gamma=settings.gamma,
         lam=settings.lam, critic=settings.critic, vf_coef=settings.vf_coef,
         value_clip=settings.value_clip, kl_penalty=settings.kl_penalty,
         kl_estimator=settings.kl_estimator, kl_target=settings.kl_target,
-        kl_horizon=settings.kl_horizon, whiten_advantages=settings.whiten_advantages)
+        kl_horizon=settings.kl_horizon, whiten_advantages=settings.whiten_advantages,
+        policy_loss=checked.policy_loss, group_filter=checked.group_filter,
+        group_filter_refill=settings.group_filter_refill)
     keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
     return PreparedPPO(trainer, tokenizer, model_path, train_dataset, eval_dataset, source, scorer)
 
@@ -371,7 +583,12 @@ def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
     prepared = prepare_ppo(settings, trl_kwargs, out)
     trainer = prepared.trainer
     metrics: dict[str, Any] = {"train_prompts": len(prepared.train_dataset),
-                               "advantage_estimator": settings.advantage_estimator}
+                               "eval_prompts": 0 if prepared.eval_dataset is None
+                               else len(prepared.eval_dataset),
+                               "advantage_estimator": settings.advantage_estimator,
+                               "policy_loss": settings.policy_loss or f"trl:{trainer.loss_type}",
+                               "policy_loss_options": dict(settings.policy_loss_options),
+                               "group_filter": settings.group_filter}
     check_run_config(out, "ppo", settings, trl_kwargs)  # another config's checkpoints: start clean
     resume = resume_checkpoint(out, settings.resume, "PPO")
     if prepared.eval_dataset is not None and settings.eval_before and resume is None:
@@ -412,8 +629,9 @@ def load_ppo_config(source: str | os.PathLike | Mapping[str, Any],
 
 
 __all__ = ["PPOSettings", "PPOResult", "PreparedPPO", "CheckedPPO", "build_grpo_config",
-           "check_ppo_config", "load_policy", "load_ppo_config", "load_prompt_rows",
-           "load_reward_scorer", "ppo_from_config", "prepare_ppo", "reward_adapter_function", "run_ppo"]
+           "check_ppo_config", "held_out_prompts", "load_policy", "load_ppo_config", "load_prompt_rows",
+           "load_reward_scorer", "ppo_from_config", "prepare_ppo", "prm_reward_function",
+           "reward_adapter_function", "run_ppo", "PRM_REWARDS"]
 
 
 def __getattr__(name: str) -> Any:  # lazy re-exports of the trainer pieces (they import TRL)

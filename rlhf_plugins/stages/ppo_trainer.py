@@ -11,24 +11,34 @@ adapter-disabled base, no second model) and TRL's k3 KL term (``beta``) in the l
 What this subclass changes, and nothing else (no TRL code is copied):
 
 - ``_calculate_rewards``: unchanged; the subclass only remembers the gathered per-function
-  rewards. Reward callables are wrapped to be validated by
-  :func:`rlhf_plugins.rewarding.call_reward_functions` (wrong length, non-number, NaN/inf ->
-  an error naming the function; None allowed).
+  rewards and each wrapped function's raw outputs. Reward callables are wrapped to be
+  validated by :func:`rlhf_plugins.rewarding.call_reward_functions` (wrong length,
+  non-number, NaN/inf -> an error naming the function; None allowed; step rewards
+  ``[(end_char_offset, value), ...]`` allowed, TRL sees their sum).
 - ``_generate_and_score_completions``: TRL's rollout runs unchanged; afterwards the
   advantages TRL computed are replaced by those of the configured estimator, called with the
-  weighted rewards (TRL's ``nansum`` rule, unscorable rows NaN), the completion mask and, for
-  estimators with ``needs_values``, the value head's predictions at rollout time. With
+  weighted rewards (TRL's ``nansum`` rule, unscorable rows NaN), the completion mask and what
+  the estimator's capabilities ask for: the value head's predictions at rollout time
+  (``needs_values``), the per-function rewards and weights (``needs_reward_components``), the
+  reward of one greedy completion per prompt (``needs_greedy_baseline``). Step rewards become
+  [B, T] token rewards (:func:`rlhf_plugins.step_rewards.batch_token_rewards`); with
   ``kl_penalty="reward"`` the per-token ``-beta * KL`` (InstructGPT) is added to the rewards.
+  A group filter (any selection rule) drops whole groups: the estimator sees the kept ones,
+  the dropped ones get advantage 0 and leave the loss mask and TRL's token count.
 - ``_generate_single_turn``: TRL's generation, unchanged; while it runs, a hook reads the
   rollout's values from the sampler's own forwards (one per new token), so PPO costs no extra
   pass over the batch. Where that cannot work (vLLM, continuous batching, tool loops, a
   chunked prefill) or log-probs are needed anyway (KL in the reward), one no-grad policy
   forward computes them instead.
-- ``_compute_loss``: TRL's loss, plus ``vf_coef * value_loss`` (PPO-clipped) when the batch has
-  value targets; the values come from the same forward pass (a hook on the backbone).
+- ``_compute_loss``: TRL's loss - or, with ``policy_loss``, the plugin loss on the per-token
+  log-probs of TRL's own forward (``_get_per_token_logps_and_entropies``), TRL's normaliser
+  passed as ``norm_constant`` and TRL's KL term added - plus ``vf_coef * value_loss``
+  (PPO-clipped) when the batch has value targets; the values come from the same forward pass
+  (a hook on the backbone).
 - ``_save`` / ``_load_from_checkpoint``: the value head travels with checkpoints.
 
-The trainer never looks at the estimator's name: it asks ``needs_values`` and calls it.
+The trainer never looks at a component's name: it asks the estimator's capabilities
+(:func:`rlhf_plugins.protocols.member`) and the loss's ``agg``, and calls them.
 """
 from __future__ import annotations
 
@@ -41,15 +51,17 @@ from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
 from ..errors import ConfigError
+from ..guard import guarded
 from ..losses import KL_KINDS, kl_estimate, masked_mean, value_loss
+from ..protocols import member
 from .kl import AdaptiveKLController, make_kl_controller
 from .value_head import (GenerationValueCapture, ValueHead, capture_generation_values,
                          capture_values, hidden_size_of, unwrap)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PolicyOptimizationTrainer", "resolve_estimator", "validated_reward_function",
-           "KL_PENALTIES", "CRITICS"]
+__all__ = ["PolicyOptimizationTrainer", "resolve_estimator", "resolve_group_filter",
+           "resolve_policy_loss", "validated_reward_function", "KL_PENALTIES", "CRITICS"]
 
 KL_PENALTIES = ("loss", "reward")
 CRITICS = ("value_head", "none")
@@ -77,19 +89,122 @@ def resolve_estimator(estimator: Any, options: Mapping[str, Any] | None = None) 
 
 
 def validated_reward_function(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a TRL-style reward function so its outputs are checked (errors name the function)."""
-    from ..rewarding import call_reward_functions, reward_function_name
+    """Wrap a TRL-style reward function so its outputs are checked (errors name the function).
+
+    A completion's reward may be a float, None or step rewards (a list of ``(end_char_offset,
+    value)`` pairs): TRL gets one number per completion (the sum of the steps), and the raw
+    outputs of the last call stay on the wrapper (``last_outputs``, with the completion texts
+    the offsets index in ``last_texts``) for the trainer to place on tokens.
+    """
+    from ..rewarding import (call_reward_functions, completion_text, reward_function_name,
+                             reward_value_total)
 
     name = reward_function_name(func)
 
     def checked(prompts: list, completions: list, **columns: Any) -> list[float | None]:
-        _, per_function = call_reward_functions([func], None, prompts, completions, **columns)
-        return next(iter(per_function.values()))
+        checked.last_outputs = checked.last_texts = None  # type: ignore[attr-defined]
+        _, per_function = call_reward_functions([func], None, prompts, completions,
+                                                allow_step_rewards=True, **columns)
+        outputs = next(iter(per_function.values()))
+        checked.last_outputs = outputs  # type: ignore[attr-defined]
+        checked.last_texts = [completion_text(c) for c in completions]  # type: ignore[attr-defined]
+        return [reward_value_total(v) for v in outputs]
 
     checked.__name__ = checked.__qualname__ = name  # TRL logs rewards/<__name__>/mean
     checked.__doc__ = getattr(func, "__doc__", None)
     checked.__wrapped_reward_function__ = func  # type: ignore[attr-defined]
+    checked.last_outputs = checked.last_texts = None  # type: ignore[attr-defined]
     return checked
+
+
+def resolve_policy_loss(loss: Any, options: Mapping[str, Any] | None = None) -> Any:
+    """A policy loss component (registered name, looked up and configured, or a callable), or None."""
+    if loss is None:
+        if options:
+            raise ConfigError("policy_loss_options given but no policy_loss")
+        return None
+    if isinstance(loss, str):
+        from .. import registry
+
+        return registry().policy_losses.get(loss, **dict(options or {}))
+    if options:
+        configure = getattr(loss, "configure", None)
+        if configure is None:
+            raise ConfigError("policy_loss_options given but the policy loss has no configure()")
+        loss = configure(**dict(options))
+    if not callable(loss):
+        raise ConfigError(f"policy loss must be a registered name or a callable, got {type(loss).__name__}")
+    return loss
+
+
+def resolve_group_filter(rule: Any, options: Mapping[str, Any] | None = None) -> Any:
+    """A selection rule used as a group filter (registered name or component), or None."""
+    if rule is None:
+        if options:
+            raise ConfigError("group_filter_options given but no group_filter")
+        return None
+    if isinstance(rule, str):
+        from .. import registry
+
+        return registry().selection_rules.get(rule, **dict(options or {}))
+    if options:
+        configure = getattr(rule, "configure", None)
+        if configure is None:
+            raise ConfigError("group_filter_options given but the rule has no configure()")
+        rule = configure(**dict(options))
+    if not callable(getattr(rule, "select", None)):
+        raise ConfigError(f"group_filter must be a selection rule name or a rule with select(), got "
+                          f"{type(rule).__name__}")
+    return rule
+
+
+#: TRL GRPOConfig options of TRL's own loss, with their defaults; `policy_loss` replaces that
+#: loss, so a non-default value would be silently ignored: an error says what to use instead.
+_TRL_LOSS_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("loss_type", "dapo", "the loss's `agg` option sets the aggregation "
+                          "(policy_loss_options: {agg: seq_mean_token_mean} is TRL's grpo)"),
+    ("epsilon", 0.2, "set the loss's clip options (ppo_clip: clip_low)"),
+    ("epsilon_high", None, "set the loss's clip options (ppo_clip: clip_high)"),
+    ("delta", None, "set the loss's options (ppo_clip: delta)"),
+    ("importance_sampling_level", "token", "use a sequence-level loss (policy_loss: gspo)"),
+    ("top_entropy_quantile", 1.0, "not supported with policy_loss"),
+    ("off_policy_mask_threshold", None, "not supported with policy_loss"),
+    ("entropy_coef", 0.0, "not supported with policy_loss"),
+    ("use_adaptive_entropy", False, "not supported with policy_loss"),
+)
+
+
+def check_policy_loss_args(args: Any) -> None:
+    """ConfigError for TRL loss options that a plugin policy loss would silently ignore."""
+    for name, default, instead in _TRL_LOSS_OPTIONS:
+        value = getattr(args, name, default)
+        if value != default:
+            raise ConfigError(f"{name}: {value!r} configures TRL's own loss, which policy_loss "
+                              f"replaces: {instead}")
+    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
+        raise ConfigError("use_vllm with vllm_importance_sampling_correction: not supported with "
+                          "policy_loss (set vllm_importance_sampling_correction: false)")
+
+
+def check_estimator_args(estimator: Any, args: Any) -> None:
+    """ConfigError when the estimator's capabilities cannot be honoured with these TRL options."""
+    greedy = member(estimator, "advantage_estimators", "needs_greedy_baseline")
+    if greedy and getattr(args, "use_vllm", False):
+        raise ConfigError(f"advantage estimator {getattr(estimator, 'name', estimator)!r} needs a "
+                          "greedy baseline, generated on the transformers path: set use_vllm: false")
+
+
+def check_group_filter_refill(refill: Any) -> None:
+    """ConfigError for group_filter_refill: true (see docs/concepts/dense_rewards.md for why)."""
+    if not isinstance(refill, bool):
+        raise ConfigError(f"group_filter_refill: expected true or false, got {refill!r}")
+    if refill:
+        raise ConfigError(
+            "group_filter_refill: true is not supported on TRL's GRPOTrainer: its generation batch "
+            "is one fixed draw of the trainer's dataloader (RepeatSampler, sharded per process), and "
+            "merging a second rollout would re-implement TRL's rollout assembly (left/right padding "
+            "of ids, masks, old/ref/sampling log-probs, multimodal fields). Dropped groups leave "
+            "the batch smaller instead: raise num_generations or the batch size to compensate")
 
 
 def _adapter_is_fresh(model: nn.Module) -> bool:
@@ -126,7 +241,13 @@ class PolicyOptimizationTrainer(GRPOTrainer):
     - ``kl_target``, ``kl_horizon``: adaptive KL controller (None: ``beta`` stays fixed).
     - ``whiten_advantages``: normalise advantages to zero mean / unit std over the batch's real
       tokens (PPO practice); off by default.
-    - ``validate_rewards``: wrap reward callables with :func:`validated_reward_function`.
+    - ``validate_rewards``: wrap reward callables with :func:`validated_reward_function`
+      (needed for step rewards).
+    - ``policy_loss``: a registered name (family ``policy_losses``) or a component replacing
+      TRL's surrogate; ``policy_loss_options`` go to its ``configure``. None: TRL's loss.
+    - ``group_filter``: a selection rule name (or rule) dropping whole groups from the update
+      (DAPO dynamic sampling, e.g. ``nonzero_variance``); ``group_filter_options`` configure it;
+      ``group_filter_refill`` must stay False (see :func:`check_group_filter_refill`).
     """
 
     def __init__(self, model: Any, reward_funcs: Any = None, args: GRPOConfig | None = None, *,
@@ -135,14 +256,23 @@ class PolicyOptimizationTrainer(GRPOTrainer):
                  vf_coef: float = 0.1, value_clip: float | None = 0.2, kl_penalty: str = "loss",
                  kl_estimator: str = "k1", kl_target: float | None = None,
                  kl_horizon: float = 10000.0, whiten_advantages: bool = False,
-                 validate_rewards: bool = True, **kwargs: Any) -> None:
+                 validate_rewards: bool = True, policy_loss: Any = None,
+                 policy_loss_options: Mapping[str, Any] | None = None, group_filter: Any = None,
+                 group_filter_options: Mapping[str, Any] | None = None,
+                 group_filter_refill: bool = False, **kwargs: Any) -> None:
         self.estimator = resolve_estimator(advantage_estimator, estimator_options)
-        self.needs_values = bool(getattr(self.estimator, "needs_values", False))
+        self.needs_values = bool(member(self.estimator, "advantage_estimators", "needs_values"))
         check_trainer_options(self.estimator, critic=critic, kl_penalty=kl_penalty,
                               kl_estimator=kl_estimator, vf_coef=vf_coef, value_clip=value_clip,
                               gamma=gamma, lam=lam)
         if args is None:
             raise ConfigError("PolicyOptimizationTrainer needs `args` (a trl.GRPOConfig)")
+        self.policy_objective = resolve_policy_loss(policy_loss, policy_loss_options)
+        if self.policy_objective is not None:
+            check_policy_loss_args(args)
+        self.group_filter_rule = resolve_group_filter(group_filter, group_filter_options)
+        check_group_filter_refill(group_filter_refill)
+        check_estimator_args(self.estimator, args)
         if args.multi_objective_aggregation != "sum_then_normalize":
             raise ConfigError("multi_objective_aggregation: only 'sum_then_normalize' is supported "
                               "(the advantage estimator normalises the summed reward)")
@@ -189,6 +319,9 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             # A submodule of the policy: the optimizer and DDP see its parameters like any other.
             self.model.add_module("v_head", self.value_head)
         self._last_rewards_per_func: torch.Tensor | None = None
+        #: per reward function: (raw outputs, completion texts) of the last rollout's scoring
+        self._last_reward_outputs: list[tuple[list | None, list | None]] = []
+        self._said_dense_sum = False
         #: generation captures of the current rollout (None: not collecting)
         self._generation_captures: list[tuple[GenerationValueCapture, list]] | None = None
 
@@ -196,7 +329,108 @@ class PolicyOptimizationTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last_rewards_per_func = rewards_per_func
+        self._last_reward_outputs = [(getattr(f, "last_outputs", None), getattr(f, "last_texts", None))
+                                     for f in self.reward_funcs]
         return rewards_per_func
+
+    def _dense_token_rewards(self, output: dict[str, Any], process_slice: slice) -> torch.Tensor | None:
+        """This process's [b, T] weighted token rewards when a reward function gave step rewards.
+
+        Step rewards sit on the tokens that end their steps (:func:`batch_token_rewards`), scalar
+        rewards on the last real token; None is left out of the weighted sum (TRL's rule) and a
+        completion no function scored gets NaN on its last token (unscorable). None when every
+        reward this rollout was a scalar.
+        """
+        from ..step_rewards import batch_token_rewards, is_step_rewards
+
+        outputs = self._last_reward_outputs
+        if not any(out is not None and any(is_step_rewards(v) for v in out) for out, _ in outputs):
+            return None
+        ids, real = output["completion_ids"], output["completion_mask"]
+        per_func = self._last_rewards_per_func[process_slice].to(ids.device)  # [b, F]
+        weights = self.reward_weights.to(ids.device)
+        local_rows, length = ids.shape
+        last = length - 1 - real.flip(1).to(torch.int8).argmax(dim=1)
+        rows = torch.nonzero(real.sum(dim=1) > 0).squeeze(1)
+        total = torch.zeros(local_rows, length, dtype=torch.float32, device=ids.device)
+        for f, (raw, texts) in enumerate(outputs):
+            if raw is not None and any(is_step_rewards(v) for v in raw):
+                tokens, _ = batch_token_rewards(raw, ids, real, self._tokenizer, texts)
+                tokens = torch.nan_to_num(tokens.to(ids.device), nan=0.0)
+            else:  # a scalar function (or a model TRL scored): its reward on the last real token
+                tokens = torch.zeros_like(total)
+                tokens[rows, last[rows]] = torch.nan_to_num(per_func[rows, f].float(), nan=0.0)
+            total = total + weights[f] * tokens
+        unscorable = torch.isnan(per_func).all(dim=1) & (real.sum(dim=1) > 0)
+        total[unscorable, last[unscorable]] = torch.nan
+        if not self._said_dense_sum and not member(self.estimator, "advantage_estimators",
+                                                   "uses_token_rewards"):
+            logger.info("advantage estimator %r is sequence-level: it gets the sum of each "
+                        "completion's step rewards (token-level estimators such as gae or "
+                        "reinforce_plus_plus credit each step at its token)",
+                        getattr(self.estimator, "name", type(self.estimator).__name__))
+            self._said_dense_sum = True
+        return total
+
+    def _greedy_baseline_rewards(self, inputs: list[dict[str, Any]]) -> torch.Tensor:
+        """[B_global] reward of a greedy completion of each row's prompt (one generation per prompt).
+
+        Consecutive rows with the same prompt (a group) share one greedy generation; it is
+        scored by the same reward functions and weights as the rollout (TRL's nansum rule).
+        """
+        import copy
+
+        from transformers import GenerationConfig
+        from trl.data_utils import is_conversational
+
+        prompts = [x["prompt"] for x in inputs]
+        firsts = [i for i in range(len(prompts)) if i == 0 or prompts[i] != prompts[i - 1]]
+        owner, k = [], -1
+        for i in range(len(prompts)):
+            k += 1 if k + 1 < len(firsts) and firsts[k + 1] == i else 0
+            owner.append(k)
+        prompt_ids, images, multimodal = self._tokenize_prompts([prompts[i] for i in firsts])
+        greedy = {**self.generation_kwargs, "do_sample": False, "temperature": None, "top_p": None,
+                  "top_k": None, "min_p": None}
+        saved = (self.generation_config, self.generation_kwargs)
+        self.generation_config = GenerationConfig(**greedy, disable_compile=True)
+        self.generation_kwargs = greedy
+        try:
+            completion_ids, _ = self._generate_single_turn(prompt_ids, images, multimodal, 1)
+        finally:
+            self.generation_config, self.generation_kwargs = saved
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        if is_conversational({"prompt": prompts[0]}):
+            completions = [[{"role": "assistant", "content": t}] for t in texts]
+        else:
+            completions = list(texts)
+        # Scoring must not leak into the rollout's logs (reward functions may log columns/metrics).
+        pending = (copy.deepcopy(self._pending_extra_logs), copy.deepcopy(self._pending_metrics))
+        try:
+            per_func = GRPOTrainer._calculate_rewards(
+                self, inputs, prompts, [completions[owner[i]] for i in range(len(prompts))],
+                [list(completion_ids[owner[i]]) for i in range(len(prompts))])
+        finally:
+            self._pending_extra_logs.clear()
+            self._pending_extra_logs.update(pending[0])
+            self._pending_metrics.clear()
+            self._pending_metrics.update(pending[1])
+        weights = self.reward_weights.to(per_func.device).unsqueeze(0)
+        baseline = (per_func * weights).nansum(dim=1)
+        baseline[torch.isnan(per_func).all(dim=1)] = torch.nan
+        return baseline
+
+    def _group_keep(self, rewards: torch.Tensor, num_generations: int, mode: str) -> torch.Tensor | None:
+        """[B_global] bool: the completions of the groups the group filter keeps (None: no filter)."""
+        if self.group_filter_rule is None:
+            return None
+        from ..group_filters import completion_keep_mask, group_filter_metrics, group_keep_mask
+
+        keep = group_keep_mask(self.group_filter_rule, rewards.detach().cpu().tolist(), num_generations)
+        for key, value in group_filter_metrics(keep).items():
+            self._metrics[mode][f"group_filter/{key}"].append(value)
+        return torch.tensor(completion_keep_mask(keep, num_generations), dtype=torch.bool,
+                            device=rewards.device)
 
     def _total_rewards(self) -> torch.Tensor:
         """Weighted rewards of the whole (gathered) batch, TRL's rule; unscorable rows NaN."""
@@ -313,18 +547,22 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         rewards = self._total_rewards().to(device)  # [B_global]
         process_slice = slice(self.accelerator.process_index * local_rows,
                               (self.accelerator.process_index + 1) * local_rows)
+        dense = self._dense_token_rewards(output, process_slice)  # [b, T] or None
         kl_tokens = None
         if need_logps:
             kl_tokens = kl_estimate(stats["logps"].float(), stats["ref_logps"].float(),
                                     self.kl_estimator if kl_in_reward else "k1") * mask
-        if kl_in_reward:
-            # InstructGPT: r_t = -beta * KL_t on every real token, + R on the last real one.
-            token_rewards = -kl_coef * kl_tokens
-            local_r = rewards[process_slice]
-            last = local_len - 1 - mask.flip(1).argmax(dim=1)
-            has_tokens = mask.sum(dim=1) > 0
-            rows = torch.nonzero(has_tokens).squeeze(1)
-            token_rewards[rows, last[rows]] += local_r[rows]
+        if kl_in_reward or dense is not None:
+            if dense is not None:  # step rewards at the tokens ending their steps
+                token_rewards = dense
+            else:  # InstructGPT: R on the last real token ...
+                token_rewards = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+                local_r = rewards[process_slice]
+                last = local_len - 1 - mask.flip(1).argmax(dim=1)
+                rows = torch.nonzero(mask.sum(dim=1) > 0).squeeze(1)
+                token_rewards[rows, last[rows]] += local_r[rows].float()
+            if kl_in_reward:  # ... and -beta * KL_t on every real token
+                token_rewards = token_rewards - kl_coef * kl_tokens
             est_rewards = self._gather_rows(token_rewards)
         else:
             est_rewards = rewards
@@ -332,13 +570,18 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         values = stats["values"]
         global_values = None if values is None else self._gather_rows(values * mask)
 
-        result = self.estimator(est_rewards, num_generations=num_generations, mask=global_mask,
-                                values=global_values, gamma=self.gamma, lam=self.lam)
-        advantages = result.advantages.to(device=device, dtype=torch.float32)
-        if self.whiten_advantages:
-            advantages = _whiten(advantages, global_mask if advantages.dim() == 2 else None)
-        all_advantages = advantages
-        advantages = advantages[process_slice]
+        extra: dict[str, Any] = {}
+        if member(self.estimator, "advantage_estimators", "needs_reward_components"):
+            extra["reward_components"] = self._last_rewards_per_func.to(device)  # [B, F], NaN = None
+            extra["reward_weights"] = self.reward_weights.to(device)
+        if member(self.estimator, "advantage_estimators", "needs_greedy_baseline"):
+            extra["baseline_rewards"] = self._greedy_baseline_rewards(inputs).to(device)
+            self._metrics[mode]["greedy_baseline/reward_mean"].append(
+                float(torch.nanmean(extra["baseline_rewards"].float())))
+        keep = self._group_keep(rewards, num_generations, mode)  # [B_global] bool or None
+        result, all_advantages = self._estimate(est_rewards, global_mask, global_values,
+                                                num_generations, extra, keep)
+        advantages = all_advantages[process_slice]
         if advantages.dim() == 2:
             advantages = advantages[:, :local_len]
         output["advantages"] = advantages
@@ -346,6 +589,15 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         if returns is not None and self.value_head is not None:
             output["returns"] = returns.to(device=device, dtype=torch.float32)[process_slice, :local_len]
             output["old_values"] = values
+        if keep is not None and not bool(keep.all()):
+            # Dropped groups take no part in the loss: out of its mask and of TRL's token count.
+            local_keep = keep[process_slice].to(output["completion_mask"].dtype)
+            output["completion_mask"] = output["completion_mask"] * local_keep[:, None]
+            loss_mask = output["completion_mask"]
+            if "tool_mask" in output:
+                loss_mask = loss_mask * output["tool_mask"]
+            output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+            global_mask = global_mask * keep[:, None].to(global_mask.dtype)
 
         self._log_rollout(mode, all_advantages, global_mask, kl_tokens, mask, values, returns,
                           kl_in_reward, kl_coef)
@@ -355,6 +607,46 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             if self.kl_penalty == "loss":
                 self.beta = float(self.kl_controller.value)
         return output
+
+    def _estimate(self, rewards: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None,
+                  num_generations: int, extra: dict[str, Any], keep: torch.Tensor | None,
+                  ) -> tuple[Any, torch.Tensor]:
+        """Call the estimator (on the kept groups only, with a group filter); (result, advantages).
+
+        Dropped rows get advantage 0 (and returns 0: they are masked out of the value loss).
+        """
+        from ..advantage_types import Advantages
+
+        device = mask.device
+        if keep is None or bool(keep.all()):
+            with guarded(self.estimator, "advantage_estimators", "__call__()"):
+                result = self.estimator(rewards, num_generations=num_generations, mask=mask,
+                                        values=values, gamma=self.gamma, lam=self.lam, **extra)
+            advantages = result.advantages.to(device=device, dtype=torch.float32)
+            if self.whiten_advantages:
+                advantages = _whiten(advantages, mask if advantages.dim() == 2 else None)
+            return result, advantages
+        rows = torch.nonzero(keep).squeeze(1)
+        returns = None
+        if rows.numel() == 0:
+            advantages = torch.zeros(mask.shape[0], dtype=torch.float32, device=device)
+            if self.value_head is not None and values is not None:
+                returns = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+            return Advantages(advantages, returns), advantages
+        sub = {k: (v if k == "reward_weights" else v[rows]) for k, v in extra.items()}
+        with guarded(self.estimator, "advantage_estimators", "__call__()"):
+            result = self.estimator(rewards[rows], num_generations=num_generations, mask=mask[rows],
+                                    values=None if values is None else values[rows],
+                                    gamma=self.gamma, lam=self.lam, **sub)
+        kept = result.advantages.to(device=device, dtype=torch.float32)
+        if self.whiten_advantages:
+            kept = _whiten(kept, mask[rows] if kept.dim() == 2 else None)
+        advantages = torch.zeros((mask.shape[0], *kept.shape[1:]), dtype=torch.float32, device=device)
+        advantages[rows] = kept
+        if result.returns is not None:
+            returns = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+            returns[rows] = result.returns.to(device=device, dtype=torch.float32)
+        return Advantages(advantages, returns), advantages
 
     def _log_rollout(self, mode: str, advantages: torch.Tensor, global_mask: torch.Tensor,
                      kl_tokens: torch.Tensor | None, mask: torch.Tensor,
@@ -392,11 +684,12 @@ class PolicyOptimizationTrainer(GRPOTrainer):
 
     # -- loss ---------------------------------------------------------------------------------
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        policy_term = super()._compute_loss if self.policy_objective is None else self._policy_loss
         if self.value_head is None or "returns" not in inputs:
-            return super()._compute_loss(model, inputs)
+            return policy_term(model, inputs)
         keep = inputs["completion_ids"].size(1)
         with capture_values(model, self.value_head, keep) as capture:
-            loss = super()._compute_loss(model, inputs)
+            loss = policy_term(model, inputs)
         values = capture.values()
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
@@ -412,6 +705,80 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             clipped = ((values.detach() - old).abs() > self.value_clip).float()
             self._metrics[mode]["value_clip_fraction"].append(float(masked_mean(clipped, mask)))
         return loss
+
+    def _loss_normaliser(self, inputs: dict[str, Any], mode: str) -> tuple[dict[str, Any], float]:
+        """(keyword arguments for the policy loss, divisor of its result) from the loss's `agg`.
+
+        ``token_mean``: ``norm_constant`` = TRL's dapo normaliser, the real tokens of the whole
+        generation batch rescaled to one accumulation window (it already accounts for gradient
+        accumulation: divisor 1). ``seq_mean_token_sum_norm``: ``norm_constant`` =
+        ``max_completion_length`` (TRL's dr_grpo). Any other mode, a loss's own
+        ``norm_constant``, or a loss without ``agg``: nothing passed, divided by the
+        accumulation steps (TRL's grpo/bnpo). Equal to TRL's loss_type of the same aggregation.
+        """
+        agg = member(self.policy_objective, "policy_losses", "agg")
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if getattr(self.policy_objective, "norm_constant", None) is not None:
+            return {}, accumulation
+        if agg == "token_mean":
+            normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":  # in eval the batch is neither split nor accumulated
+                normaliser = (normaliser * self.current_gradient_accumulation_steps
+                              / self.args.steps_per_generation)
+            return {"norm_constant": normaliser}, 1.0
+        if agg == "seq_mean_token_sum_norm":
+            return {"norm_constant": float(self.max_completion_length)}, accumulation
+        return {}, accumulation
+
+    def _policy_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """The configured policy loss on TRL's per-token log-probs, plus TRL's KL term (beta)."""
+        from ..policy_objectives import AGG_MODES, aggregate
+
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in _FORWARD_KEYS})
+        old = inputs.get("old_per_token_logps")
+        ref = inputs.get("ref_per_token_logps")
+        mode = "train" if self.model.training else "eval"
+        kwargs, divisor = self._loss_normaliser(inputs, mode)
+        result = self.policy_objective(per_token_logps, old, inputs["advantages"], mask,
+                                       ref_log_probs=ref, **kwargs)
+        loss = result.loss
+        metrics = self._metrics[mode]
+        if self.beta != 0.0:  # TRL's k3 term, aggregated like the policy loss
+            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+            if self.args.use_bias_correction_kl:
+                old_lp = per_token_logps.detach() if old is None else old
+                per_token_kl = per_token_kl * torch.exp(per_token_logps - old_lp)
+            agg = member(self.policy_objective, "policy_losses", "agg")
+            agg = agg if agg in AGG_MODES else "token_mean"
+            norm = kwargs.get("norm_constant", getattr(self.policy_objective, "norm_constant", None))
+            norm = norm if agg in ("token_mean", "seq_mean_token_sum_norm") else None
+            loss = loss + self.beta * aggregate(per_token_kl, mask.bool(), agg, norm_constant=norm)
+            metrics["kl"].append(self._global_masked_mean(per_token_kl, mask))
+        if divisor != 1:
+            loss = loss / divisor
+        if self.aux_loss_enabled:
+            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        metrics["entropy"].append(self._global_masked_mean(entropies, mask))
+        metrics["policy_loss/loss"].append(
+            self.accelerator.gather(result.loss.detach().float().reshape(1)).nanmean().item())
+        for key, value in result.metrics.items():
+            local = torch.tensor([float(value)], dtype=torch.float32, device=per_token_logps.device)
+            metrics[f"policy_loss/{key}"].append(self.accelerator.gather(local).nanmean().item())
+        return loss
+
+    def _global_masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
+        """Mean of `x` over the real tokens of every process (TRL's logging rule)."""
+        totals = self.accelerator.reduce(torch.stack([(x.detach() * mask).sum().float(),
+                                                      mask.sum().float()]), reduction="sum")
+        return float(totals[0] / totals[1].clamp(min=1.0))
 
     # -- checkpoints --------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

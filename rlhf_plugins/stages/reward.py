@@ -71,9 +71,10 @@ class RMSettings:
     dataset_split: str = "train"
     dataset_config: str | None = None
     #: held-out data (same forms); None = synthetic test split for a synthetic dataset, else a
-    #: hold-out of `eval_size`/`eval_fraction` training rows
+    #: hold-out of `eval_size`/`eval_fraction` training rows (or `eval_split` of `dataset`)
     eval_dataset: str | None = None
-    eval_split: str = "test"
+    #: the split evaluated on (of `eval_dataset`, default "test"; or of `dataset` when set alone)
+    eval_split: str | None = None
     num_examples: int | None = None
     num_eval_examples: int | None = None
     dataset_seed: int = 0
@@ -96,9 +97,13 @@ class RMSettings:
         self.lora, self.quantization = resolve_adapter_settings(self.lora, self.peft,
                                                                 self.quantization)
         self.peft = None
-        for name in ("head", "template", "dataset", "dataset_split", "eval_split"):
+        for name in ("head", "template", "dataset", "dataset_split"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+        for name in ("eval_split", "eval_dataset"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
         if not isinstance(self.head_options, Mapping):
             raise ConfigError(f"head_options: expected a mapping, got {self.head_options!r}")
@@ -190,13 +195,19 @@ def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
     rows, source = load_rows(settings.dataset, split=settings.dataset_split, head=head,
                              num_examples=settings.num_examples, seed=settings.dataset_seed,
                              dataset_config=settings.dataset_config)
-    if settings.eval_dataset is not None:
-        eval_rows, _ = load_rows(settings.eval_dataset, split=settings.eval_split, head=head,
+    if settings.eval_dataset is not None or (settings.eval_split is not None
+                                             and settings.dataset != SYNTHETIC):
+        eval_source = settings.eval_dataset or settings.dataset
+        eval_split = settings.eval_split or "test"
+        if eval_source == settings.dataset and eval_split == settings.dataset_split:
+            raise ConfigError(f"eval_split: {eval_split!r} is the training split; name another "
+                              "split (or use eval_size / eval_fraction for a hold-out)")
+        eval_rows, _ = load_rows(eval_source, split=eval_split, head=head,
                                  num_examples=settings.num_eval_examples, seed=settings.dataset_seed,
                                  dataset_config=settings.dataset_config, default_synthetic=64)
     elif settings.dataset == SYNTHETIC and settings.eval_size is None and not settings.eval_fraction:
         eval_rows = member(head, "reward_heads", "synthetic_rows")(
-            settings.num_eval_examples or 64, settings.dataset_seed, settings.eval_split)
+            settings.num_eval_examples or 64, settings.dataset_seed, settings.eval_split or "test")
     else:
         rows, eval_rows = _split_holdout(list(rows), settings, args.seed)
     model_path = resolve_model(settings.model)
@@ -219,6 +230,8 @@ def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
     model = RewardModel(backbone, head, tokenizer=tokenizer, template=template,
                         template_name=settings.template, base_model=base_model,
                         head_name=settings.head)
+    # recorded in every save (checkpoints too): scorers load the base the way it was trained
+    model.quantization = dataclasses.asdict(settings.quantization) if settings.quantization else None
     trainer = RewardHeadTrainer(model, args, train_dataset=train.features,
                                 eval_dataset=None if evaluation is None else evaluation.features,
                                 processing_class=tokenizer)
@@ -311,8 +324,7 @@ def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
     if prepared.eval_rows:
         metrics["heldout"] = evaluate_rows(model, prepared.eval_rows, **kw)
     if trainer.is_world_process_zero():
-        save_reward_model(model, out, extra={"quantization": dataclasses.asdict(settings.quantization)
-                                             if settings.quantization else None})
+        save_reward_model(model, out)
     if trainer.is_world_process_zero():
         plot_training(trainer.state.log_history, out / PLOT_FILE,
                       title=f"{model.head_name} reward model ({prepared.source})")

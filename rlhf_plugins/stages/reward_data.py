@@ -19,7 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..errors import DataError, RlhfPluginsError
+from ..errors import ComponentError, DataError, RlhfPluginsError
+from ..guard import guarded, located, row_place
 from ..protocols import member
 from .skeleton import SYNTHETIC, load_dataset_source
 
@@ -64,9 +65,12 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], head: Any, tokenizer: Any, te
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected a mapping, got {type(row).__name__}")
-            feats = head.encode(row, tokenizer=tokenizer, template=template, max_length=max_length)
+            with guarded(head, "reward_heads", "encode()"):
+                feats = head.encode(row, tokenizer=tokenizer, template=template, max_length=max_length)
+        except ComponentError as exc:  # the head failed, not the row: never dropped as a bad row
+            raise located(exc, row_place(where, index)) from exc.__cause__
         except RlhfPluginsError as exc:
-            message = f"{where} row {index}: {exc}"
+            message = f"{row_place(where, index)}: {exc}"
             if strict:
                 raise DataError(message) from None
             out.dropped += 1
@@ -93,9 +97,12 @@ def load_rows(source: str, *, split: str, head: Any, num_examples: int | None, s
     if source == SYNTHETIC:
         n = num_examples or default_synthetic
         return member(head, "reward_heads", "synthetic_rows")(n, seed, split), f"synthetic[{split}]"
+    from ..data.formats import normalize_reward_row
+
     rows, where = load_dataset_source(source, split=split, config=dataset_config,
                                       num_examples=num_examples)
-    return [dict(r) for r in rows], where
+    kind = member(head, "reward_heads", "label_kind")  # TRL's formats -> the head's rows
+    return [normalize_reward_row(r, kind) for r in rows], where
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -72,6 +73,8 @@ class RewardModel(nn.Module):
         #: score at the last token that is not this id (transformers' sequence-classification
         #: rule, for reward models loaded from other trainers); None: the last attended token
         self.score_pad_token_id: int | None = None
+        #: the quantization of the base (QuantSettings fields), recorded in reward_model.json
+        self.quantization: dict[str, Any] | None = None
         try:
             device = next(p.device for p in backbone.parameters())
             self.head_module.to(device)
@@ -211,7 +214,7 @@ def save_reward_model(model: RewardModel, output_dir: str | os.PathLike,
                 "options": dict(member(model.head, "reward_heads", "options")),
                 "template": model.template_name, "base_model": model.base_model,
                 "adapter": model.is_peft, "hidden_size": hidden_size_of(model.backbone),
-                "quantization": None,
+                "quantization": model.quantization,
                 "score_position": "the last token of the conversation rendered with the template "
                                   "(the tokenizer's chat_template), cut right after the "
                                   "completion's end-of-turn token",
@@ -359,6 +362,7 @@ def load_reward_model(artifact_dir: str | os.PathLike, *, quantization: Any = RE
     tpl = registry().chat_templates.get(name) if name else None
     model = RewardModel(backbone, head, tokenizer=tokenizer, template=tpl, template_name=name,
                         base_model=meta.get("base_model"), head_name=meta["head"])
+    model.quantization = dataclasses.asdict(quant) if quant is not None else None
     if kind:
         layer = score_layer(backbone)
         _load_score_state(model.head_module, {k: v.detach() for k, v in layer.state_dict().items()}, meta)
@@ -433,6 +437,7 @@ def attach_reward_adapter(peft_model: Any, artifact_dir: str | os.PathLike,
     scorer = RewardModel(peft_model, head, tokenizer=tokenizer, template=template,
                          template_name=meta.get("template"), base_model=meta.get("base_model"),
                          adapter_name=adapter_name, head_name=meta["head"])
+    scorer.quantization = meta.get("quantization")
     if meta.get("hf_class"):
         _load_score_state(scorer.head_module, head_state, meta)
     else:

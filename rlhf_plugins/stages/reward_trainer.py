@@ -15,6 +15,7 @@ from transformers import Trainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from ..errors import ConfigError
+from ..guard import guarded
 from ..protocols import member
 from .reward_model import RewardModel, load_weights_into, save_reward_model
 
@@ -41,8 +42,9 @@ class HeadCollator:
         self.head, self.pad_token_id, self.padding_side = head, pad_token_id, padding_side
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return self.head.collate(features, pad_token_id=self.pad_token_id,
-                                 padding_side=self.padding_side)
+        with guarded(self.head, "reward_heads", "collate()"):
+            return self.head.collate(features, pad_token_id=self.pad_token_id,
+                                     padding_side=self.padding_side)
 
 
 class RewardHeadTrainer(Trainer):
@@ -85,13 +87,17 @@ class RewardHeadTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         head = unwrapped.head
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        loss = head.compute_loss(outputs, inputs)
+        with guarded(head, "reward_heads", "compute_loss()"):
+            loss = head.compute_loss(outputs, inputs)
         coef = getattr(self.args, "center_rewards_coefficient", None)
         if coef and "pair_chosen" in inputs:
-            scores = head.sequence_scores(outputs, inputs)
+            with guarded(head, "reward_heads", "sequence_scores()"):
+                scores = head.sequence_scores(outputs, inputs)
             loss = loss + coef * torch.mean(scores ** 2)
         mode = "train" if model.training else "eval"
-        for key, (total, count) in member(head, "reward_heads", "batch_metrics")(outputs, inputs).items():
+        with guarded(head, "reward_heads", "batch_metrics()"):
+            head_metrics = member(head, "reward_heads", "batch_metrics")(outputs, inputs).items()
+        for key, (total, count) in head_metrics:
             acc = self._head_metrics[mode][key]
             acc[0] += total
             acc[1] += count

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from ..cache import JsonCache, atomic_write_json, model_fingerprint
 from ..config import config_hash
-from ..errors import DataError, PluginError, RlhfPluginsError
+from ..errors import DataError, PluginError
 from .sampling_outputs import (build_rows, nan_to_none, none_to_nan, plot_histogram, summarize,
                                write_outputs)
 from .sampling_settings import (ALL, BACKENDS, HISTOGRAM_FILE, RESERVED_COLUMNS, REWARD_MODEL_KEY,
@@ -111,7 +111,14 @@ class SamplingRun:
         self.chunks = _chunks(len(rows), settings.chunk_size)
         from ..generation import encode_prompt, end_of_turn_stop_strings, end_of_turn_token_ids
 
-        self.prompt_ids = [encode_prompt(components.template, tokenizer, r["prompt"]) for r in rows]
+        self.prompt_ids = []
+        for i, r in enumerate(rows):
+            try:
+                self.prompt_ids.append(encode_prompt(components.template, tokenizer, r["prompt"]))
+            except DataError as exc:  # a forged turn marker, a role the template lacks: name the row
+                from ..guard import located, row_number
+
+                raise located(exc, f"dataset {source}: row {row_number(source, i)}") from None
         self.stop_ids = end_of_turn_token_ids(components.template, tokenizer)
         self.stop_strings = end_of_turn_stop_strings(components.template, tokenizer)
         self.backend = settings.backend
@@ -152,7 +159,8 @@ class SamplingRun:
         rm = model_fingerprint(self.c.reward_model_dir) if self.c.reward_model_dir else None
         columns = [{k: v for k, v in self.rows[i].items()} for i in chunk]
         return config_hash("scores", _CACHE_VERSION, self.gen_key(chunk), self.scorer_params(),
-                           rm, columns, self.versions)
+                           rm, columns, {k: v for k, v in self.versions.items()
+                                         if k.startswith("reward_functions/")})
 
     @staticmethod
     def chunk_name(kind: str, chunk: range) -> str:
@@ -305,16 +313,20 @@ class SamplingRun:
 
     # -- selection ---------------------------------------------------------------------------
     def select(self, totals: list[list[float]]) -> list[tuple[int, int]]:
-        try:
+        from ..guard import guarded
+
+        with guarded(self.c.rule, "selection_rules", "select()"):  # names rule, plugin, distribution
             pairs = self.c.rule.select(totals)
-        except RlhfPluginsError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"selection rule {self.s.selection!r} raised "
-                              f"{type(exc).__name__}: {exc}") from exc
         out = []
+        if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+            raise PluginError(f"selection rule {self.s.selection!r} returned "
+                              f"{type(pairs).__name__}, expected a list of (prompt, completion) pairs")
         for pair in pairs:
-            i, j = int(pair[0]), int(pair[1])
+            try:
+                i, j = int(pair[0]), int(pair[1])
+            except (TypeError, ValueError, IndexError, KeyError):
+                raise PluginError(f"selection rule {self.s.selection!r} returned {pair!r}, not a "
+                                  "(prompt, completion) pair of integers") from None
             if not (0 <= i < len(totals) and 0 <= j < len(totals[i])):
                 raise PluginError(f"selection rule {self.s.selection!r} returned {pair!r}, "
                                   "outside the reward matrix")
@@ -351,15 +363,16 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
 
     policy_ref = resolve_model(settings.model)
     components = resolve_components(settings, len(prompt_rows), out, policy_ref)
+    started = time.perf_counter()
+    if tokenizer is None:
+        tokenizer = _load_tokenizer_for(policy_ref)
+    # encodes every prompt: a row the template refuses fails here, before anything is written
+    run = SamplingRun(settings, out, prompt_rows, source, components, policy_ref, tokenizer, policy)
     out.mkdir(parents=True, exist_ok=True)
     from .resume import check_run_config
 
     check_run_config(out, "sample", settings)  # the cache is keyed by content: kept
     (out / SUMMARY_FILE).unlink(missing_ok=True)  # this folder is incomplete until the end
-    started = time.perf_counter()
-    if tokenizer is None:
-        tokenizer = _load_tokenizer_for(policy_ref)
-    run = SamplingRun(settings, out, prompt_rows, source, components, policy_ref, tokenizer, policy)
     with main_process_first():  # under accelerate: the other processes read the main one's cache
         completions = run.generate()
         scored = run.score(completions)

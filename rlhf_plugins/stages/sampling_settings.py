@@ -37,6 +37,8 @@ class SamplingSettings:
     #: JSONL/JSON file, saved HF dataset dir, or "synthetic" (the built-in verifiable task)
     dataset: str = SYNTHETIC
     dataset_split: str = "train"
+    #: `load_dataset` configuration name (hub/script datasets only)
+    dataset_config: str | None = None
     #: column holding the prompt: a message list (conversational) or a string (one user turn)
     prompt_field: str = "prompt"
     #: use at most this many prompts (synthetic: how many problems; default 64)
@@ -174,14 +176,18 @@ def load_prompt_rows(settings: SamplingSettings) -> tuple[list[dict[str, Any]], 
         label = f"synthetic[{split}]"
     else:
         dataset, label = load_dataset_source(settings.dataset, split=split,
+                                             config=settings.dataset_config,
                                              num_examples=settings.num_prompts)
         rows = [dict(r) for r in dataset]
     if not rows:
         raise DataError(f"dataset: {label}: no rows")
     out = []
     for i, row in enumerate(rows):
-        if settings.prompt_field not in row:
-            raise DataError(f"dataset {label}: row {i}: missing field {settings.prompt_field!r}")
+        if row.get(settings.prompt_field) is None:  # absent (or null in a file whose other rows have it)
+            from ..guard import row_number
+
+            raise DataError(f"dataset {label}: row {row_number(label, i)}: missing field "
+                            f"{settings.prompt_field!r}")
         prompt = row[settings.prompt_field]
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
@@ -192,15 +198,17 @@ def load_prompt_rows(settings: SamplingSettings) -> tuple[list[dict[str, Any]], 
 
 
 def check_prompt(prompt: Any, i: int, label: str) -> list[dict]:
-    """A prompt as validated messages (a DataError naming the row; no final assistant turn)."""
+    """A prompt as validated messages (a DataError naming the 1-based row; no final assistant turn)."""
     from ..conversation import validate_messages
+    from ..guard import row_number
 
+    row = row_number(label, i)
     try:
-        messages = validate_messages(prompt, row=i)
+        messages = validate_messages(prompt, row=row)
     except DataError as exc:
         raise DataError(f"dataset {label}: {exc}") from None
     if messages[-1].get("role") == "assistant":
-        raise DataError(f"dataset {label}: row {i}: the prompt ends with an assistant message")
+        raise DataError(f"dataset {label}: row {row}: the prompt ends with an assistant message")
     return [dict(m) for m in messages]
 
 

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from ..cache import atomic_write_dir
 from ..conversation import validate_messages
 from ..protocols import member
-from ..errors import ConfigError, DataError, RlhfPluginsError
+from ..errors import ComponentError, ConfigError, DataError, RlhfPluginsError
+from ..guard import check_mask, guarded, located, row_place
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
 from .resume import check_run_config
 from .skeleton import STAGE_FILE  # noqa: F401 - re-exported: where a finished stage is recorded
@@ -58,8 +59,9 @@ class SFTSettings:
     dataset_split: str = "train"
     #: `load_dataset` configuration name (hub/script datasets only)
     dataset_config: str | None = None
-    #: column holding the conversation (list of {"role", "content"}); rows with
-    #: `prompt` + `completion` message lists (TRL's format) work too
+    #: column holding the conversation (list of {"role", "content"}); TRL's other formats work
+    #: too: `prompt` + `completion` (message lists or plain strings: a user and an assistant
+    #: turn) and language modelling `text` (tokenized as is + eos, every token trained)
     messages_field: str = "messages"
     #: keep at most this many rows (synthetic: how many problems to generate; default 256)
     num_examples: int | None = None
@@ -76,6 +78,10 @@ class SFTSettings:
     #: hold out this fraction (0-1) or this many rows of the encoded data for evaluation
     eval_fraction: float = 0.0
     eval_size: int | None = None
+    #: evaluate on this split (of `eval_dataset`, default `dataset`) instead of a hold-out
+    eval_split: str | None = None
+    #: evaluation rows from another source (same forms as `dataset`); default split: `dataset_split`
+    eval_dataset: str | None = None
     #: evaluate the held-out rows before training too (metrics `eval_loss_before`)
     eval_before: bool = True
     #: also save the base model with the adapter merged in, under `<output_dir>/merged`
@@ -128,29 +134,56 @@ def get_components(template: Any, masking: Any) -> tuple[Any, Any]:
     return tpl, msk
 
 
-def load_rows(settings: SFTSettings) -> tuple[Any, str]:
-    """The raw conversation rows named by `settings.dataset` and a label naming the source."""
-    split = settings.dataset_split
-    if settings.dataset == SYNTHETIC:
+def load_rows(settings: SFTSettings, dataset: str | None = None,
+              split: str | None = None) -> tuple[Any, str]:
+    """The raw rows named by `settings.dataset` (or `dataset`) and a label naming the source."""
+    split = split or settings.dataset_split
+    dataset = dataset or settings.dataset
+    if dataset == SYNTHETIC:
         from ..data import synth
 
         n = settings.num_examples or 256
         return synth.sft_rows(n, seed=settings.dataset_seed, split=split), f"synthetic[{split}]"
-    return load_dataset_source(settings.dataset, split=split, config=settings.dataset_config,
+    return load_dataset_source(dataset, split=split, config=settings.dataset_config,
                                num_examples=settings.num_examples)
 
 
 def row_messages(row: Mapping[str, Any], messages_field: str = "messages") -> list[dict]:
-    """The conversation of one row: `row[messages_field]`, or `prompt` + `completion` lists."""
+    """The conversation of one row: `row[messages_field]`, or TRL's `prompt` + `completion`
+    (message lists, or plain strings: one user turn and one assistant turn)."""
+    from ..head_data import as_messages
+
     if messages_field in row and row[messages_field] is not None:
         messages = row[messages_field]
-    elif isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
-        messages = list(row["prompt"]) + list(row["completion"])
+    elif row.get("prompt") is not None and row.get("completion") is not None:
+        messages = (as_messages(row["prompt"], "user", "prompt")
+                    + as_messages(row["completion"], "assistant", "completion"))
     else:
-        raise DataError(f"missing field {messages_field!r} (or prompt/completion message lists)")
+        raise DataError(f"missing field {messages_field!r} (or prompt + completion, or text)")
     if not isinstance(messages, (list, tuple)) or not messages:
         raise DataError(f"field {messages_field!r} must be a non-empty list of messages")
     return list(messages)
+
+
+def row_text(row: Mapping[str, Any], messages_field: str = "messages") -> str | None:
+    """A language-modelling row's `text` (TRL's standard format), or None for a conversation."""
+    if messages_field in row and row[messages_field] is not None:
+        return None
+    if row.get("prompt") is not None or "text" not in row:
+        return None
+    text = row["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("text: expected a non-empty string")
+    return text
+
+
+def _text_features(text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """TRL's language modelling: the text tokenized (special tokens added) + eos, all trained."""
+    ids = list(tokenizer(text)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(int(eos))
+    return ids, [1] * len(ids)
 
 
 def build_sft_dataset(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any = "chatml",
@@ -166,30 +199,75 @@ def build_sft_dataset(rows: Iterable[Mapping[str, Any]], tokenizer: Any, templat
     total = len(rows) if hasattr(rows, "__len__") else None
     for index, row in enumerate(tqdm(rows, total=total, desc="Encoding conversations",
                                      leave=False, disable=total is not None and total < 2000)):
+        place = row_place(where, index)  # 1-based: the file's line for JSON lines
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected a mapping, got {type(row).__name__}")
+            text = row_text(row, messages_field)
+            if text is not None:
+                ids, mask = _text_features(text, tokenizer)
+                input_ids.append(ids)
+                masks.append(mask)
+                continue
             messages = row_messages(row, messages_field)
             # Full validation (roles the template supports, system first, tool results after
             # calls, ends with an assistant turn); the Protocol's default when it declares none.
-            messages = member(tpl, "chat_templates", "validate")(messages, for_training=True)
-            encoded = tpl.encode(messages, tokenizer=tokenizer, add_generation_prompt=False)
-            mask = [int(m) for m in msk.mask(encoded)]
+            with guarded(tpl, "chat_templates", "validate()"):
+                messages = member(tpl, "chat_templates", "validate")(messages, for_training=True)
+            check_assistant_content(messages)
+            with guarded(tpl, "chat_templates", "encode()"):
+                encoded = tpl.encode(messages, tokenizer=tokenizer, add_generation_prompt=False)
+            with guarded(msk, "masking_strategies", "mask()"):
+                raw_mask = msk.mask(encoded)
+            mask = check_mask(raw_mask, len(encoded.input_ids), msk)  # one 0/1 value per token
+        except ComponentError as exc:  # a plugin's failure, not a bad row: keep its class
+            raise located(exc, place) from exc.__cause__
         except RlhfPluginsError as exc:
-            raise DataError(f"{where} row {index}: {exc}") from None
+            raise DataError(f"{place}: {exc}") from None
         except (ValueError, TypeError, KeyError) as exc:
-            raise DataError(f"{where} row {index}: {type(exc).__name__}: {exc}") from None
-        if len(mask) != len(encoded.input_ids):
-            raise DataError(f"{where} row {index}: masking {getattr(msk, 'name', msk)!r} returned "
-                            f"{len(mask)} values for {len(encoded.input_ids)} tokens")
+            raise DataError(f"{place}: {type(exc).__name__}: {exc}") from None
         if not any(mask):
-            raise DataError(f"{where} row {index}: no token is trained (masking "
+            raise DataError(f"{place}: no token is trained (masking "
                             f"{getattr(msk, 'name', msk)!r} masks the whole conversation)")
         input_ids.append(list(encoded.input_ids))
         masks.append(mask)
     if not input_ids:
         raise DataError(f"{where}: no rows")
     return Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
+
+
+def check_assistant_content(messages: Sequence[Mapping[str, Any]]) -> None:
+    """DataError for an assistant turn with nothing in it (no text, tool call or reasoning):
+    training on it teaches the model to answer with an empty turn."""
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant" or m.get("tool_calls"):
+            continue
+        if not any(isinstance(m.get(k), str) and m[k].strip()
+                   for k in ("content", "thinking", "reasoning_content")):
+            raise DataError(f"message {i}: empty assistant content (nothing to train on); "
+                            "drop the row or give the assistant turn some text")
+
+
+def drop_truncated(dataset: "Dataset", args: Any, where: str) -> tuple["Dataset", int]:
+    """Remove (and count) the rows TRL would drop after truncating to `max_length`: those whose
+    trained tokens all lie in the cut-off part. DataError when no row is left."""
+    if args.max_length is None or getattr(args, "packing", False) or dataset is None:
+        return dataset, 0
+    if args.truncation_mode not in ("keep_start", "keep_end"):
+        raise ConfigError(f"truncation_mode: expected 'keep_start' or 'keep_end', got "
+                          f"{args.truncation_mode!r}")
+    cut = slice(None, args.max_length) if args.truncation_mode == "keep_start" \
+        else slice(-args.max_length, None)
+    keep = [i for i, m in enumerate(dataset["assistant_masks"]) if any(m[cut])]
+    dropped = len(dataset) - len(keep)
+    if not keep:
+        raise DataError(f"{where}: no row has a trained token within max_length={args.max_length} "
+                        f"(truncation_mode {args.truncation_mode}); raise max_length")
+    if dropped:
+        logger.warning("%s: %d of %d rows have no trained token within max_length=%d and are "
+                       "dropped", where, dropped, len(dataset), args.max_length)
+        dataset = dataset.select(keep)
+    return dataset, dropped
 
 
 def split_eval(dataset: "Dataset", settings: SFTSettings, seed: int) -> tuple["Dataset", "Dataset | None"]:
@@ -229,6 +307,8 @@ class PreparedSFT:
     train_dataset: Any
     eval_dataset: Any
     source: str
+    #: rows removed because truncation to `max_length` left them nothing to train on
+    dropped_rows: int = 0
 
 
 def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
@@ -243,7 +323,21 @@ def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
     tokenizer = load_tokenizer(model_path)
     dataset = build_sft_dataset(rows, tokenizer, template, masking,
                                 messages_field=settings.messages_field, where=source)
-    train_ds, eval_ds = split_eval(dataset, settings, args.seed)
+    if settings.eval_split is not None or settings.eval_dataset is not None:
+        eval_source = settings.eval_dataset or settings.dataset
+        eval_split = settings.eval_split or settings.dataset_split
+        if eval_source == settings.dataset and eval_split == settings.dataset_split:
+            raise ConfigError(f"eval_split: {eval_split!r} is the training split; name another "
+                              "split (or use eval_size / eval_fraction for a hold-out)")
+        eval_rows, eval_label = load_rows(settings, eval_source, eval_split)
+        train_ds = dataset
+        eval_ds = build_sft_dataset(eval_rows, tokenizer, template, masking,
+                                    messages_field=settings.messages_field, where=eval_label)
+    else:
+        train_ds, eval_ds = split_eval(dataset, settings, args.seed)
+    train_ds, dropped = drop_truncated(train_ds, args, source)  # counted, not silently lost
+    if eval_ds is not None:
+        eval_ds, _ = drop_truncated(eval_ds, args, f"{source} (eval)")
     logger.info("SFT data: %d train / %d eval conversations from %s", len(train_ds),
                 0 if eval_ds is None else len(eval_ds), source)
     # The saved tokenizer (and every checkpoint) carries the template it was trained with.
@@ -257,7 +351,8 @@ def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
     keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
-    return PreparedSFT(trainer, tokenizer, template, masking, model_path, train_ds, eval_ds, source)
+    return PreparedSFT(trainer, tokenizer, template, masking, model_path, train_ds, eval_ds, source,
+                       dropped)
 
 
 def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
@@ -270,6 +365,7 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
     prepared = prepare_sft(settings, trl_kwargs, out)
     trainer = prepared.trainer
     metrics: dict[str, Any] = {"train_rows": len(prepared.train_dataset),
+                               "dropped_rows": prepared.dropped_rows,
                                "eval_rows": 0 if prepared.eval_dataset is None else len(prepared.eval_dataset),
                                "trained_tokens": int(sum(sum(m) for m in prepared.train_dataset["assistant_masks"]))}
     check_run_config(out, "sft", settings, trl_kwargs)  # another config's checkpoints: start clean

@@ -65,6 +65,9 @@ def read_stage_source(source: str | os.PathLike | Mapping[str, Any],
     data.pop("output_dir", None)
     if out is None:
         raise ConfigError(f"{where}: no output_dir (set it in the config or pass --output-dir)")
+    from ..guard import check_output_dir
+
+    check_output_dir(out, f"{where}: output_dir")  # a file in the way fails before any model loads
     return data, where, out
 
 
@@ -302,8 +305,35 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     for child in folder.iterdir():
         step = child.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
         if child.is_dir() and step.isdigit() and (child / "trainer_state.json").is_file():
+            why = _unusable_checkpoint(child)
+            if why:
+                logger.warning("skipping checkpoint %s: %s", child, why)
+                continue
             steps.append((int(step), child))
     return str(max(steps)[1]) if steps else None
+
+
+#: files any of which holds a checkpoint's weights (what transformers' resume looks for)
+_CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def _unusable_checkpoint(path: Path) -> str | None:
+    """Why transformers could not resume from `path` (None: it can): a trainer state that is not
+    a state (`{}`, torn JSON) or no weights."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json is not valid JSON"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return "trainer_state.json holds no global_step"
+    names = {p.name for p in path.iterdir()}
+    nested = any(p.is_dir() and ({"adapter_model.safetensors", "adapter_model.bin"}
+                                 & {q.name for q in p.iterdir()}) for p in path.iterdir())
+    if not (names & set(_CHECKPOINT_WEIGHTS) or nested
+            or any(n.startswith("pytorch_model_fsdp") for n in names)):
+        return "no model or adapter weights"
+    return None
 
 
 def resume_checkpoint(output_dir: str | os.PathLike, resume: bool, stage: str) -> str | None:
