@@ -7,6 +7,7 @@ module: no torch import.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -31,7 +32,8 @@ def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str | bytes]) ->
     """Stream `lines` into a temp file next to `path`, fsync, `os.replace`; returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temp_files(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     count = 0
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -131,6 +133,31 @@ def atomic_update_dir(path: str | os.PathLike, fill: Callable[[Path], Path | Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete the temp files that a writer of `path` killed before its rename left beside it.
+
+    Temp file names carry the writer's pid (`.NAME.PID-XXXX.tmp`); only those of processes that
+    no longer exist are removed, so a concurrent writer's file is never touched.
+    """
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*-*.tmp"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)) or not stale.is_file():
+            continue
+        logger.info("removing %s, left by an interrupted write", stale)
+        stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _remove_stale_temp_dirs(path: Path) -> None:

@@ -26,7 +26,10 @@ ppo:
 def _pipeline(tmp_path, ppo: str) -> tuple:
     out = tmp_path / "run"
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(QUICK.format(model=tmp_path / "no-model-needed", out=out,
+    model = tmp_path / "model"  # exists, never loaded: config errors come first
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text("{}")
+    cfg.write_text(QUICK.format(model=model, out=out,
                                 ppo=textwrap.indent(ppo, "  ")))
     start = time.perf_counter()
     proc = run_cli(["pipeline", str(cfg)])

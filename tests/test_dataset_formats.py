@@ -121,7 +121,7 @@ def test_ppo_eval_prompts_are_carved_from_training_and_excluded(tmp_path):
     from rlhf_plugins.stages.ppo import held_out_prompts, load_prompt_rows
 
     rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
-    rows += [{"prompt": [{"role": "user", "content": "What is 3 + 3?"}], "answer": "6"}]  # duplicate
+    rows += [{"prompt": "What is 3 + 3?", "answer": "6"}]  # a duplicate of row 4
     path = _jsonl(tmp_path / "prompts.jsonl", rows)
     settings = _ppo_settings(dataset=str(path), eval_examples=5, dataset_seed=1)
     train, _ = load_prompt_rows(settings)

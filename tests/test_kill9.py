@@ -5,8 +5,8 @@ leaves the previous complete file in place.
 The kill is deterministic: `tests/kill_driver.py` patches one function of the running CLI to
 SIGKILL the process at its n-th call (a checkpoint just written, a file about to be renamed into
 place). The fast cases (the atomic writers, disk full) run in the quick suite; the stage runs
-(several CLI processes each) are marked slow. SFT and rejection sampling also keep their timed
-kill tests in tests/test_pipeline.py and tests/test_sampling.py.
+(several CLI processes each) are marked slow. The pipeline also keeps its timed kill test
+(mid-training, then a rerun) in tests/test_pipeline.py.
 """
 from __future__ import annotations
 
@@ -310,6 +310,8 @@ def test_rejection_sampling_killed_after_a_cached_chunk_and_while_writing(tmp_pa
     killed({"target": "rlhf_plugins.cache:JsonCache.put", "nth": 3, "when": "after"},
            "sample", "--config", cfg)
     assert not (out / "summary.json").exists()
+    cached = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "cache").glob("*.json")}
+    assert len(cached) == 3
     # second kill: every chunk cached, killed as selected.jsonl is about to be published
     killed({"target": "rlhf_plugins.cache:os.replace", "match": "selected.jsonl'", "nth": 1,
             "when": "before"}, "sample", "--config", cfg)
@@ -322,6 +324,9 @@ def test_rejection_sampling_killed_after_a_cached_chunk_and_while_writing(tmp_pa
         keys = [(r["prompt_index"], r["completion_index"]) for r in rows]
         assert len(keys) == len(set(keys))  # no duplicate rows
     assert len(_rows(out / "all.jsonl")) == 12
+    for name, stamp in cached.items():  # chunks finished before the kill were not redone
+        p = out / "cache" / name
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp
     no_temp_files(out)
 
 

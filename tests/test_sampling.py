@@ -6,11 +6,6 @@ test, which runs the embedded SmolLM2-135M on the synthetic verifiable task.
 from __future__ import annotations
 
 import json
-import math
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -495,54 +490,6 @@ def test_cli_best_of_n_with_prompts(tmp_path, tiny_dir, capsys):
     assert [x["prompt"] for x in lines] == ["Say hi", "Count"]
 
 
-def _cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    return [sys.executable, "-m", "rlhf_plugins.cli.main", *args], env
-
-
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dir):
-    killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
-    cfg = _write_config(tmp_path / "rs.yaml", tiny_dir, killed_out)
-    cmd, env = _cli("sample", "--config", str(cfg))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cache = killed_out / "cache"
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if len(list(cache.glob("generation-*.json"))) >= 3:
-                break
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in cache.glob("generation-*.json")}
-    assert 3 <= len(finished) < 12, "the run was not interrupted during generation"
-    # nothing that looks complete: no summary, no final outputs; every cache file parses
-    assert not (killed_out / "summary.json").exists()
-    assert not (killed_out / "selected.jsonl").exists()
-    for name in finished:
-        assert json.loads((cache / name).read_text())["payload"]["completions"]
-
-    cmd, env = _cli("-v", "sample", "--config", str(cfg))
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    for name, stamp in finished.items():  # finished chunks were not regenerated (not rewritten)
-        p = cache / name
-        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp
-    summary = json.loads((killed_out / "summary.json").read_text())
-    assert summary["generation"]["cached_chunks"] == len(finished)
-    assert summary["generation"]["generated_chunks"] == 12 - len(finished)
-
-    cmd, env = _cli("sample", "--config", str(cfg), "--output-dir", str(clean_out))
-    clean = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert clean.returncode == 0, clean.stderr
-    for name in ("all.jsonl", "selected.jsonl"):
-        assert (killed_out / name).read_text() == (clean_out / name).read_text()
-    assert json.loads((clean_out / "summary.json").read_text())["generation"]["cached_chunks"] == 0
-
-
 # --------------------------------------------------------------------------------------------
 # Integration: embedded SmolLM2-135M on the synthetic verifiable task
 # --------------------------------------------------------------------------------------------
@@ -556,19 +503,17 @@ def test_rejection_sampling_on_the_embedded_model(tmp_path):
         default_model_path()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"embedded model unavailable: {exc}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP is ~10x slower
-    try:
-        _integration(tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    _integration(tmp_path)
 
 
 def _integration(tmp_path):
     out = tmp_path / "rs"
-    base = dict(model="default", dataset="synthetic", num_prompts=24, num_samples=6,
-                max_new_tokens=96, temperature=0.8, top_p=0.95, seed=0, chunk_size=8,
-                batch_size=48, reward_functions=["exact_answer"])
+    from rlhf_plugins.data.problems import ANSWER_STOP_PATTERN
+
+    base = dict(model="default", dataset="synthetic", num_prompts=16, num_samples=6,
+                max_new_tokens=80, temperature=0.8, top_p=0.95, seed=0, chunk_size=8,
+                batch_size=48, reward_functions=["exact_answer"],
+                stop_pattern=ANSWER_STOP_PATTERN)  # stop at the answer line
     numbers = {}
     started = time.time()
     runs = {}
@@ -585,7 +530,7 @@ def _integration(tmp_path):
     numbers["pool_accuracy"] = pool
     numbers["sampling_seconds"] = round(time.time() - started, 1)
     print("rejection sampling numbers:", json.dumps(numbers))
-    assert runs["top_k"].summary["completions"] == 24 * 6
+    assert runs["top_k"].summary["completions"] == 16 * 6
     assert numbers["top_k"]["accuracy"] >= max(3 * pool, pool + 0.1)
     assert numbers["top_per_prompt"]["accuracy"] > pool
     assert numbers["top_k"]["accuracy"] > numbers["random_k"]["accuracy"]

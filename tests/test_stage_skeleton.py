@@ -95,8 +95,14 @@ def test_build_trl_config_rejects_replaced_fields():
 
 
 def test_last_checkpoint_is_the_newest_complete_one(tmp_path):
-    for step, complete in ((2, True), (4, False)):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    for step, state in ((2, '{"global_step": 2}'), (4, None), (6, "{}"), (8, '{"global_step": 8')):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    # 4: killed before its trainer state; 6: a state that is not one; 8: torn JSON
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_step": 10}')
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")  # no weights

@@ -307,5 +307,5 @@ def test_cli_table_and_errors(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "sft_validation.jsonl" in text and "preference" in text
     assert main(["data", "synth", "--out", str(tmp_path), "--n", "-1"]) == 2
-    assert "must be an integer >= 0" in capsys.readouterr().err
+    assert "--n: expected a positive integer, got -1" in capsys.readouterr().err
     assert main(["data", "synth", "--out", str(tmp_path), "--splits", "dev"]) == 2

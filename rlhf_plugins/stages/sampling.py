@@ -125,7 +125,8 @@ class SamplingRun:
         if self.backend == "auto":
             from ..generation import vllm_available
 
-            self.backend = "vllm" if vllm_available() and policy is None else "hf"
+            self.backend = ("vllm" if vllm_available() and policy is None
+                            and not settings.stop_pattern else "hf")
         if policy is not None:
             self.backend = "hf"  # an in-memory policy runs through transformers
         self.policy_fingerprint = model_fingerprint(policy_ref)
@@ -140,7 +141,8 @@ class SamplingRun:
         s = self.s
         return {"backend": self.backend, "num_samples": s.num_samples,
                 "max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
-                "top_p": s.top_p, "seed": s.seed}
+                "top_p": s.top_p, "seed": s.seed,
+                **({"stop_pattern": s.stop_pattern} if s.stop_pattern else {})}
 
     def gen_key(self, chunk: range) -> str:
         s = self.s
@@ -222,7 +224,8 @@ class SamplingRun:
         if self.backend == "vllm":
             return VLLMGenerator(self.policy_ref, dtype=s.dtype, **common)
         model = self.policy if self.policy is not None else _load_policy(s, self.policy_ref)
-        return HFGenerator(model, self.tokenizer, batch_size=s.batch_size, **common)
+        return HFGenerator(model, self.tokenizer, batch_size=s.batch_size,
+                           stop_patterns=[s.stop_pattern] if s.stop_pattern else [], **common)
 
     # -- scoring -----------------------------------------------------------------------------
     def score(self, completions: list[list[dict[str, Any]]]) -> dict[str, Any]:

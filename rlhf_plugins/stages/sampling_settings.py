@@ -48,6 +48,10 @@ class SamplingSettings:
     #: N, completions per prompt
     num_samples: int = 4
     max_new_tokens: int = 128
+    #: a regular expression that ends a completion once its text matches (e.g. the synthetic
+    #: task's answer line ``The answer is\s*\S+?\.(?=\s)``); the text is kept up to the match
+    #: end. None: run to an end-of-turn token or `max_new_tokens`. HF backend only.
+    stop_pattern: str | None = None
     #: 0 = greedy decoding
     temperature: float = 1.0
     top_p: float = 1.0
@@ -94,6 +98,18 @@ class SamplingSettings:
             self.quantization = None
         _positive_int(self, "num_samples", "max_new_tokens", "batch_size", "chunk_size",
                       "reward_batch_size")
+        if self.stop_pattern is not None:
+            import re
+
+            if not isinstance(self.stop_pattern, str) or not self.stop_pattern:
+                raise ConfigError(f"stop_pattern: expected a regular expression, got {self.stop_pattern!r}")
+            try:
+                re.compile(self.stop_pattern)
+            except re.error as exc:
+                raise ConfigError(f"stop_pattern: not a valid regular expression: {exc}") from None
+            if self.backend == "vllm":
+                raise ConfigError("stop_pattern: only the hf backend supports it (vLLM takes stop "
+                                  "strings); remove stop_pattern or use backend: hf")
         if self.num_prompts is not None:
             _positive_int(self, "num_prompts")
         for name in ("seed", "dataset_seed"):
