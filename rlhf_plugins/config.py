@@ -109,6 +109,16 @@ def check_positive(data: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"{at(where, key)}: expected a positive integer, got {value!r}")
 
 
+def check_strings(obj: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """ConfigError for a field of `obj` that is not a non-empty string (`optional` ones may be None)."""
+    for name in required + optional:
+        value = getattr(obj, name)
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+
+
 def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 

@@ -25,6 +25,7 @@ DISTRIBUTION = "rlhf-plugins"
 
 DEFAULT_PLUGINS = (
     "rlhf_plugins.builtin.chat_templates",
+    "rlhf_plugins.builtin.harmony_template",
     "rlhf_plugins.builtin.masking",
     "rlhf_plugins.builtin.reward_heads",
     "rlhf_plugins.builtin.selection",

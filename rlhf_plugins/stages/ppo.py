@@ -28,12 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..errors import ConfigError, DataError
+from ..config import check_strings
+from ..errors import ConfigError
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
+from .ppo_prompts import check_prompt_tokens, held_out_prompts, load_prompt_rows
+from .ppo_rewards import (load_reward_scorer, prm_reward_function, reward_adapter_function,  # noqa: F401
+                          scorer_function)
 from .resume import check_run_config
 from .skeleton import (SYNTHETIC, build_trl_config, finish_stage, keep_float32_adapter_on_cpu,
-                       load_dataset_source, load_trainable_model, resume_checkpoint,
-                       stage_config)
+                       load_trainable_model, resume_checkpoint, stage_config)
 
 logger = logging.getLogger(__name__)
 
@@ -149,14 +152,8 @@ class PPOSettings:
         if self.prm_reward not in PRM_REWARDS:
             raise ConfigError(f"prm_reward: expected one of {', '.join(PRM_REWARDS)}, got "
                               f"{self.prm_reward!r}")
-        for name in ("dataset", "advantage_estimator", "dataset_split"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
-        for name in ("eval_split", "eval_dataset"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+        check_strings(self, ("dataset", "advantage_estimator", "dataset_split"),
+                      ("eval_split", "eval_dataset"))
         for name in ("num_examples",):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -209,7 +206,7 @@ def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None
                      output_dir: str | os.PathLike) -> CheckedPPO:
     """Resolve the estimator and reward functions and build the TRL config; all errors, no models."""
     from ..rewarding import resolve_reward_functions
-    from .ppo_trainer import (check_estimator_args, check_group_filter_refill, check_policy_loss_args,
+    from .ppo_options import (check_estimator_args, check_group_filter_refill, check_policy_loss_args,
                               check_trainer_options, resolve_estimator, resolve_group_filter,
                               resolve_policy_loss)
 
@@ -249,128 +246,6 @@ def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None
 
 
 # --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-def load_prompt_rows(settings: PPOSettings, split: str | None = None, n: int | None = None,
-                     dataset: str | None = None) -> tuple[Any, str]:
-    """The prompt dataset (an HF Dataset with a `prompt` column) and a label naming its source."""
-    split = split or settings.dataset_split
-    dataset = dataset or settings.dataset
-    if dataset == SYNTHETIC:
-        from ..data import synth
-
-        count = n or settings.num_examples or 256
-        return synth.rl_dataset(count, seed=settings.dataset_seed, split=split), f"synthetic[{split}]"
-    rows, source = load_dataset_source(dataset, split=split, config=settings.dataset_config,
-                                       num_examples=n or settings.num_examples)
-    if "prompt" not in rows.column_names:
-        raise DataError(f"{source}: rows need a `prompt` column (a string or a list of messages)")
-    check_prompt_column(rows["prompt"], source)
-    return rows, source
-
-
-def check_prompt_column(prompts: Sequence[Any], source: str) -> None:
-    """DataError naming the 1-based row of a prompt that is neither a non-empty string nor a valid
-    message list (known roles, not ending with an assistant turn), or whose form differs from the
-    first row's (TRL treats the whole dataset as conversational or not from one row)."""
-    from ..conversation import validate_messages
-    from ..guard import row_number
-
-    first: str | None = None
-    for i, prompt in enumerate(prompts):
-        row = row_number(source, i)
-        if isinstance(prompt, str):
-            kind = "a string"
-            if not prompt.strip():
-                raise DataError(f"{source}: row {row}: prompt: empty string")
-        elif isinstance(prompt, (list, tuple)):
-            kind = "a list of messages"
-            try:
-                messages = validate_messages(list(prompt), row=row)
-            except DataError as exc:
-                raise DataError(f"{source}: {exc}") from None
-            if messages[-1]["role"] == "assistant":
-                raise DataError(f"{source}: row {row}: prompt: ends with an assistant message")
-        else:
-            raise DataError(f"{source}: row {row}: prompt: expected a string or a list of messages, "
-                            f"got {type(prompt).__name__}")
-        if first is None:
-            first = kind
-        elif kind != first:
-            raise DataError(f"{source}: row {row}: prompt is {kind} but row "
-                            f"{row_number(source, 0)} holds {first}; use one form for every row")
-
-
-def check_prompt_tokens(prompts: Sequence[Any], tokenizer: Any, template: Any, source: str) -> None:
-    """DataError naming the row of a prompt whose content spells one of the tokenizer's special
-    tokens (TRL renders prompts as text and parses special tokens in it, so the content would
-    become that control token) or a turn marker the template rejects (a forged turn)."""
-    from ..guard import guarded, located, row_number
-
-    added = sorted(getattr(tokenizer, "added_tokens_encoder", None) or {}, key=len, reverse=True)
-    for i, prompt in enumerate(prompts):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        place = f"{source}: row {row_number(source, i)}"
-        for j, message in enumerate(messages):
-            content = message.get("content")
-            hit = next((t for t in added if isinstance(content, str) and t in content), None)
-            if hit is not None:
-                raise DataError(f"{place}, message {j}: content contains {hit!r}, a special token "
-                                "of the tokenizer; the prompt is rendered as text, so it would "
-                                "become that control token: remove it from the data")
-        if template is not None and not isinstance(prompt, str):
-            try:
-                with guarded(template, "chat_templates", "encode()"):
-                    template.encode(messages, tokenizer=tokenizer, add_generation_prompt=True)
-            except DataError as exc:
-                raise located(exc, place) from None
-
-
-def _prompt_key(prompt: Any) -> str:
-    import json
-
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    return json.dumps(prompt, sort_keys=True, default=str)
-
-
-def held_out_prompts(settings: PPOSettings, train: Any) -> tuple[Any, Any]:
-    """(training rows, held-out rows or None): the eval rows never hold a training prompt.
-
-    Synthetic data evaluates on its "test" split; `eval_split` / `eval_dataset` name the eval
-    rows; otherwise `eval_examples` rows are carved from `train` (seeded) and removed from it.
-    Eval rows whose prompt is also a training prompt are dropped (logged).
-    """
-    n = settings.eval_examples or None
-    named = settings.eval_split is not None or settings.eval_dataset is not None
-    if n is None and not named:
-        return train, None
-    source = settings.eval_dataset or settings.dataset
-    if named or source == SYNTHETIC:
-        split = settings.eval_split or ("test" if source == SYNTHETIC else settings.dataset_split)
-        if source == settings.dataset and split == settings.dataset_split and source != SYNTHETIC:
-            raise ConfigError(f"eval_split: {split!r} is the training split; name another split "
-                              "(or leave eval_split unset to carve eval_examples rows out of it)")
-        held, _ = load_prompt_rows(settings, split=split, n=n, dataset=source)
-    else:
-        if n >= len(train):
-            raise ConfigError(f"eval_examples: {n} held-out prompts would leave none of the "
-                              f"{len(train)} training prompts")
-        parts = train.train_test_split(test_size=n, seed=settings.dataset_seed, shuffle=True)
-        train, held = parts["train"], parts["test"]
-    seen = {_prompt_key(p) for p in train["prompt"]}
-    keep = [i for i, p in enumerate(held["prompt"]) if _prompt_key(p) not in seen]
-    if len(keep) < len(held):
-        logger.warning("held-out prompts: dropped %d that are also training prompts",
-                       len(held) - len(keep))
-        held = held.select(keep)
-    if len(held) == 0:
-        raise DataError("held-out prompts: none left that is not a training prompt")
-    return train, held
-
-
-# --------------------------------------------------------------------------------------------
 # Models and trainer
 # --------------------------------------------------------------------------------------------
 
@@ -385,126 +260,6 @@ class PreparedPPO:
     eval_dataset: Any
     source: str
     reward_scorer: Any = None
-
-
-def reward_adapter_function(scorer: Any, tokenizer: Any = None, template: Any = None,
-                            name: str = "reward_adapter") -> Any:
-    """A TRL-style reward function scoring with a reward model (attached adapter or separate).
-
-    The one scorer `sample` and `best-of-n` use too (:func:`~.reward_scoring.reward_model_function`);
-    the shared model's train/eval mode and active adapter are restored after each call, and an
-    empty completion is unscored (None).
-    """
-    from .reward_scoring import reward_model_function
-
-    if tokenizer is not None:
-        scorer.tokenizer = tokenizer
-    if template is not None:
-        scorer.template = template
-    return reward_model_function(scorer, name=name)
-
-
-def prm_reward_function(scorer: Any, mode: str = "probability", tokenizer: Any = None,
-                        template: Any = None, name: str = "reward_adapter",
-                        batch_size: int = 16) -> Any:
-    """A TRL-style reward function giving a PRM's **step rewards** for each completion.
-
-    The completion is split into steps on the head's ``delimiter`` (as the PRM was trained);
-    each step's reward sits at its end offset: P(correct) (``mode="probability"``) or +1/0/-1
-    by the arg-max class (``mode="sign"``). A completion with no non-blank step is unscored.
-    """
-    from ..rewarding import completion_text
-    from ..step_rewards import PRM_MODES, prm_step_rewards, step_end_offsets
-    from .reward_scoring import step_outputs
-
-    if mode not in PRM_MODES:
-        raise ConfigError(f"prm_reward: expected one of {', '.join(PRM_MODES)}, got {mode!r}")
-    if tokenizer is not None:
-        scorer.tokenizer = tokenizer
-    if template is not None:
-        scorer.template = template
-    delimiter = getattr(scorer.head, "delimiter", "\n\n")
-    backbone = getattr(scorer, "backbone", scorer)
-
-    def prm_reward(prompts: list, completions: list, **_: Any) -> list[Any]:
-        texts = [completion_text(c) for c in completions]
-        ends = [step_end_offsets(t, delimiter) for t in texts]
-        keep = [i for i, e in enumerate(ends) if e]
-        out: list[Any] = [None] * len(texts)
-        if not keep:
-            return out
-        was_training = backbone.training
-        try:
-            rows = [{"prompt": prompts[i], "completion": texts[i]} for i in keep]
-            results = step_outputs(scorer, rows, batch_size=batch_size)
-        finally:
-            backbone.train(was_training)
-        if mode == "probability":
-            probs = [r["p_correct"] for r in results]
-        else:  # one-hot of the predicted class (labels -1/0/+1 -> classes 0/1/2)
-            probs = [[[float(c == label + 1) for c in range(3)] for label in r["predicted"]]
-                     for r in results]
-        for i, steps in zip(keep, prm_step_rewards(probs, [ends[i] for i in keep], mode)):
-            out[i] = steps
-        return out
-
-    prm_reward.__name__ = prm_reward.__qualname__ = name
-    return prm_reward
-
-
-def _scorer_function(scorer: Any, settings: PPOSettings, name: str, tokenizer: Any = None,
-                     template: Any = None) -> Any:
-    """The reward function of a reward-model scorer: step rewards for a PRM (``prm_reward``)."""
-    from ..protocols import member
-
-    head = scorer.head
-    if settings.prm_reward != "score" and member(head, "reward_heads", "label_kind") == "step" \
-            and member(head, "reward_heads", "has_step_outputs"):
-        return prm_reward_function(scorer, settings.prm_reward, tokenizer, template, name=name)
-    return reward_adapter_function(scorer, tokenizer, template, name=name)
-
-
-def _same_base(meta: Mapping[str, Any], model_path: str) -> bool:
-    from ..models import base_model_of, resolve_model
-
-    base = meta.get("base_model")
-    if not base:
-        return False
-    try:
-        return Path(resolve_model(base)).resolve() == Path(base_model_of(model_path)).resolve()
-    except Exception:  # noqa: BLE001 - an unresolvable reference is simply not the same base
-        return False
-
-
-def load_reward_scorer(settings: PPOSettings, policy: Any, model_path: str) -> tuple[Any, bool]:
-    """The `reward_model` scorer and whether it shares the policy's base.
-
-    A reward adapter trained on the policy's base with the policy's quantization is attached
-    to the policy (a second adapter, no second base); anything else (another base, another
-    quantization, a full or transformers reward model) loads as a separate model, as trained.
-    """
-    from .reward_export import quant_settings
-    from .reward_model import META_FILE, attach_reward_adapter, load_reward_model, read_meta
-
-    directory = Path(settings.reward_model)
-    meta = read_meta(directory) if (directory / META_FILE).is_file() else {}
-    if meta.get("adapter") and hasattr(policy, "peft_config") and _same_base(meta, model_path) \
-            and quant_settings(meta.get("quantization")) == settings.quantization:
-        return attach_reward_adapter(policy, directory, "reward"), True
-    if meta.get("adapter"):
-        logger.info("reward_model %s: trained on %s (quantization %s); loading it as a separate "
-                    "model, as it was trained", directory, meta.get("base_model"),
-                    meta.get("quantization"))
-    scorer = load_reward_model(directory)
-    import torch
-
-    from ..models import is_quantized
-
-    if torch.cuda.is_available() and not is_quantized(scorer.backbone):
-        scorer = scorer.to("cuda")
-    for p in scorer.parameters():
-        p.requires_grad_(False)
-    return scorer, False
 
 
 def load_policy(model_path: str, settings: PPOSettings, gradient_checkpointing: bool = False) -> Any:
@@ -557,11 +312,11 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
                            "`reward_model` to load it as trained)", settings.reward_adapter,
                            recorded, settings.quantization)
         scorer = attach_reward_adapter(policy, settings.reward_adapter, "reward", tokenizer=None)
-        funcs.append(_scorer_function(scorer, settings, "reward_adapter",
+        funcs.append(scorer_function(scorer, settings, "reward_adapter",
                                       scorer.tokenizer or tokenizer, scorer.template))
     if settings.reward_model is not None:
         scorer, _ = load_reward_scorer(settings, policy, model_path)
-        funcs.append(_scorer_function(scorer, settings, "reward_model"))
+        funcs.append(scorer_function(scorer, settings, "reward_model"))
     trainer = PolicyOptimizationTrainer(
         policy, funcs, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, advantage_estimator=checked.estimator, gamma=settings.gamma,

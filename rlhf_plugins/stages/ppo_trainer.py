@@ -43,8 +43,7 @@ The trainer never looks at a component's name: it asks the estimator's capabilit
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -52,9 +51,15 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..errors import ConfigError
 from ..guard import guarded
-from ..losses import KL_KINDS, kl_estimate, masked_mean, value_loss
+from ..losses import kl_estimate, masked_mean, value_loss
 from ..protocols import member
 from .kl import AdaptiveKLController, make_kl_controller
+from .ppo_loss import FORWARD_KEYS, PluginPolicyLoss
+from .ppo_options import (CRITICS, KL_PENALTIES, check_estimator_args,  # noqa: F401
+                          check_group_filter_refill, check_policy_loss_args, check_trainer_options,
+                          resolve_estimator, resolve_group_filter, resolve_policy_loss,
+                          validated_reward_function)
+from .ppo_rollout_rewards import RolloutRewards
 from .value_head import (GenerationValueCapture, ValueHead, capture_generation_values,
                          capture_values, hidden_size_of, unwrap)
 
@@ -62,149 +67,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PolicyOptimizationTrainer", "resolve_estimator", "resolve_group_filter",
            "resolve_policy_loss", "validated_reward_function", "KL_PENALTIES", "CRITICS"]
-
-KL_PENALTIES = ("loss", "reward")
-CRITICS = ("value_head", "none")
-#: batch keys TRL forwards to the model besides ids/masks (multimodal inputs)
-_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
-                 "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
-                 "mm_token_type_ids", "image_position_ids")
-
-
-def resolve_estimator(estimator: Any, options: Mapping[str, Any] | None = None) -> Any:
-    """An advantage estimator component: a registered name (looked up, configured) or a component."""
-    if isinstance(estimator, str):
-        from .. import registry
-
-        return registry().advantage_estimators.get(estimator, **dict(options or {}))
-    if options:
-        configure = getattr(estimator, "configure", None)
-        if configure is None:
-            raise ConfigError("estimator_options given but the estimator has no configure()")
-        estimator = configure(**dict(options))
-    if not callable(estimator):
-        raise ConfigError(f"advantage estimator must be a registered name or a callable, got "
-                          f"{type(estimator).__name__}")
-    return estimator
-
-
-def validated_reward_function(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a TRL-style reward function so its outputs are checked (errors name the function).
-
-    A completion's reward may be a float, None or step rewards (a list of ``(end_char_offset,
-    value)`` pairs): TRL gets one number per completion (the sum of the steps), and the raw
-    outputs of the last call stay on the wrapper (``last_outputs``, with the completion texts
-    the offsets index in ``last_texts``) for the trainer to place on tokens.
-    """
-    from ..rewarding import (call_reward_functions, completion_text, reward_function_name,
-                             reward_value_total)
-
-    name = reward_function_name(func)
-
-    def checked(prompts: list, completions: list, **columns: Any) -> list[float | None]:
-        checked.last_outputs = checked.last_texts = None  # type: ignore[attr-defined]
-        _, per_function = call_reward_functions([func], None, prompts, completions,
-                                                allow_step_rewards=True, **columns)
-        outputs = next(iter(per_function.values()))
-        checked.last_outputs = outputs  # type: ignore[attr-defined]
-        checked.last_texts = [completion_text(c) for c in completions]  # type: ignore[attr-defined]
-        return [reward_value_total(v) for v in outputs]
-
-    checked.__name__ = checked.__qualname__ = name  # TRL logs rewards/<__name__>/mean
-    checked.__doc__ = getattr(func, "__doc__", None)
-    checked.__wrapped_reward_function__ = func  # type: ignore[attr-defined]
-    checked.last_outputs = checked.last_texts = None  # type: ignore[attr-defined]
-    return checked
-
-
-def resolve_policy_loss(loss: Any, options: Mapping[str, Any] | None = None) -> Any:
-    """A policy loss component (registered name, looked up and configured, or a callable), or None."""
-    if loss is None:
-        if options:
-            raise ConfigError("policy_loss_options given but no policy_loss")
-        return None
-    if isinstance(loss, str):
-        from .. import registry
-
-        return registry().policy_losses.get(loss, **dict(options or {}))
-    if options:
-        configure = getattr(loss, "configure", None)
-        if configure is None:
-            raise ConfigError("policy_loss_options given but the policy loss has no configure()")
-        loss = configure(**dict(options))
-    if not callable(loss):
-        raise ConfigError(f"policy loss must be a registered name or a callable, got {type(loss).__name__}")
-    return loss
-
-
-def resolve_group_filter(rule: Any, options: Mapping[str, Any] | None = None) -> Any:
-    """A selection rule used as a group filter (registered name or component), or None."""
-    if rule is None:
-        if options:
-            raise ConfigError("group_filter_options given but no group_filter")
-        return None
-    if isinstance(rule, str):
-        from .. import registry
-
-        return registry().selection_rules.get(rule, **dict(options or {}))
-    if options:
-        configure = getattr(rule, "configure", None)
-        if configure is None:
-            raise ConfigError("group_filter_options given but the rule has no configure()")
-        rule = configure(**dict(options))
-    if not callable(getattr(rule, "select", None)):
-        raise ConfigError(f"group_filter must be a selection rule name or a rule with select(), got "
-                          f"{type(rule).__name__}")
-    return rule
-
-
-#: TRL GRPOConfig options of TRL's own loss, with their defaults; `policy_loss` replaces that
-#: loss, so a non-default value would be silently ignored: an error says what to use instead.
-_TRL_LOSS_OPTIONS: tuple[tuple[str, Any, str], ...] = (
-    ("loss_type", "dapo", "the loss's `agg` option sets the aggregation "
-                          "(policy_loss_options: {agg: seq_mean_token_mean} is TRL's grpo)"),
-    ("epsilon", 0.2, "set the loss's clip options (ppo_clip: clip_low)"),
-    ("epsilon_high", None, "set the loss's clip options (ppo_clip: clip_high)"),
-    ("delta", None, "set the loss's options (ppo_clip: delta)"),
-    ("importance_sampling_level", "token", "use a sequence-level loss (policy_loss: gspo)"),
-    ("top_entropy_quantile", 1.0, "not supported with policy_loss"),
-    ("off_policy_mask_threshold", None, "not supported with policy_loss"),
-    ("entropy_coef", 0.0, "not supported with policy_loss"),
-    ("use_adaptive_entropy", False, "not supported with policy_loss"),
-)
-
-
-def check_policy_loss_args(args: Any) -> None:
-    """ConfigError for TRL loss options that a plugin policy loss would silently ignore."""
-    for name, default, instead in _TRL_LOSS_OPTIONS:
-        value = getattr(args, name, default)
-        if value != default:
-            raise ConfigError(f"{name}: {value!r} configures TRL's own loss, which policy_loss "
-                              f"replaces: {instead}")
-    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
-        raise ConfigError("use_vllm with vllm_importance_sampling_correction: not supported with "
-                          "policy_loss (set vllm_importance_sampling_correction: false)")
-
-
-def check_estimator_args(estimator: Any, args: Any) -> None:
-    """ConfigError when the estimator's capabilities cannot be honoured with these TRL options."""
-    greedy = member(estimator, "advantage_estimators", "needs_greedy_baseline")
-    if greedy and getattr(args, "use_vllm", False):
-        raise ConfigError(f"advantage estimator {getattr(estimator, 'name', estimator)!r} needs a "
-                          "greedy baseline, generated on the transformers path: set use_vllm: false")
-
-
-def check_group_filter_refill(refill: Any) -> None:
-    """ConfigError for group_filter_refill: true (see docs/concepts/dense_rewards.md for why)."""
-    if not isinstance(refill, bool):
-        raise ConfigError(f"group_filter_refill: expected true or false, got {refill!r}")
-    if refill:
-        raise ConfigError(
-            "group_filter_refill: true is not supported on TRL's GRPOTrainer: its generation batch "
-            "is one fixed draw of the trainer's dataloader (RepeatSampler, sharded per process), and "
-            "merging a second rollout would re-implement TRL's rollout assembly (left/right padding "
-            "of ids, masks, old/ref/sampling log-probs, multimodal fields). Dropped groups leave "
-            "the batch smaller instead: raise num_generations or the batch size to compensate")
 
 
 def _adapter_is_fresh(model: nn.Module) -> bool:
@@ -225,7 +87,7 @@ def _adapter_is_fresh(model: nn.Module) -> bool:
     return found
 
 
-class PolicyOptimizationTrainer(GRPOTrainer):
+class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
     """TRL's GRPOTrainer with a pluggable advantage estimator, a value head and KL shaping.
 
     Extra keyword arguments (everything else is TRL's GRPOTrainer):
@@ -325,121 +187,6 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         #: generation captures of the current rollout (None: not collecting)
         self._generation_captures: list[tuple[GenerationValueCapture, list]] | None = None
 
-    # -- rewards ------------------------------------------------------------------------------
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._last_rewards_per_func = rewards_per_func
-        self._last_reward_outputs = [(getattr(f, "last_outputs", None), getattr(f, "last_texts", None))
-                                     for f in self.reward_funcs]
-        return rewards_per_func
-
-    def _dense_token_rewards(self, output: dict[str, Any], process_slice: slice) -> torch.Tensor | None:
-        """This process's [b, T] weighted token rewards when a reward function gave step rewards.
-
-        Step rewards sit on the tokens that end their steps (:func:`batch_token_rewards`), scalar
-        rewards on the last real token; None is left out of the weighted sum (TRL's rule) and a
-        completion no function scored gets NaN on its last token (unscorable). None when every
-        reward this rollout was a scalar.
-        """
-        from ..step_rewards import batch_token_rewards, is_step_rewards
-
-        outputs = self._last_reward_outputs
-        if not any(out is not None and any(is_step_rewards(v) for v in out) for out, _ in outputs):
-            return None
-        ids, real = output["completion_ids"], output["completion_mask"]
-        per_func = self._last_rewards_per_func[process_slice].to(ids.device)  # [b, F]
-        weights = self.reward_weights.to(ids.device)
-        local_rows, length = ids.shape
-        last = length - 1 - real.flip(1).to(torch.int8).argmax(dim=1)
-        rows = torch.nonzero(real.sum(dim=1) > 0).squeeze(1)
-        total = torch.zeros(local_rows, length, dtype=torch.float32, device=ids.device)
-        for f, (raw, texts) in enumerate(outputs):
-            if raw is not None and any(is_step_rewards(v) for v in raw):
-                tokens, _ = batch_token_rewards(raw, ids, real, self._tokenizer, texts)
-                tokens = torch.nan_to_num(tokens.to(ids.device), nan=0.0)
-            else:  # a scalar function (or a model TRL scored): its reward on the last real token
-                tokens = torch.zeros_like(total)
-                tokens[rows, last[rows]] = torch.nan_to_num(per_func[rows, f].float(), nan=0.0)
-            total = total + weights[f] * tokens
-        unscorable = torch.isnan(per_func).all(dim=1) & (real.sum(dim=1) > 0)
-        total[unscorable, last[unscorable]] = torch.nan
-        if not self._said_dense_sum and not member(self.estimator, "advantage_estimators",
-                                                   "uses_token_rewards"):
-            logger.info("advantage estimator %r is sequence-level: it gets the sum of each "
-                        "completion's step rewards (token-level estimators such as gae or "
-                        "reinforce_plus_plus credit each step at its token)",
-                        getattr(self.estimator, "name", type(self.estimator).__name__))
-            self._said_dense_sum = True
-        return total
-
-    def _greedy_baseline_rewards(self, inputs: list[dict[str, Any]]) -> torch.Tensor:
-        """[B_global] reward of a greedy completion of each row's prompt (one generation per prompt).
-
-        Consecutive rows with the same prompt (a group) share one greedy generation; it is
-        scored by the same reward functions and weights as the rollout (TRL's nansum rule).
-        """
-        import copy
-
-        from transformers import GenerationConfig
-        from trl.data_utils import is_conversational
-
-        prompts = [x["prompt"] for x in inputs]
-        firsts = [i for i in range(len(prompts)) if i == 0 or prompts[i] != prompts[i - 1]]
-        owner, k = [], -1
-        for i in range(len(prompts)):
-            k += 1 if k + 1 < len(firsts) and firsts[k + 1] == i else 0
-            owner.append(k)
-        prompt_ids, images, multimodal = self._tokenize_prompts([prompts[i] for i in firsts])
-        greedy = {**self.generation_kwargs, "do_sample": False, "temperature": None, "top_p": None,
-                  "top_k": None, "min_p": None}
-        saved = (self.generation_config, self.generation_kwargs)
-        self.generation_config = GenerationConfig(**greedy, disable_compile=True)
-        self.generation_kwargs = greedy
-        try:
-            completion_ids, _ = self._generate_single_turn(prompt_ids, images, multimodal, 1)
-        finally:
-            self.generation_config, self.generation_kwargs = saved
-        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
-        if is_conversational({"prompt": prompts[0]}):
-            completions = [[{"role": "assistant", "content": t}] for t in texts]
-        else:
-            completions = list(texts)
-        # Scoring must not leak into the rollout's logs (reward functions may log columns/metrics).
-        pending = (copy.deepcopy(self._pending_extra_logs), copy.deepcopy(self._pending_metrics))
-        try:
-            per_func = GRPOTrainer._calculate_rewards(
-                self, inputs, prompts, [completions[owner[i]] for i in range(len(prompts))],
-                [list(completion_ids[owner[i]]) for i in range(len(prompts))])
-        finally:
-            self._pending_extra_logs.clear()
-            self._pending_extra_logs.update(pending[0])
-            self._pending_metrics.clear()
-            self._pending_metrics.update(pending[1])
-        weights = self.reward_weights.to(per_func.device).unsqueeze(0)
-        baseline = (per_func * weights).nansum(dim=1)
-        baseline[torch.isnan(per_func).all(dim=1)] = torch.nan
-        return baseline
-
-    def _group_keep(self, rewards: torch.Tensor, num_generations: int, mode: str) -> torch.Tensor | None:
-        """[B_global] bool: the completions of the groups the group filter keeps (None: no filter)."""
-        if self.group_filter_rule is None:
-            return None
-        from ..group_filters import completion_keep_mask, group_filter_metrics, group_keep_mask
-
-        keep = group_keep_mask(self.group_filter_rule, rewards.detach().cpu().tolist(), num_generations)
-        for key, value in group_filter_metrics(keep).items():
-            self._metrics[mode][f"group_filter/{key}"].append(value)
-        return torch.tensor(completion_keep_mask(keep, num_generations), dtype=torch.bool,
-                            device=rewards.device)
-
-    def _total_rewards(self) -> torch.Tensor:
-        """Weighted rewards of the whole (gathered) batch, TRL's rule; unscorable rows NaN."""
-        per_func = self._last_rewards_per_func
-        weights = self.reward_weights.to(per_func.device).unsqueeze(0)
-        rewards = (per_func * weights).nansum(dim=1)
-        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan
-        return rewards
-
     # -- rollout-time statistics --------------------------------------------------------------
     def _gather_rows(self, tensor: torch.Tensor, pad: float = 0) -> torch.Tensor:
         """All processes' rows of a local [b, T] tensor (T padded to the longest)."""
@@ -500,7 +247,7 @@ class PolicyOptimizationTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         batch_size = (self.args.per_device_train_batch_size if mode == "train"
                       else self.args.per_device_eval_batch_size)
-        forward = {k: output[k] for k in _FORWARD_KEYS if k in output}
+        forward = {k: output[k] for k in FORWARD_KEYS if k in output}
         stats: dict[str, Any] = {"values": None, "logps": None, "ref_logps": None}
         if not (self.needs_values or need_logps):
             return stats
@@ -706,80 +453,6 @@ class PolicyOptimizationTrainer(GRPOTrainer):
             self._metrics[mode]["value_clip_fraction"].append(float(masked_mean(clipped, mask)))
         return loss
 
-    def _loss_normaliser(self, inputs: dict[str, Any], mode: str) -> tuple[dict[str, Any], float]:
-        """(keyword arguments for the policy loss, divisor of its result) from the loss's `agg`.
-
-        ``token_mean``: ``norm_constant`` = TRL's dapo normaliser, the real tokens of the whole
-        generation batch rescaled to one accumulation window (it already accounts for gradient
-        accumulation: divisor 1). ``seq_mean_token_sum_norm``: ``norm_constant`` =
-        ``max_completion_length`` (TRL's dr_grpo). Any other mode, a loss's own
-        ``norm_constant``, or a loss without ``agg``: nothing passed, divided by the
-        accumulation steps (TRL's grpo/bnpo). Equal to TRL's loss_type of the same aggregation.
-        """
-        agg = member(self.policy_objective, "policy_losses", "agg")
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if getattr(self.policy_objective, "norm_constant", None) is not None:
-            return {}, accumulation
-        if agg == "token_mean":
-            normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":  # in eval the batch is neither split nor accumulated
-                normaliser = (normaliser * self.current_gradient_accumulation_steps
-                              / self.args.steps_per_generation)
-            return {"norm_constant": normaliser}, 1.0
-        if agg == "seq_mean_token_sum_norm":
-            return {"norm_constant": float(self.max_completion_length)}, accumulation
-        return {}, accumulation
-
-    def _policy_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        """The configured policy loss on TRL's per-token log-probs, plus TRL's KL term (beta)."""
-        from ..policy_objectives import AGG_MODES, aggregate
-
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in _FORWARD_KEYS})
-        old = inputs.get("old_per_token_logps")
-        ref = inputs.get("ref_per_token_logps")
-        mode = "train" if self.model.training else "eval"
-        kwargs, divisor = self._loss_normaliser(inputs, mode)
-        result = self.policy_objective(per_token_logps, old, inputs["advantages"], mask,
-                                       ref_log_probs=ref, **kwargs)
-        loss = result.loss
-        metrics = self._metrics[mode]
-        if self.beta != 0.0:  # TRL's k3 term, aggregated like the policy loss
-            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
-            if self.args.use_bias_correction_kl:
-                old_lp = per_token_logps.detach() if old is None else old
-                per_token_kl = per_token_kl * torch.exp(per_token_logps - old_lp)
-            agg = member(self.policy_objective, "policy_losses", "agg")
-            agg = agg if agg in AGG_MODES else "token_mean"
-            norm = kwargs.get("norm_constant", getattr(self.policy_objective, "norm_constant", None))
-            norm = norm if agg in ("token_mean", "seq_mean_token_sum_norm") else None
-            loss = loss + self.beta * aggregate(per_token_kl, mask.bool(), agg, norm_constant=norm)
-            metrics["kl"].append(self._global_masked_mean(per_token_kl, mask))
-        if divisor != 1:
-            loss = loss / divisor
-        if self.aux_loss_enabled:
-            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        metrics["entropy"].append(self._global_masked_mean(entropies, mask))
-        metrics["policy_loss/loss"].append(
-            self.accelerator.gather(result.loss.detach().float().reshape(1)).nanmean().item())
-        for key, value in result.metrics.items():
-            local = torch.tensor([float(value)], dtype=torch.float32, device=per_token_logps.device)
-            metrics[f"policy_loss/{key}"].append(self.accelerator.gather(local).nanmean().item())
-        return loss
-
-    def _global_masked_mean(self, x: torch.Tensor, mask: torch.Tensor) -> float:
-        """Mean of `x` over the real tokens of every process (TRL's logging rule)."""
-        totals = self.accelerator.reduce(torch.stack([(x.detach() * mask).sum().float(),
-                                                      mask.sum().float()]), reduction="sum")
-        return float(totals[0] / totals[1].clamp(min=1.0))
-
     # -- checkpoints --------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if self.value_head is not None and state_dict is None and not hasattr(self.model, "peft_config"):
@@ -806,27 +479,3 @@ def _whiten(advantages: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (advantages - mean) * torch.rsqrt(var + 1e-8) * mask if advantages.dim() == 2 else \
         (advantages - mean) * torch.rsqrt(var + 1e-8)
 
-
-def check_trainer_options(estimator: Any, *, critic: str, kl_penalty: str, kl_estimator: str,
-                          vf_coef: float, value_clip: float | None, gamma: float, lam: float) -> None:
-    """ConfigError for inconsistent trainer options (before any model is loaded)."""
-    name = getattr(estimator, "name", type(estimator).__name__)
-    if critic not in CRITICS:
-        raise ConfigError(f"critic must be one of {', '.join(CRITICS)}, got {critic!r}")
-    if getattr(estimator, "needs_values", False) and critic == "none":
-        raise ConfigError(f"advantage estimator {name!r} needs values, but critic is 'none'; "
-                          "use critic: value_head or a critic-free estimator (grpo, rloo, ...)")
-    if kl_penalty not in KL_PENALTIES:
-        raise ConfigError(f"kl_penalty must be one of {', '.join(KL_PENALTIES)}, got {kl_penalty!r}")
-    if kl_estimator not in KL_KINDS:
-        raise ConfigError(f"kl_estimator must be one of {', '.join(KL_KINDS)}, got {kl_estimator!r}")
-    for label, value in (("vf_coef", vf_coef), ("gamma", gamma), ("lam", lam)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < 0:
-            raise ConfigError(f"{label} must be a finite number >= 0, got {value!r}")
-    for label, value in (("gamma", gamma), ("lam", lam)):
-        if value > 1:
-            raise ConfigError(f"{label} must be in [0, 1], got {value!r}")
-    if value_clip is not None and (isinstance(value_clip, bool) or not isinstance(value_clip, (int, float))
-                                   or not value_clip > 0):
-        raise ConfigError(f"value_clip must be a number > 0 or null, got {value_clip!r}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..cache import atomic_write_figure
+from ..config import check_strings
 from ..errors import ConfigError, DataError
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
 from ..protocols import member
@@ -97,14 +98,8 @@ class RMSettings:
         self.lora, self.quantization = resolve_adapter_settings(self.lora, self.peft,
                                                                 self.quantization)
         self.peft = None
-        for name in ("head", "template", "dataset", "dataset_split"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
-        for name in ("eval_split", "eval_dataset"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+        check_strings(self, ("head", "template", "dataset", "dataset_split"),
+                      ("eval_split", "eval_dataset"))
         if not isinstance(self.head_options, Mapping):
             raise ConfigError(f"head_options: expected a mapping, got {self.head_options!r}")
         if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:

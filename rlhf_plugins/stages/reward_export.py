@@ -239,25 +239,10 @@ def write_hf_artifact(model: "RewardModel", folder: Path, kind: str, pad_token_i
 def load_classification_model(path: str | os.PathLike, kind: str, *, quantization: Any = None,
                               dtype: Any = None, **config_kwargs: Any) -> Any:
     """``AutoModelFor{Sequence,Token}Classification.from_pretrained`` with our 4-bit/dtype rules."""
-    from ..models import _device_map_for_quantized, _resolve_dtype, keep_4bit_trainable_on_cpu
+    from ..models import load_pretrained
 
-    quantization = quant_settings(quantization)
-    kwargs: dict[str, Any] = dict(config_kwargs)
-    if quantization is not None and quantization.load_in_4bit:
-        kwargs["quantization_config"] = quantization.to_bnb()
-        kwargs["dtype"] = _resolve_dtype(dtype if dtype is not None else quantization.compute_dtype)
-        device_map = _device_map_for_quantized()
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-    else:
-        kwargs["dtype"] = _resolve_dtype(dtype)
-    try:
-        model = _auto_class(kind).from_pretrained(os.fspath(path), **kwargs)
-    except OSError as exc:
-        raise ConfigError(f"reward model: cannot load {path}: {str(exc).splitlines()[0]}") from None
-    if "quantization_config" in kwargs:
-        keep_4bit_trainable_on_cpu(model)
-    return model
+    return load_pretrained(_auto_class(kind), path, quantization=quant_settings(quantization),
+                           dtype=dtype, what="reward model", **config_kwargs)
 
 
 def score_layer(model: Any) -> Any:

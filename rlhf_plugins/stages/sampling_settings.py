@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..config import build_dataclass
+from ..config import build_dataclass, check_strings
 from ..errors import ConfigError, DataError, RlhfPluginsError
 from ..models import QuantSettings
 from .skeleton import SYNTHETIC, load_dataset_source, read_stage_source
@@ -125,10 +125,7 @@ class SamplingSettings:
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        for name in ("dataset", "template", "selection", "prompt_field", "dataset_split"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+        check_strings(self, ("dataset", "template", "selection", "prompt_field", "dataset_split"))
         if not isinstance(self.reward_functions, (list, tuple)):
             self.reward_functions = [self.reward_functions]
         self.reward_functions = list(self.reward_functions)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..cache import atomic_write_dir
-from ..conversation import validate_messages
 from ..protocols import member
+from ..config import check_strings
 from ..errors import ComponentError, ConfigError, DataError, RlhfPluginsError
 from ..guard import check_mask, guarded, located, row_place
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
@@ -94,10 +94,7 @@ class SFTSettings:
         self.lora, self.quantization = resolve_adapter_settings(self.lora, self.peft,
                                                                 self.quantization)
         self.peft = None
-        for name in ("dataset", "template", "masking", "dataset_split", "messages_field"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"{name}: expected a non-empty string, got {value!r}")
+        check_strings(self, ("dataset", "template", "masking", "dataset_split", "messages_field"))
         if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
             raise ConfigError(f"model: expected a string, got {self.model!r}")
         if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
