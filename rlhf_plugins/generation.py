@@ -159,6 +159,18 @@ def _make_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> Any
     return PerSampleSampler()
 
 
+def _sampling_settings(generator: Any, stop_ids: Sequence[int], stop_strings: Sequence[str],
+                       max_new_tokens: int, temperature: float, top_p: float, seed: int) -> None:
+    """The sampling settings both backends keep, typed (stop_strings: multi-token stop strings,
+    the text is cut before them)."""
+    generator.stop_ids = [int(t) for t in stop_ids]
+    generator.stop_strings = [str(t) for t in stop_strings if t]
+    generator.max_new_tokens = int(max_new_tokens)
+    generator.temperature = float(temperature)
+    generator.top_p = float(top_p)
+    generator.seed = int(seed)
+
+
 class HFGenerator:
     """N completions per prompt with `model.generate`; `calls` counts generate calls made."""
 
@@ -172,13 +184,7 @@ class HFGenerator:
         #: regular expressions that end a completion once its text matches (e.g. an answer line)
         self.stop_patterns = [re.compile(p) for p in stop_patterns if p]
         self.tokenizer = tokenizer
-        self.stop_ids = [int(t) for t in stop_ids]
-        #: multi-token stop strings (transformers' `stop_strings` criterion; text cut before them)
-        self.stop_strings = [str(t) for t in stop_strings if t]
-        self.max_new_tokens = int(max_new_tokens)
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.seed = int(seed)
+        _sampling_settings(self, stop_ids, stop_strings, max_new_tokens, temperature, top_p, seed)
         self.batch_size = int(batch_size)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
@@ -309,12 +315,7 @@ class VLLMGenerator:
 
         self.llm = LLM(model=os.fspath(model_path), seed=int(seed), dtype=dtype or "auto",
                        **llm_kwargs)
-        self.stop_ids = [int(t) for t in stop_ids]
-        self.stop_strings = [str(t) for t in stop_strings if t]
-        self.max_new_tokens = int(max_new_tokens)
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.seed = int(seed)
+        _sampling_settings(self, stop_ids, stop_strings, max_new_tokens, temperature, top_p, seed)
         self.calls = 0
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], prompt_indices: Sequence[int],

@@ -16,12 +16,11 @@ Pure Python: importing this module does not import torch.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from .errors import ConfigError, DataError
-from .sdk import SelectionRule, option
+from .sdk import SelectionRule, option, reward_value
 
 __all__ = ["NonzeroVariance", "completion_keep_mask", "group_filter_metrics", "group_keep_mask"]
 
@@ -64,16 +63,7 @@ def _flat_rewards(rewards: Any) -> list[float]:
     if isinstance(rewards, (str, bytes)) or not isinstance(rewards, (list, tuple)):
         raise DataError(f"group filter: rewards must be a flat [B] sequence of numbers, got "
                         f"{type(rewards).__name__}")
-    out: list[float] = []
-    for i, value in enumerate(rewards):
-        if value is None:
-            out.append(math.nan)
-        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-            out.append(float(value))
-        else:
-            raise DataError(f"group filter: rewards[{i}] is not a number ({value!r}); rewards must "
-                            "be a flat [B] sequence, one per completion")
-    return out
+    return [reward_value(value, f"group filter: rewards[{i}]") for i, value in enumerate(rewards)]
 
 
 def _check_groups(batch: int, num_generations: Any) -> int:

@@ -258,8 +258,6 @@ class SelectionRule(Component):
 
 def clean_rewards(rule: str, rewards: Any) -> list[list[float]]:
     """Ragged rewards as floats (None -> NaN; -inf -> NaN, never selected); DataError when malformed."""
-    import numbers
-
     if isinstance(rewards, (str, bytes, Mapping)) or not hasattr(rewards, "__iter__"):
         raise DataError(f"selection rule {rule!r}: rewards must be a list of lists of numbers "
                         f"(one list per prompt), got {type(rewards).__name__}")
@@ -270,21 +268,25 @@ def clean_rewards(rule: str, rewards: Any) -> list[list[float]]:
         if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
             raise DataError(f"selection rule {rule!r}: rewards[{i}] must be a list of numbers "
                             f"(the rewards of prompt {i}), got {type(row).__name__}")
-        clean: list[float] = []
-        for j, value in enumerate(row):
-            if value is None:
-                clean.append(math.nan)
-            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-                value = float(value)
-                if value == math.inf:
-                    raise DataError(f"selection rule {rule!r}: rewards[{i}][{j}] is +inf; a reward "
-                                    "function or reward model returned an infinite score")
-                clean.append(math.nan if value == -math.inf else value)
-            else:
-                raise DataError(f"selection rule {rule!r}: rewards[{i}][{j}] is not a number "
-                                f"({value!r})")
-        out.append(clean)
+        out.append([reward_value(value, f"selection rule {rule!r}: rewards[{i}][{j}]")
+                    for j, value in enumerate(row)])
     return out
+
+
+def reward_value(value: Any, where: str) -> float:
+    """One reward as a float for selection: None and -inf -> NaN (never selected); +inf or a
+    non-number is a DataError naming `where`."""
+    import numbers
+
+    if value is None:
+        return math.nan
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)
+        if value == math.inf:
+            raise DataError(f"{where} is +inf; a reward function or reward model returned an "
+                            "infinite score")
+        return math.nan if value == -math.inf else value
+    raise DataError(f"{where} is not a number ({value!r})")
 
 
 @dataclass(frozen=True)
