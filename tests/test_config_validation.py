@@ -51,7 +51,7 @@ def test_a_bad_last_section_exits_2_fast_and_writes_nothing(tmp_path, ppo, field
     assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"{cfg}: {field}" in error[0] and expected in error[0], error[0]
     assert not out.exists()
-    assert seconds < 15 + 15  # 15 s on an idle machine; slack for a loaded CI box
+    assert seconds < 15  # ~1 s idle: the sections are checked without importing TRL
 
 
 def test_typed_yaml_values_everywhere(tmp_path):
@@ -125,3 +125,46 @@ def test_trl_model_config_names_map_to_lora_and_quantization(tmp_path):
     cfg.write_text("lora_r: four\n")
     with pytest.raises(ConfigError, match="lora.r"):
         load_stage_config(cfg, SFTSettings, SFTConfig)
+
+
+@pytest.mark.parametrize("name,module", [("GRPOConfig", "grpo_config"), ("SFTConfig", "sft_config"),
+                                         ("RewardConfig", "reward_config")])
+def test_static_trl_fields_equal_the_real_classes(name, module):
+    """The fields read from TRL's source (no import) are the init fields of the real class, and
+    every hint the static copy resolves agrees with the real one on sample values."""
+    import dataclasses
+    import typing
+
+    import trl
+
+    from rlhf_plugins.config_schema import static_config_class
+    from rlhf_plugins.options import coerce
+
+    real_cls = getattr(trl, name)
+    static = static_config_class(f"trl.trainer.{module}", name)
+    real = {f.name for f in dataclasses.fields(real_cls) if f.init}
+    assert {f.name for f in dataclasses.fields(static)} == real
+    real_hints, static_hints = typing.get_type_hints(real_cls), typing.get_type_hints(static)
+    checked = loose = 0
+    for field in sorted(real):
+        if static_hints[field] is typing.Any:
+            continue
+        for value in (3, 0.5, "ten", None, True, [1]):
+            outcomes = []
+            for hint in (real_hints[field], static_hints[field]):
+                try:
+                    outcomes.append(("ok", coerce(hint, value, field)))
+                except ConfigError:
+                    outcomes.append(("error", None))
+            real_outcome, static_outcome = outcomes
+            # the static check never rejects what TRL accepts, and coerces the same way; it may
+            # accept more where a hint names a class it does not import (an enum: Any), which
+            # the full check (the real TRL config) catches before any model loads
+            if static_outcome[0] == "error":
+                assert real_outcome[0] == "error", (field, value)
+            elif real_outcome[0] == "ok":
+                assert static_outcome == real_outcome, (field, value)
+            else:
+                loose += 1
+        checked += 1
+    assert checked > 50 and loose < checked

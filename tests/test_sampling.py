@@ -593,3 +593,24 @@ def test_scoring_with_a_saved_reward_model_plus_reward_functions(tmp_path, tiny_
         fn = r["rewards"]["text_reward"]
         assert r["reward"] == pytest.approx((fn or 0.0) + 0.5 * w, abs=1e-4)  # None: head only
     assert result.summary["all_nan_prompts"] == 0  # the head scores the prompt the function skips
+
+
+def test_stop_pattern_cuts_each_completion_at_its_first_match(tmp_path, tiny_dir, text_reward):
+    import re
+
+    data = _dataset(tmp_path)
+    plain = S.run_sampling(_settings(tiny_dir, data, max_new_tokens=12), tmp_path / "plain")
+    cut = S.run_sampling(_settings(tiny_dir, data, max_new_tokens=12,
+                                   stop_pattern=r"[A-Za-z]{2}"), tmp_path / "cut")
+    assert len(cut.rows) == len(plain.rows)
+    texts = [(a["completion"][0]["content"], b["completion"][0]["content"])
+             for a, b in zip(plain.rows, cut.rows)]
+    assert any(full != short for full, short in texts)
+    for full, short in texts:  # same seeds: the full text up to its first match (ASCII: no
+        # partial UTF-8 character can sit before an ASCII match)
+        match = re.search(r"[A-Za-z]{2}", full)
+        assert short == (full[:match.end()] if match else full)
+    with pytest.raises(ConfigError, match="stop_pattern: not a valid regular expression"):
+        _settings(tiny_dir, data, stop_pattern="(")
+    with pytest.raises(ConfigError, match="stop_pattern: only the hf backend"):
+        _settings(tiny_dir, data, stop_pattern="x", backend="vllm")

@@ -178,6 +178,17 @@ def run_stage(name: str, stage_dir: Path, stage_hash: str,
 
 # --- the stages ---------------------------------------------------------------------------
 
+
+def _located_check(where: str, check: Any, *args: Any) -> None:
+    """Run a stage check; its error names the section (`file: stage.field`)."""
+    try:
+        check(*args)
+    except ConfigError as exc:
+        raise ConfigError(locate(str(exc), where)) from None
+    except RlhfPluginsError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+
+
 class Pipeline:
     """Runs the configured stages in order, threading each stage's output into the next."""
 
@@ -264,11 +275,13 @@ class Pipeline:
         return config_hash(name, section, upstream, dataclasses.asdict(self.s.task), versions)
 
     # stage configs ------------------------------------------------------------------------
-    def stage_config(self, name: str, policy: str, *, validating: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    def stage_config(self, name: str, policy: str, *, validating: bool = False,
+                     static: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
         """(merged section, our settings, TRL kwargs) of stage `name` on `policy`.
 
         `validating`: upstream outputs are placeholders and artifacts that do not exist yet (the
         reward model) are left out, so every section can be checked before anything runs.
+        `static`: TRL's fields are read from its source, not imported (a check in seconds).
         """
         spec = STAGE_SPECS[name]
         rm = self.records.get("reward_model")
@@ -277,7 +290,7 @@ class Pipeline:
             reward_model = None
         defaults = spec.defaults(self, policy, reward_model)
         data = deep_merge(defaults, getattr(self.s, name))
-        ours, trl_cls = spec.classes()
+        ours, trl_cls = spec.classes(static)
         where = f"{self.config_label}: {name}" if self.config_label else name
         settings, trl_kwargs = load_stage_config(data, ours, trl_cls, where=where)
         return data, settings, trl_kwargs
@@ -293,19 +306,21 @@ class Pipeline:
         check_output_dir(self.run_dir, f"{label}output_dir")
         policy = "<policy of the previous stage>"
         self.paths = {key: f"<{key} data>" for key in DATA_FILES}
+        # first every section without importing TRL (fields, types, plugins: seconds), then the
+        # full checks (the real TRL configs)
+        for name in self.s.stages:
+            _, settings, _ = self.stage_config(name, policy, validating=True, static=True)
+            where = f"{self.config_label}: {name}" if self.config_label else name
+            model = getattr(settings, "model", None)
+            if model is not None and model != policy:  # a section naming its own model
+                check_model_ref(model, f"{where}.model")
+            _located_check(where, STAGE_SPECS[name].quick, settings)
         with tempfile.TemporaryDirectory() as scratch:
             for name in self.s.stages:
                 _, settings, trl_kwargs = self.stage_config(name, policy, validating=True)
                 where = f"{self.config_label}: {name}" if self.config_label else name
-                model = getattr(settings, "model", None)
-                if model is not None and model != policy:  # a section naming its own model
-                    check_model_ref(model, f"{where}.model")
-                try:
-                    STAGE_SPECS[name].check(settings, trl_kwargs, Path(scratch) / name)
-                except ConfigError as exc:
-                    raise ConfigError(locate(str(exc), where)) from None
-                except RlhfPluginsError as exc:
-                    raise type(exc)(f"{where}: {exc}") from None
+                _located_check(where, STAGE_SPECS[name].check, settings, trl_kwargs,
+                               Path(scratch) / name)
 
     # stage bodies -------------------------------------------------------------------------
     def stage_sft(self, policy: str, upstream: str | None) -> StageRecord:

@@ -202,13 +202,12 @@ def build_grpo_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLi
                             rejected=_REJECTED_TRL_FIELDS, reject=lambda value: True, **extra)
 
 
-def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
-                     output_dir: str | os.PathLike) -> CheckedPPO:
-    """Resolve the estimator and reward functions and build the TRL config; all errors, no models."""
+def check_ppo_components(settings: PPOSettings) -> tuple[Any, Any, Any, list, list]:
+    """(estimator, policy loss, group filter, reward functions, weights), resolved and checked
+    against the trainer options; no TRL import (the pipeline runs it first for every section)."""
     from ..rewarding import resolve_reward_functions
-    from .ppo_options import (check_estimator_args, check_group_filter_refill, check_policy_loss_args,
-                              check_trainer_options, resolve_estimator, resolve_group_filter,
-                              resolve_policy_loss)
+    from .ppo_options import (check_group_filter_refill, check_trainer_options, resolve_estimator,
+                              resolve_group_filter, resolve_policy_loss)
 
     estimator = resolve_estimator(settings.advantage_estimator, settings.estimator_options)
     policy_loss = resolve_policy_loss(settings.policy_loss, settings.policy_loss_options)
@@ -219,6 +218,15 @@ def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None
                           value_clip=settings.value_clip, gamma=settings.gamma, lam=settings.lam)
     funcs, weights = resolve_reward_functions(settings.reward_functions) if settings.reward_functions \
         else ([], [])
+    return estimator, policy_loss, group_filter, list(funcs), list(weights)
+
+
+def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
+                     output_dir: str | os.PathLike) -> CheckedPPO:
+    """Resolve the estimator and reward functions and build the TRL config; all errors, no models."""
+    from .ppo_options import check_estimator_args, check_policy_loss_args
+
+    estimator, policy_loss, group_filter, funcs, weights = check_ppo_components(settings)
     if settings.reward_adapter is not None:
         from .reward_model import read_meta
 

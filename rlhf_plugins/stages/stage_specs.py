@@ -22,35 +22,77 @@ DATA_FILES = ("sft", "preference", "preference_eval", "rl", "eval")
 class StageSpec:
     """One pipeline stage: its config classes, its defaults from the pipeline, and its checks."""
 
-    classes: Callable[[], tuple[type, type | None]]
+    #: (our settings class, TRL config class); with static=True a light copy of the TRL class's
+    #: fields (rlhf_plugins.config_schema), so every section is parsed without importing TRL
+    classes: Callable[..., tuple[type, type | None]]
     defaults: Callable[["Pipeline", str, str | None], dict[str, Any]]
+    #: the full check: plugins, options and the real TRL config (imports TRL)
     check: Callable[[Any, dict[str, Any], Path], None]
+    #: the light check run first for every section: plugin names and options, no TRL import
+    quick: Callable[[Any], None]
 
 
-def _sft_classes() -> tuple[type, type]:
-    from trl import SFTConfig
+def _trl_class(name: str, module: str, static: bool) -> type:
+    """TRL's config class `name`, or (`static`) a light copy of its fields read from its source."""
+    if static:
+        from ..config_schema import static_config_class
 
+        return static_config_class(f"trl.trainer.{module}", name)
+    import trl
+
+    return getattr(trl, name)
+
+
+def _sft_classes(static: bool = False) -> tuple[type, type]:
     from .sft import SFTSettings
-    return SFTSettings, SFTConfig
+    return SFTSettings, _trl_class("SFTConfig", "sft_config", static)
 
 
-def _rm_classes() -> tuple[type, type]:
-    from trl import RewardConfig
-
-    from .reward import RMSettings
-    return RMSettings, RewardConfig
+def _rm_classes(static: bool = False) -> tuple[type, type]:
+    from .reward_settings import RMSettings
+    return RMSettings, _trl_class("RewardConfig", "reward_config", static)
 
 
-def _sampling_classes() -> tuple[type, None]:
-    from .sampling import SamplingSettings
+def _sampling_classes(static: bool = False) -> tuple[type, None]:
+    from .sampling_settings import SamplingSettings
     return SamplingSettings, None
 
 
-def _ppo_classes() -> tuple[type, type]:
-    from trl import GRPOConfig
-
+def _ppo_classes(static: bool = False) -> tuple[type, type]:
     from .ppo import PPOSettings
-    return PPOSettings, GRPOConfig
+    return PPOSettings, _trl_class("GRPOConfig", "grpo_config", static)
+
+
+def _quick_sft(settings: Any) -> None:
+    from .sft import get_components
+
+    get_components(settings.template, settings.masking)
+
+
+def _quick_rm(settings: Any) -> None:
+    from .. import registry
+
+    registry().chat_templates.get(settings.template)
+    registry().reward_heads.get(settings.head, **settings.head_config())
+
+
+def _quick_sampling(settings: Any) -> None:
+    from .. import registry
+    from ..rewarding import resolve_reward_functions
+
+    registry().chat_templates.get(settings.template)
+    registry().selection_rules.get(settings.selection, **(settings.selection_params or {}))
+    if settings.reward_functions:
+        resolve_reward_functions(settings.reward_functions)
+
+
+def _quick_ppo(settings: Any) -> None:
+    from .. import registry
+    from .ppo import check_ppo_components
+
+    if settings.template is not None:
+        registry().chat_templates.get(settings.template)
+    check_ppo_components(settings)
 
 
 def _check_sft(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
@@ -98,12 +140,12 @@ def _ppo_defaults(p: "Pipeline", policy: str, rm: str | None) -> dict[str, Any]:
 
 STAGE_SPECS: dict[str, StageSpec] = {
     "sft": StageSpec(_sft_classes, lambda p, policy, rm: _training_defaults(p, policy, "sft", merge=True),
-                     _check_sft),
+                     _check_sft, _quick_sft),
     "reward_model": StageSpec(
         _rm_classes,
         lambda p, policy, rm: _training_defaults(p, policy, "preference",
                                                  eval_dataset=p.paths["preference_eval"]),
-        _check_rm),
+        _check_rm, _quick_rm),
     "rejection_sampling": StageSpec(
         _sampling_classes,
         lambda p, policy, rm: {
@@ -112,8 +154,9 @@ STAGE_SPECS: dict[str, StageSpec] = {
             "finetune": True, "on_empty_selection": "skip",
             "sft": {**{k: v for k, v in p.common().items() if k in ("lora", "quantization", "seed")},
                     "merge": True}},
-        _check_sampling),
-    "ppo": StageSpec(_ppo_classes, lambda p, policy, rm: _ppo_defaults(p, policy, rm), _check_ppo),
+        _check_sampling, _quick_sampling),
+    "ppo": StageSpec(_ppo_classes, lambda p, policy, rm: _ppo_defaults(p, policy, rm), _check_ppo,
+                     _quick_ppo),
 }
 
 
