@@ -37,6 +37,11 @@ What this subclass changes, and nothing else (no TRL code is copied):
   (a hook on the backbone).
 - ``_save`` / ``_load_from_checkpoint``: the value head travels with checkpoints.
 
+Where the pieces live: component resolution and option checks in ``ppo_options.py`` (no torch),
+the reward side of the rollout (per-function rewards, step rewards on tokens, the greedy
+baseline, the group filter) in the ``RolloutRewards`` mixin (``ppo_rollout_rewards.py``), and
+the plugin policy loss in the ``PluginPolicyLoss`` mixin (``ppo_loss.py``).
+
 The trainer never looks at a component's name: it asks the estimator's capabilities
 (:func:`rlhf_plugins.protocols.member`) and the loss's ``agg``, and calls them.
 """
