@@ -140,18 +140,11 @@ except ImportError:  # pragma: no cover - pytest not installed
     pass
 
 
-def tiny_model_dir(path: Any, *, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Any:
-    """Save a tiny random Llama + byte-level tokenizer (SmolLM2's special tokens) under `path`.
-
-    For tests and docs that must run anywhere: no download, a few MB, seconds on a CPU. Its
-    tokenizer: bos ``<|im_start|>``, eos = pad ``<|im_end|>``, unk ``<|endoftext|>``.
-    Returns the directory (a `pathlib.Path`).
-    """
-    from pathlib import Path
-
-    import torch
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE tokenizer (no merges) with SmolLM2's special tokens at ids 0, 1, 2:
+    bos ``<|im_start|>``, eos = pad ``<|im_end|>``, unk ``<|endoftext|>``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab = {tok: i for i, tok in enumerate(specials)}
@@ -164,6 +157,22 @@ def tiny_model_dir(path: Any, *, hidden_size: int = 32, num_layers: int = 2, see
                                         eos_token="<|im_end|>", pad_token="<|im_end|>",
                                         unk_token="<|endoftext|>")
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    return tokenizer
+
+
+def tiny_model_dir(path: Any, *, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Any:
+    """Save a tiny random Llama + byte-level tokenizer (SmolLM2's special tokens) under `path`.
+
+    For tests and docs that must run anywhere: no download, a few MB, seconds on a CPU. Its
+    tokenizer: bos ``<|im_start|>``, eos = pad ``<|im_end|>``, unk ``<|endoftext|>``.
+    Returns the directory (a `pathlib.Path`).
+    """
+    from pathlib import Path
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
                          intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,

@@ -4,8 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
 
 def _smollm_like_tokenizer() -> Any:
     """A byte-level BPE tokenizer with SmolLM2's special tokens (ids 0, 1, 2)."""
@@ -19,21 +17,9 @@ def _smollm_like_tokenizer() -> Any:
         except TypeError:
             return make_tokenizer()
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from rlhf_plugins.testing import tiny_tokenizer
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                        unk_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-    return tokenizer
+    return tiny_tokenizer()
 
 
 def make_tiny_model_dir(tmp_path: Path, tokenizer: Any = None, **cfg: Any) -> Path:
