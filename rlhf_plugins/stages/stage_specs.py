@@ -26,7 +26,8 @@ class StageSpec:
     #: fields (rlhf_plugins.config_schema), so every section is parsed without importing TRL
     classes: Callable[..., tuple[type, type | None]]
     defaults: Callable[["Pipeline", str, str | None], dict[str, Any]]
-    #: the full check: plugins, options and the real TRL config (imports TRL)
+    #: the full check, run after `quick` passed for every section: the real TRL config (imports
+    #: TRL) and what needs it
     check: Callable[[Any, dict[str, Any], Path], None]
     #: the light check run first for every section: plugin names and options, no TRL import
     quick: Callable[[Any], None]
@@ -96,19 +97,15 @@ def _quick_ppo(settings: Any) -> None:
 
 
 def _check_sft(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
-    from .sft import build_sft_config, get_components
+    from .sft import build_sft_config
 
-    get_components(settings.template, settings.masking)
-    build_sft_config(trl_kwargs, out)
+    build_sft_config(trl_kwargs, out)  # the plugins were checked by _quick_sft
 
 
 def _check_rm(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
-    from .. import registry
     from .reward import build_rm_config
 
-    registry().chat_templates.get(settings.template)
-    registry().reward_heads.get(settings.head, **settings.head_config())
-    build_rm_config(trl_kwargs, out)
+    build_rm_config(trl_kwargs, out)  # the plugins were checked by _quick_rm
 
 
 def _check_sampling(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
@@ -118,10 +115,8 @@ def _check_sampling(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> Non
 
 
 def _check_ppo(settings: Any, trl_kwargs: dict[str, Any], out: Path) -> None:
-    from .. import registry
     from .ppo import check_ppo_config
 
-    registry().chat_templates.get(settings.template)
     check_ppo_config(settings, trl_kwargs, out)
 
 
