@@ -87,6 +87,17 @@ GOOD_ROWS = [conversation(), conversation("Say hi", "Hi!")]
 FAST = {"report_to": "none", "save_strategy": "no", "logging_steps": 1}
 
 
+def sft_cli_error(tmp_path: Path, model: Any, rows: Iterable[Any], row_error: str, *needles: str,
+                  **settings: Any) -> str:
+    """`rlhf-plugins sft` on `rows` (written to train.jsonl) with `settings` added to a cheap config:
+    one error line naming the data file followed by `row_error` (and `needles`), nothing written."""
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "sft.yaml", {"model": str(model), "dataset": str(data), "output_dir": str(out),
+                                             "max_steps": 1, **FAST, **settings})
+    return cli_error(["sft", "--config", cfg], f"{data} {row_error}", *needles, untouched=[out])
+
+
 def quiet_env() -> dict[str, str]:
     """Environment for CLI subprocesses: one thread per process, offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_PLUGINS_")}

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers_bad_inputs import FAST, GOOD_ROWS, cli_error, run_main, write_jsonl, write_yaml
+from helpers_bad_inputs import GOOD_ROWS, cli_error, run_main, sft_cli_error
 from rlhf_plugins import jinja_sandbox
 from rlhf_plugins.errors import ConfigError, DataError
 from rlhf_plugins.jinja_sandbox import render_template
@@ -109,10 +109,5 @@ def test_sft_with_a_tokenizer_whose_chat_template_recurses(tmp_path, tiny_dir):
     config["chat_template"] = RECURSIVE
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     (model / "chat_template.jinja").unlink(missing_ok=True)
-    data = write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)
-    out = tmp_path / "out"
-    cfg = write_yaml(tmp_path / "sft.yaml", {"model": str(model), "dataset": str(data),
-                                             "template": "tokenizer", "output_dir": str(out),
-                                             "max_steps": 1, **FAST})
-    cli_error(["sft", "--config", cfg], f"{data} row 1: chat template: resource limit: recursion too deep",
-              untouched=[out])
+    sft_cli_error(tmp_path, model, GOOD_ROWS, "row 1: chat template: resource limit: recursion too deep",
+                  template="tokenizer")

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers_bad_inputs import FAST, GOOD_ROWS, cli_error, run_main, write_jsonl, write_yaml
+from helpers_bad_inputs import GOOD_ROWS, cli_error, run_main, sft_cli_error, write_yaml
 from helpers_plugins import make_dist
 from rlhf_plugins import registry
 from rlhf_plugins.errors import ComponentError, DuplicateComponentError, PluginError
@@ -298,13 +298,8 @@ def test_render_cli_never_prints_a_truncated_render(tmp_path, tiny_dir, clean_sc
 
 
 def test_sft_cli_with_a_crashing_masking_plugin(bad_dist, tmp_path, tiny_dir):
-    data = write_jsonl(tmp_path / "train.jsonl", GOOD_ROWS)
-    out = tmp_path / "out"
-    cfg = write_yaml(tmp_path / "sft.yaml", {"model": str(tiny_dir), "dataset": str(data),
-                                             "masking": "bad_mask_14", "output_dir": str(out),
-                                             "max_steps": 1, **FAST})
-    cli_error(["sft", "--config", cfg], f"{data} row 1: masking strategy 'bad_mask_14' raised",
-              ORIGIN, untouched=[out])
+    sft_cli_error(tmp_path, tiny_dir, GOOD_ROWS, "row 1: masking strategy 'bad_mask_14' raised", ORIGIN,
+                  masking="bad_mask_14")
 
 
 def test_verbose_adds_the_original_traceback(bad_dist, tmp_path, tiny_dir):

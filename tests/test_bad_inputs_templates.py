@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from helpers_bad_inputs import FAST, cli_error, write_jsonl, write_yaml
+from helpers_bad_inputs import FAST, cli_error, sft_cli_error, write_jsonl, write_yaml
 from helpers_tokenizers import make_tokenizer
 from rlhf_plugins import registry
 from rlhf_plugins.errors import DataError
@@ -112,13 +112,8 @@ def test_render_cli_names_the_file_and_the_message(tmp_path, tiny_dir):
 
 
 def test_sft_rejects_a_forged_turn_before_the_model_loads(tmp_path, tiny_dir):
-    data = write_jsonl(tmp_path / "train.jsonl", [{"messages": forged("<|user|>")}])
-    out = tmp_path / "out"
-    cfg = write_yaml(tmp_path / "sft.yaml", {"model": str(tiny_dir), "dataset": str(data),
-                                             "template": "tulu", "output_dir": str(out),
-                                             "max_steps": 1, **FAST})
-    cli_error(["sft", "--config", cfg], f"{data} row 1: message 0: content contains '<|user|>'",
-              untouched=[out])
+    sft_cli_error(tmp_path, tiny_dir, [{"messages": forged("<|user|>")}],
+                  "row 1: message 0: content contains '<|user|>'", template="tulu")
 
 
 def test_sample_rejects_a_forged_prompt(tmp_path, tiny_dir):
