@@ -58,13 +58,15 @@ def tiny_model(directory: Path) -> str:
 
 
 def base_config(model: str, tiny: bool, steps: int, n_eval: int, generations: int,
-                completion_length: int, iterations: int = 2) -> dict[str, Any]:
+                completion_length: int, iterations: int = 2, eval_generations: int | None = None,
+                eval_batch: int | None = None) -> dict[str, Any]:
     """The config every run shares (ours + TRL's GRPOConfig fields)."""
     config: dict[str, Any] = {
         "model": model, "num_examples": max(2, steps * 2), "eval_examples": n_eval,
-        "num_iterations": iterations,
+        "num_iterations": iterations, "num_generations_eval": eval_generations,
         "num_generations": generations, "per_device_train_batch_size": 2 * generations,
-        "per_device_eval_batch_size": 2 * generations, "max_completion_length": completion_length,
+        "per_device_eval_batch_size": eval_batch or 2 * generations,
+        "max_completion_length": completion_length,
         "temperature": 1.0, "beta": 0.0, "max_steps": steps, "logging_steps": 1,
         "save_strategy": "no", "seed": 0, "report_to": "none",
     }
@@ -76,17 +78,63 @@ def base_config(model: str, tiny: bool, steps: int, n_eval: int, generations: in
     return config
 
 
-def run_one(config: dict[str, Any]) -> dict[str, Any]:
-    """One `run_ppo` in a temporary directory: held-out reward before/after, time."""
+def run_one(config: dict[str, Any], before: float | None = None,
+            heldout: "Heldout | None" = None) -> dict[str, Any]:
+    """One `run_ppo` in a temporary directory: held-out reward before/after, time.
+
+    With `before` given (the starting policy's held-out reward, measured once by an earlier row),
+    the run skips its own "before" evaluation and reports that value. With `heldout`, TRL's
+    sampled evaluation is off and the trained adapter is scored greedily on the held-out problems
+    instead (per-problem correctness, compared paired with the starting policy).
+    """
     from rlhf_plugins.stages.ppo import ppo_from_config
 
     started = time.time()
+    if heldout is not None:
+        config = {**config, "eval_examples": 0}
     # TRL/transformers print their log dicts to stdout: keep stdout for the tables
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):
-        result = ppo_from_config({**config, "eval_before": True}, output_dir=out)
+        result = ppo_from_config({**config, "eval_before": before is None and heldout is None},
+                                 output_dir=out)
+        scored = heldout.score(config["model"], out) if heldout is not None else None
     history = [e for e in result.metrics["log_history"] if "reward" in e and "eval_reward" not in e]
-    return {"before": result.metrics.get("eval_reward_before"), "after": result.metrics.get("eval_reward"),
-            "train_reward": [e["reward"] for e in history], "seconds": round(time.time() - started, 1)}
+    row = {"before": result.metrics.get("eval_reward_before") if before is None else before,
+           "after": result.metrics.get("eval_reward"),
+           "train_reward": [e["reward"] for e in history], "seconds": round(time.time() - started, 1)}
+    if scored is not None:
+        row.update(heldout.compare(scored))
+    return row
+
+
+class Heldout:
+    """Greedy accuracy on the synthetic task's test problems (the quickstart's held-out set).
+
+    The same evaluation as the pipeline's (`rlhf_plugins.evaluation`, answer-line stop), so every
+    row is scored on the same problems and compared *paired* with the starting policy.
+    """
+
+    def __init__(self, n: int, max_new_tokens: int, batch_size: int = 20):
+        from rlhf_plugins.data import synth
+        from rlhf_plugins.stages.pipeline import EvalSettings
+
+        self.rows = synth.rl_rows(n, 0, "test")
+        self.kwargs = {"max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                       "stop_patterns": [EvalSettings().stop_pattern], "samples": 0}
+        self.start: list[bool] | None = None
+
+    def score(self, model: str, adapter_dir: str | None = None) -> list[bool]:
+        from rlhf_plugins.evaluation import evaluate_saved_policy
+
+        return evaluate_saved_policy(model, self.rows, adapter_dir=adapter_dir, **self.kwargs)["correct"]
+
+    def compare(self, correct: list[bool]) -> dict[str, Any]:
+        """before/after accuracies and the paired difference (bootstrap interval, McNemar p)."""
+        from rlhf_plugins.stats import compare
+
+        assert self.start is not None
+        n = len(correct)
+        return {"before": sum(self.start) / n, "after": sum(correct) / n, "paired": compare(self.start, correct),
+                "correct": correct}
 
 
 def registered(family: str) -> list[str]:
@@ -98,24 +146,55 @@ def registered(family: str) -> list[str]:
 
 def run_tables(model: str, *, tiny: bool, estimators: Sequence[str], losses: Sequence[str], steps: int,
                n_eval: int, generations: int = 2, completion_length: int = 16, iterations: int = 2,
-               log: Any = print) -> dict[str, Any]:
-    """Run both tables; returns {"estimators": {name: row}, "policy_losses": {name: row}}."""
-    base = base_config(model, tiny, steps, n_eval, generations, completion_length, iterations)
-    results: dict[str, Any] = {"estimators": {}, "policy_losses": {}}
+               eval_generations: int | None = None, eval_batch: int | None = None,
+               before_once: bool = False, heldout: int = 0, log: Any = print) -> dict[str, Any]:
+    """Run both tables; returns {"estimators": {name: row}, "policy_losses": {name: row}}.
+
+    `before_once`: every run starts from the same policy, so evaluate it once (in the first row)
+    and spend the time on the "after" evaluations instead of re-drawing the same quantity.
+    `heldout` (> 0): score every policy greedily on that many held-out problems instead of TRL's
+    sampled evaluation (see :class:`Heldout`).
+    """
+    base = base_config(model, tiny, steps, n_eval, generations, completion_length, iterations,
+                       eval_generations, eval_batch)
+    results: dict[str, Any] = {"estimators": {}, "policy_losses": {},
+                               "eval_samples": n_eval * (eval_generations or generations)}
+    before: float | None = None
+    scorer = None
+    if heldout:
+        scorer = Heldout(heldout, completion_length, batch_size=eval_batch or 50)
+        scorer.start = scorer.score(model)
+        results["eval_samples"] = heldout
+        results["start_correct"] = scorer.start
+        log(f"starting policy: held-out accuracy {sum(scorer.start) / heldout:.3f} ({heldout} problems)")
     plan = [("estimators", "estimator", est, {"advantage_estimator": est, "policy_loss": "ppo_clip"})
             for est in estimators]
     plan += [("policy_losses", "policy loss", loss, {"advantage_estimator": "grpo", "policy_loss": loss})
              for loss in losses]
+    done: dict[str, dict[str, Any]] = {}  # grpo + ppo_clip is in both tables: one run
     for table, label, name, line in plan:
-        row = run_one({**base, **line})
+        key = json.dumps(line, sort_keys=True)
+        row = done[key] if key in done else run_one({**base, **line}, before, scorer)
+        done[key] = row
+        if before_once:
+            before = row["before"]
         results[table][name] = row
+        paired = row.get("paired")
         log(f"{label} {name}: held-out reward {row['before']:.3f} -> {row['after']:.3f} "
-            f"({row['seconds']:.0f}s)")
+            + (f"(paired {paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]) "
+               if paired else "") + f"({row['seconds']:.0f}s)")
     return results
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """Both tables side by side as markdown."""
+    """Both tables side by side as markdown.
+
+    With a 0/1 reward (`results["binary"]`, the verifier on the arithmetic task) the "after" column
+    carries a Wilson 95% interval over the `eval_samples` held-out samples.
+    """
+    from rlhf_plugins.stats import wilson_interval
+
+    n = results.get("eval_samples") if results.get("binary") else None
     lines = []
     for table, label, fixed in (("estimators", "estimator", "policy_loss: ppo_clip"),
                                 ("policy_losses", "policy loss", "advantage_estimator: grpo")):
@@ -123,8 +202,22 @@ def markdown(results: dict[str, Any]) -> str:
             continue
         lines += [f"\n{label} ({fixed})\n", f"| {label} | held-out reward before | after | change | time |",
                   "|---|---:|---:|---:|---:|"]
+        paired = any("paired" in r for r in results[table].values())
+        if paired:
+            lines[-2:] = [f"| {label} | held-out accuracy before | after [95% CI] | paired change [95% CI] "
+                          f"| gained / lost (McNemar p) | time |", "|---|---:|---:|---:|---:|---:|"]
         for name, r in results[table].items():
-            lines.append(f"| {name} | {r['before']:.3f} | {r['after']:.3f} | "
+            after = f"{r['after']:.3f}"
+            if n:
+                low, high = wilson_interval(round(r["after"] * n), n)
+                after += f" [{low:.3f}, {high:.3f}]"
+            if paired:
+                c = r["paired"]
+                lines.append(f"| {name} | {r['before']:.3f} | {after} | {c['difference']:+.3f} "
+                             f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['gained']} / {c['lost']} "
+                             f"({c['mcnemar_p']:.2f}) | {r['seconds']:.0f} s |")
+                continue
+            lines.append(f"| {name} | {r['before']:.3f} | {after} | "
                          f"{r['after'] - r['before']:+.3f} | {r['seconds']:.0f} s |")
     return "\n".join(lines)
 
@@ -144,6 +237,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iterations", type=int, default=2,
                         help="TRL num_iterations: updates per generation batch (1 = on-policy: every "
                              "ratio is 1 and the clipped losses coincide)")
+    parser.add_argument("--eval-generations", type=int,
+                        help="samples per held-out prompt (TRL num_generations_eval; default --generations)")
+    parser.add_argument("--eval-batch", type=int,
+                        help="held-out samples per generation batch (default 2 x --generations; "
+                             "with --heldout: greedy batch, default 50)")
+    parser.add_argument("--before-once", action="store_true",
+                        help="evaluate the starting policy once (first row) instead of in every row")
+    parser.add_argument("--heldout", type=int, default=0,
+                        help="score every policy greedily on this many held-out problems of the synthetic "
+                             "task (paired with the starting policy) instead of TRL's sampled evaluation; "
+                             "not with --model tiny")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     estimators = registered("advantage_estimators") if args.estimators is None \
@@ -159,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results = run_tables(model, tiny=tiny, estimators=estimators, losses=losses, steps=args.steps,
                              n_eval=args.eval, generations=args.generations,
                              completion_length=args.completion_length, iterations=args.iterations,
-                             log=lambda line: print(line, file=sys.stderr, flush=True))
+                             eval_generations=args.eval_generations, eval_batch=args.eval_batch,
+                             before_once=args.before_once, heldout=0 if tiny else args.heldout, log=lambda line: print(line, file=sys.stderr, flush=True))
+    results["binary"] = not tiny  # exact_answer: 0/1 per sample
     results["command"] = " ".join(["python", "bench/policy_losses_estimators.py", *(argv or sys.argv[1:])])
     print(markdown(results))
     if args.json:

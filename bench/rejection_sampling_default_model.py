@@ -27,14 +27,14 @@ SFT = {"masking": "all_assistant_turns", "lora": {"r": 16, "alpha": 32, "dropout
        "logging_steps": 2, "save_strategy": "no", "seed": 0, "report_to": "none"}
 
 
-def evaluate(model_dir: str, rows: list[dict[str, Any]]) -> float:
-    """Greedy `exact_answer` accuracy of a saved policy on `rows`."""
+def evaluate(model_dir: str, rows: list[dict[str, Any]], stop_patterns: list[str]) -> list[bool]:
+    """Greedy `exact_answer` correctness of a saved policy on `rows`, per row."""
     from rlhf_plugins.evaluation import evaluate_saved_policy
     from rlhf_plugins.models import resolve_model
 
     result = evaluate_saved_policy(resolve_model(model_dir), rows, template="chatml",
-                                   max_new_tokens=64, batch_size=25)
-    return float(result["accuracy"])
+                                   max_new_tokens=64, batch_size=25, stop_patterns=stop_patterns)
+    return result["correct"]
 
 
 def main() -> None:
@@ -43,25 +43,35 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--eval", type=int, default=100, help="held-out problems")
+    parser.add_argument("--eval-split", default="test",
+                        help="synthetic split of the held-out problems ('validation' to tune on: the "
+                             "quickstart evaluates on 'test')")
+    parser.add_argument("--max-per-prompt", type=int, default=2, help="threshold: rows kept per prompt")
+    parser.add_argument("--answer-stop", action="store_true",
+                        help="sampling and evaluation stop at the answer line (the pipeline's eval.stop_pattern)")
     parser.add_argument("--control", action="store_true", help="also fine-tune on random_k")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     from rlhf_plugins.data import synth
+    from rlhf_plugins.stages.pipeline import EvalSettings
     from rlhf_plugins.stages.sampling import SamplingSettings, run_sampling
+    from rlhf_plugins.stats import compare
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-rs-"))
-    held_out = synth.rl_rows(args.eval, 0, "test")
-    base = dict(model=args.policy, dataset="synthetic", num_prompts=args.prompts,
+    held_out = synth.rl_rows(args.eval, 0, args.eval_split)
+    stops = [EvalSettings().stop_pattern] if args.answer_stop else []
+    base = dict(stop_pattern=stops[0] if stops else None, model=args.policy, dataset="synthetic", num_prompts=args.prompts,
                 num_samples=args.samples, max_new_tokens=96, temperature=0.8, top_p=0.95,
                 seed=0, chunk_size=8, batch_size=32, reward_functions=["exact_answer"],
                 sft=SFT)
     results: dict[str, Any] = {"args": vars(args)}
     started = time.time()
-    results["start_accuracy"] = evaluate(args.policy, held_out)
+    start = evaluate(args.policy, held_out, stops)
+    results["start_accuracy"] = sum(start) / len(start)
     print(f"start policy held-out accuracy {results['start_accuracy']:.3f}", flush=True)
 
-    runs = [("threshold", {"min_reward": 1.0, "max_per_prompt": 2})]
+    runs = [("threshold", {"min_reward": 1.0, "max_per_prompt": args.max_per_prompt})]
     if args.control:  # k = the size of the threshold selection, filled in below
         runs.append(("random_k", {"k": None, "seed": 0}))
     for rule, params in runs:
@@ -71,24 +81,28 @@ def main() -> None:
         run = run_sampling(SamplingSettings(**base, selection=rule, selection_params=params),
                            out / "rs", finetune=True)
         s = run.summary
+        correct = evaluate(s["sft"]["merged_dir"], held_out, stops)
         results[rule] = {"selected": s["selected"], "selected_prompts": s["selected_prompts"],
                          "pool_accuracy": s["reward_mean_all"],
                          "selection_accuracy": s["reward_mean_selected"],
                          "train_loss": s["sft"].get("train_loss"),
-                         "heldout_accuracy": evaluate(s["sft"]["merged_dir"], held_out),
+                         "heldout_accuracy": sum(correct) / len(correct),
+                         "vs_start": compare(start, correct),
                          "seconds": round(time.time() - t0, 1)}
         print(rule, json.dumps(results[rule]), flush=True)
     results["seconds"] = round(time.time() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\n| policy | selected rows | selection accuracy | held-out accuracy ({args.eval}) |")
-    print("|---|---:|---:|---:|")
+    print(f"\n| policy | selected rows | selection accuracy | held-out accuracy ({args.eval}, "
+          f"{args.eval_split}) | paired vs start [95% CI] |")
+    print("|---|---:|---:|---:|---:|")
     print(f"| start ({args.policy}) | - | pool {results['threshold']['pool_accuracy']:.3f} | "
-          f"{results['start_accuracy']:.3f} |")
+          f"{results['start_accuracy']:.3f} | - |")
     for rule, _ in runs:
         r = results[rule]
         print(f"| + SFT on `{rule}` selection | {r['selected']} | {r['selection_accuracy']:.3f} | "
-              f"**{r['heldout_accuracy']:.3f}** |")
+              f"**{r['heldout_accuracy']:.3f}** | {r['vs_start']['difference']:+.3f} "
+              f"[{r['vs_start']['ci_low']:+.3f}, {r['vs_start']['ci_high']:+.3f}] |")
     print(f"total {results['seconds']:.0f}s; results in {out / 'results.json'}")
 
 
