@@ -96,7 +96,9 @@ def run_one(config: dict[str, Any], before: float | None = None,
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):
         result = ppo_from_config({**config, "eval_before": before is None and heldout is None},
                                  output_dir=out)
-        scored = heldout.score(config["model"], out) if heldout is not None else None
+        scored = None
+        if heldout is not None:  # a LoRA adapter on the starting model, or a fully trained model
+            scored = heldout.score(config["model"], out) if result.adapter else heldout.score(out)
     history = [e for e in result.metrics["log_history"] if "reward" in e and "eval_reward" not in e]
     row = {"before": result.metrics.get("eval_reward_before") if before is None else before,
            "after": result.metrics.get("eval_reward"),

@@ -36,3 +36,26 @@ def test_bench_runs_one_estimator_and_one_loss_on_the_tiny_model(tmp_path, capsy
     assert json.loads(out.read_text())["command"].startswith("python bench/policy_losses_estimators.py")
     printed = capsys.readouterr().out
     assert "| reinforce_plus_plus |" in printed and "| gspo |" in printed
+
+
+def test_bench_heldout_scoring_is_paired_and_runs_grpo_ppo_clip_once(tmp_path):
+    """--heldout: greedy scoring on the task's test problems, paired with the starting policy;
+    grpo + ppo_clip sits in both tables but is trained once."""
+    bench = _bench()
+    model = bench.tiny_model(tmp_path / "tiny")
+    logged = []
+    results = bench.run_tables(model, tiny=True, estimators=["grpo"], losses=["ppo_clip"], steps=1,
+                               n_eval=2, completion_length=4, heldout=3, log=logged.append)
+    est, loss = results["estimators"]["grpo"], results["policy_losses"]["ppo_clip"]
+    assert est is loss and len(logged) == 3  # the starting policy's line + one per table
+    start = results["start_correct"]
+    assert len(start) == 3 and len(est["correct"]) == 3
+    assert est["before"] == sum(start) / 3 and est["after"] == sum(est["correct"]) / 3
+    assert "paired change" in bench.markdown({**results, "binary": True})
+    # the paired comparison, by hand: problem 1 lost, problems 2 and 3 gained
+    scorer = bench.Heldout.__new__(bench.Heldout)
+    scorer.start = [True, False, False]
+    row = scorer.compare([False, True, True])
+    assert (row["before"], row["after"]) == (1 / 3, 2 / 3)
+    assert row["paired"]["difference"] == 1 / 3
+    assert (row["paired"]["gained"], row["paired"]["lost"]) == (2, 1)
