@@ -3,6 +3,7 @@
     python bench/policy_losses_estimators.py --model tiny              # CI smoke, seconds per run
     python bench/policy_losses_estimators.py --model default --steps 4 # the embedded SmolLM2-135M
         [--estimators grpo,gae,...] [--losses ppo_clip,gspo,...] [--eval 16] [--json out.json]
+        [--heldout 128]   # greedy accuracy on held-out problems, paired with the starting policy
 
 Every run goes through `rlhf_plugins.stages.ppo.run_ppo` (our GRPOTrainer subclass) with the
 same prompts, seed and generation settings; only one config line differs between two rows of a
@@ -78,14 +79,12 @@ def base_config(model: str, tiny: bool, steps: int, n_eval: int, generations: in
     return config
 
 
-def run_one(config: dict[str, Any], before: float | None = None,
-            heldout: "Heldout | None" = None) -> dict[str, Any]:
+def run_one(config: dict[str, Any], heldout: "Heldout | None" = None) -> dict[str, Any]:
     """One `run_ppo` in a temporary directory: held-out reward before/after, time.
 
-    With `before` given (the starting policy's held-out reward, measured once by an earlier row),
-    the run skips its own "before" evaluation and reports that value. With `heldout`, TRL's
-    sampled evaluation is off and the trained adapter is scored greedily on the held-out problems
-    instead (per-problem correctness, compared paired with the starting policy).
+    With `heldout`, TRL's sampled evaluation is off and the trained policy is scored greedily on
+    the held-out problems instead (per-problem correctness, compared paired with the starting
+    policy, which `heldout` scored once for all rows).
     """
     from rlhf_plugins.stages.ppo import ppo_from_config
 
@@ -94,14 +93,12 @@ def run_one(config: dict[str, Any], before: float | None = None,
         config = {**config, "eval_examples": 0}
     # TRL/transformers print their log dicts to stdout: keep stdout for the tables
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):
-        result = ppo_from_config({**config, "eval_before": before is None and heldout is None},
-                                 output_dir=out)
+        result = ppo_from_config({**config, "eval_before": heldout is None}, output_dir=out)
         scored = None
         if heldout is not None:  # a LoRA adapter on the starting model, or a fully trained model
             scored = heldout.score(config["model"], out) if result.adapter else heldout.score(out)
     history = [e for e in result.metrics["log_history"] if "reward" in e and "eval_reward" not in e]
-    row = {"before": result.metrics.get("eval_reward_before") if before is None else before,
-           "after": result.metrics.get("eval_reward"),
+    row = {"before": result.metrics.get("eval_reward_before"), "after": result.metrics.get("eval_reward"),
            "train_reward": [e["reward"] for e in history], "seconds": round(time.time() - started, 1)}
     if scored is not None:
         row.update(heldout.compare(scored))
@@ -149,11 +146,9 @@ def registered(family: str) -> list[str]:
 def run_tables(model: str, *, tiny: bool, estimators: Sequence[str], losses: Sequence[str], steps: int,
                n_eval: int, generations: int = 2, completion_length: int = 16, iterations: int = 2,
                eval_generations: int | None = None, eval_batch: int | None = None,
-               before_once: bool = False, heldout: int = 0, log: Any = print) -> dict[str, Any]:
+               heldout: int = 0, log: Any = print) -> dict[str, Any]:
     """Run both tables; returns {"estimators": {name: row}, "policy_losses": {name: row}}.
 
-    `before_once`: every run starts from the same policy, so evaluate it once (in the first row)
-    and spend the time on the "after" evaluations instead of re-drawing the same quantity.
     `heldout` (> 0): score every policy greedily on that many held-out problems instead of TRL's
     sampled evaluation (see :class:`Heldout`).
     """
@@ -161,7 +156,6 @@ def run_tables(model: str, *, tiny: bool, estimators: Sequence[str], losses: Seq
                        eval_generations, eval_batch)
     results: dict[str, Any] = {"estimators": {}, "policy_losses": {},
                                "eval_samples": n_eval * (eval_generations or generations)}
-    before: float | None = None
     scorer = None
     if heldout:
         scorer = Heldout(heldout, completion_length, batch_size=eval_batch or 50)
@@ -176,10 +170,8 @@ def run_tables(model: str, *, tiny: bool, estimators: Sequence[str], losses: Seq
     done: dict[str, dict[str, Any]] = {}  # grpo + ppo_clip is in both tables: one run
     for table, label, name, line in plan:
         key = json.dumps(line, sort_keys=True)
-        row = done[key] if key in done else run_one({**base, **line}, before, scorer)
+        row = done[key] if key in done else run_one({**base, **line}, scorer)
         done[key] = row
-        if before_once:
-            before = row["before"]
         results[table][name] = row
         paired = row.get("paired")
         log(f"{label} {name}: held-out reward {row['before']:.3f} -> {row['after']:.3f} "
@@ -202,12 +194,11 @@ def markdown(results: dict[str, Any]) -> str:
                                 ("policy_losses", "policy loss", "advantage_estimator: grpo")):
         if not results[table]:
             continue
-        lines += [f"\n{label} ({fixed})\n", f"| {label} | held-out reward before | after | change | time |",
-                  "|---|---:|---:|---:|---:|"]
         paired = any("paired" in r for r in results[table].values())
-        if paired:
-            lines[-2:] = [f"| {label} | held-out accuracy before | after [95% CI] | paired change [95% CI] "
-                          f"| gained / lost (McNemar p) | time |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"\n{label} ({fixed})\n"]
+        lines += ([f"| {label} | held-out accuracy before | after [95% CI] | paired change [95% CI] "
+                   f"| gained / lost (McNemar p) | time |", "|---|---:|---:|---:|---:|---:|"] if paired else
+                  [f"| {label} | held-out reward before | after | change | time |", "|---|---:|---:|---:|---:|"])
         for name, r in results[table].items():
             after = f"{r['after']:.3f}"
             if n:
@@ -244,8 +235,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--eval-batch", type=int,
                         help="held-out samples per generation batch (default 2 x --generations; "
                              "with --heldout: greedy batch, default 50)")
-    parser.add_argument("--before-once", action="store_true",
-                        help="evaluate the starting policy once (first row) instead of in every row")
     parser.add_argument("--heldout", type=int, default=0,
                         help="score every policy greedily on this many held-out problems of the synthetic "
                              "task (paired with the starting policy) instead of TRL's sampled evaluation; "
@@ -266,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              n_eval=args.eval, generations=args.generations,
                              completion_length=args.completion_length, iterations=args.iterations,
                              eval_generations=args.eval_generations, eval_batch=args.eval_batch,
-                             before_once=args.before_once, heldout=0 if tiny else args.heldout, log=lambda line: print(line, file=sys.stderr, flush=True))
+                             heldout=0 if tiny else args.heldout,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
     results["binary"] = not tiny  # exact_answer: 0/1 per sample
     results["command"] = " ".join(["python", "bench/policy_losses_estimators.py", *(argv or sys.argv[1:])])
     print(markdown(results))
