@@ -71,13 +71,19 @@ def evaluate_saved_policy(model_dir: str, rows: Sequence[Mapping[str, Any]], *,
     """:func:`evaluate_policy` of a saved model (+ a PEFT adapter on it); `kwargs` go through.
 
     The tokenizer comes from the adapter directory when there is one (stages save it there).
+    An adapter one of our stages trained on a 4-bit base runs on that base's dequantized
+    weights, the model it was trained as (:func:`~rlhf_plugins.models.load_base_as_trained`).
     """
-    from .models import load_causal_lm, load_tokenizer
+    from .models import load_base_as_trained, load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(adapter_dir or model_dir)
-    model = load_causal_lm(model_dir)
     if adapter_dir:
         from peft import PeftModel
+
+        from .stages.skeleton import trained_quantization
+        model = load_base_as_trained(model_dir, trained_quantization(adapter_dir))
         model = PeftModel.from_pretrained(model, adapter_dir)
+    else:
+        model = load_causal_lm(model_dir)
     model.eval()
     return evaluate_policy(model, tokenizer, rows, **kwargs)

@@ -200,6 +200,20 @@ def load_causal_lm(path: str | os.PathLike, *, quantization: QuantSettings | Non
     return load_pretrained(AutoModelForCausalLM, path, quantization=quantization, dtype=dtype)
 
 
+def load_base_as_trained(path: str | os.PathLike, quantization: QuantSettings | None = None,
+                         dtype: "str | torch.dtype | None" = None) -> "PreTrainedModel":
+    """A base model in full precision as an adapter trained on it saw it.
+
+    With 4-bit `quantization` (QLoRA) these are the *dequantized* 4-bit weights, not the
+    original ones: a QLoRA adapter learns against the quantization error too, so merging it
+    into (or running it on) the original weights gives a different model from the one trained
+    (measured: bench/README.md, issue 16). Without quantization, the weights as saved.
+    """
+    if quantization is None or not quantization.load_in_4bit:
+        return load_causal_lm(path, dtype=dtype)
+    return load_causal_lm(path, quantization=quantization, dtype=dtype).dequantize()
+
+
 def load_pretrained(auto_class: Any, path: str | os.PathLike, *,
                     quantization: QuantSettings | None = None,
                     dtype: "str | torch.dtype | None" = None, what: str = "model",
@@ -376,6 +390,7 @@ __all__ = [
     "DEFAULT_MODEL_ALIASES", "DEFAULT_MODEL_NAME", "INSTALL_COMMAND", "LoraSettings",
     "QuantSettings", "adapter_base_model", "apply_lora", "backbone_of", "base_model_of",
     "cache_dir", "convert_gguf", "default_model_path", "find_default_gguf", "hidden_size_of",
-    "is_adapter_dir", "is_quantized", "keep_4bit_trainable_on_cpu", "load_causal_lm",
+    "is_adapter_dir", "is_quantized", "keep_4bit_trainable_on_cpu", "load_base_as_trained",
+    "load_causal_lm",
     "load_peft_model", "load_pretrained", "load_tokenizer", "resolve_adapter_settings", "resolve_model", "unwrap",
 ]

@@ -159,6 +159,26 @@ def accuracy_table(evals: Mapping[str, Mapping[str, Any]], stages: Mapping[str, 
     return out
 
 
+def reward_model_line(stages: Mapping[str, Any]) -> str:
+    """The reward model's held-out pairwise accuracy before and after training (Wilson 95%
+    intervals), from a stage whose metrics hold `heldout[_before].pairwise_accuracy`; or ''."""
+    from .stats import wilson_interval
+
+    for name, stage in stages.items():
+        m = stage.get("metrics") or {}
+        after, before = m.get("heldout.pairwise_accuracy"), m.get("heldout_before.pairwise_accuracy")
+        n = int(m.get("heldout.pairs") or 0)
+        if after is None or before is None or not n:
+            continue
+        lo_b, hi_b = wilson_interval(round(float(before) * n), n)
+        lo_a, hi_a = wilson_interval(round(float(after) * n), n)
+        verdict = "above" if after > before else "not above"
+        return (f"Reward model ({name}) held-out pairwise accuracy on {n} pairs: {float(before):.3f} "
+                f"[{lo_b:.3f}, {hi_b:.3f}] before training -> {float(after):.3f} [{lo_a:.3f}, "
+                f"{hi_a:.3f}] after ({verdict} its pre-training value).")
+    return ""
+
+
 def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:
     """Write `report.md` and its plots from a pipeline summary; returns the report path.
 
@@ -175,6 +195,9 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path
 
     parts.append("## Key numbers\n")
     parts.append(accuracy_table(evals, stages))
+    rm_line = reward_model_line(stages)
+    if rm_line:
+        parts.append("\n" + rm_line)
     chart = plot_accuracy(evals, run_dir)
     if chart:
         parts.append(f"\n![accuracy]({chart})\n")

@@ -1,7 +1,7 @@
 """The pipeline report: intervals up front, small-multiple curves, raw trainer metrics tucked away."""
 from __future__ import annotations
 
-from rlhf_plugins.report import accuracy_table, running_mean, write_report
+from rlhf_plugins.report import accuracy_table, reward_model_line, running_mean, write_report
 from rlhf_plugins.stats import compare, wilson_interval
 
 
@@ -23,6 +23,18 @@ def test_accuracy_table_has_wilson_intervals_and_paired_changes():
     assert f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" in text
     assert "Final (ppo) vs SFT on the same 200 problems" in text
     assert ("excludes zero" in text) == c["excludes_zero"]
+
+
+def test_reward_model_line_compares_with_the_pre_training_value():
+    metrics = {"heldout.pairwise_accuracy": 0.725, "heldout_before.pairwise_accuracy": 0.7,
+               "heldout.pairs": 40}
+    line = reward_model_line({"sft": {"metrics": {}}, "reward_model": {"metrics": metrics}})
+    lo, hi = wilson_interval(29, 40)  # 0.725 * 40 pairs ranked right
+    assert "40 pairs: 0.700" in line and f"0.725 [{lo:.3f}, {hi:.3f}] after" in line
+    assert "(above its pre-training value)" in line
+    metrics["heldout.pairwise_accuracy"] = 0.6
+    assert "(not above its pre-training value)" in reward_model_line({"rm": {"metrics": metrics}})
+    assert reward_model_line({"sft": {"metrics": {"train_loss": 0.1}}}) == ""
 
 
 def test_running_mean_by_hand():

@@ -385,7 +385,7 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
     if settings.merge and adapter:
         merged_dir = out / "merged"
         if trainer.is_world_process_zero():
-            merge_adapter(base_model, out, merged_dir)
+            merge_adapter(base_model, out, merged_dir, quantization=settings.quantization)
         trainer.accelerator.wait_for_everyone()  # every process goes on with the merged model
     finish_stage(trainer, out, metrics, metrics_file=METRICS_FILE, started=started, stage="sft",
                  settings=settings, base_model=base_model, adapter=adapter,
@@ -395,13 +395,14 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
 
 
 def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                  dtype: str | None = None) -> Path:
-    """Load the base in full precision, merge the LoRA adapter, save model + tokenizer to out_dir."""
+                  dtype: str | None = None, quantization: Any = None) -> Path:
+    """Merge the LoRA adapter into the base as it was trained on (full precision; the dequantized
+    4-bit weights when `quantization` is the QLoRA one) and save model + tokenizer to out_dir."""
     from peft import PeftModel
 
-    from ..models import load_causal_lm, load_tokenizer
+    from ..models import load_base_as_trained, load_tokenizer
 
-    base = load_causal_lm(base_path, dtype=dtype)
+    base = load_base_as_trained(base_path, quantization, dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
     def fill(tmp: Path) -> None:

@@ -377,9 +377,24 @@ def finish_stage(trainer: Any, output_dir: str | os.PathLike, metrics: dict[str,
     return metrics
 
 
+def trained_quantization(artifact_dir: str | os.PathLike) -> Any:
+    """The base quantization a stage's saved adapter was trained with (from its STAGE_FILE):
+    a QuantSettings, or None (full precision, or not written by one of our stages)."""
+    import json
+
+    from .reward_export import quant_settings
+
+    path = Path(artifact_dir) / STAGE_FILE
+    try:
+        settings = json.loads(path.read_text()).get("settings") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return quant_settings(settings.get("quantization") if isinstance(settings, dict) else None)
+
+
 __all__ = [
     "FILE_BUILDERS", "STAGE_FILE", "SYNTHETIC", "apply_overrides", "build_trl_config",
     "finish_stage", "keep_float32_adapter_on_cpu", "last_checkpoint", "load_dataset_source",
     "load_trainable_model", "parse_override", "read_stage_source", "resource_metrics",
-    "resume_checkpoint", "stage_config",
+    "resume_checkpoint", "stage_config", "trained_quantization",
 ]
