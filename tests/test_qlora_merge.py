@@ -90,3 +90,21 @@ def test_evaluation_runs_the_adapter_on_its_trained_base(qlora, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate_policy", capture)
     evaluation.evaluate_saved_policy(str(base_dir), [], adapter_dir=str(adapter_dir))
     torch.testing.assert_close(seen["logits"], trained, atol=1e-4, rtol=1e-4)
+
+
+def test_pipeline_warns_before_quantizing_a_fine_tuned_policy(qlora, tmp_path, caplog):
+    """A stage that would load an earlier stage's merged model in 4 bits says so; the base is fine."""
+    from rlhf_plugins.models import QuantSettings as Q
+    from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
+
+    base_dir, _, _ = qlora
+    pipeline = Pipeline(load_pipeline_config({"model": str(base_dir), "output_dir": str(tmp_path)}))
+    with caplog.at_level("WARNING", logger="rlhf_plugins.stages.pipeline"):
+        pipeline.warn_requantizing("sft", str(base_dir), Q())                     # the base: fine
+        pipeline.warn_requantizing("ppo", str(tmp_path / "sft" / "merged"), None)  # full precision
+        pipeline.warn_requantizing("ppo", str(tmp_path / "sft" / "merged"), Q(load_in_4bit=False))
+        assert not caplog.records
+        pipeline.warn_requantizing("rejection_sampling.sft", str(tmp_path / "sft" / "merged"), {})
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert message.startswith("rejection_sampling.sft: quantizing") and "quantization: null" in message

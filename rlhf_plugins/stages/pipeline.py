@@ -265,6 +265,16 @@ class Pipeline:
         self.evals[label] = result
         logger.info("after %s: accuracy %.3f", label, result["accuracy"])
 
+    def warn_requantizing(self, name: str, policy: str, quantization: Any) -> None:
+        """Warn when stage `name` would load a policy an earlier stage produced in 4 bits."""
+        four_bit = quantization.get("load_in_4bit", True) if isinstance(quantization, Mapping) \
+            else getattr(quantization, "load_in_4bit", False)
+        if four_bit and policy != self.base_model():
+            logger.warning("%s: quantizing %s to 4 bits loses most of what the earlier stages taught "
+                           "it (their change is small next to NF4's rounding); set `quantization: "
+                           "null` in this section to train on it in full precision (docs/pipeline.md, "
+                           "'Merging a QLoRA adapter')", name, policy)
+
     def stage_hash(self, name: str, section: Mapping[str, Any], upstream: str | None,
                    settings: Any = None) -> str:
         """The stage's hash: its section, upstream, the task and the versions of the plugins
@@ -328,6 +338,7 @@ class Pipeline:
         from .sft import run_sft
 
         data, settings, trl_kwargs = self.stage_config("sft", policy)
+        self.warn_requantizing("sft", policy, settings.quantization)
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_sft(settings, trl_kwargs, stage_dir)
@@ -359,6 +370,7 @@ class Pipeline:
         from .sampling import run_sampling
 
         data, settings, _ = self.stage_config("rejection_sampling", policy)
+        self.warn_requantizing("rejection_sampling.sft", policy, settings.sft.get("quantization"))
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_sampling(settings, stage_dir)
@@ -380,6 +392,7 @@ class Pipeline:
         from .ppo import run_ppo
 
         data, settings, trl_kwargs = self.stage_config("ppo", policy)
+        self.warn_requantizing("ppo", policy, settings.quantization)
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_ppo(settings, trl_kwargs, stage_dir)
