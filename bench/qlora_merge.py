@@ -52,7 +52,7 @@ def main() -> None:
     start_dir = str(run / "sft" / "merged")
     start = correct(start_dir, rows)
     results: dict[str, Any] = {"start": sum(start) / len(start)}
-    table = [("start (the run's SFT model)", start, "-")]
+    table = [("start (the run's SFT model)", start)]
     for name, extra in (("QLoRA", {"quantization": {"load_in_4bit": True}}), ("LoRA", {})):
         t0 = time.time()
         cfg = {**SFT, **extra, "model": start_dir, "lora": LORA, "output_dir": str(out / name),
@@ -61,17 +61,17 @@ def main() -> None:
         result = run_sft(ours, trl_kwargs, out / name)
         got = correct(str(result.merged_dir), rows)
         where = "dequantized 4-bit weights (as trained)" if extra else "full-precision weights"
-        table.append((f"{name} adapter merged into the {where}", got, result.metrics.get("train_loss")))
+        table.append((f"{name} adapter merged into the {where}", got))
         if extra:  # the same adapter merged into the original weights: the pipeline before the fix
             naive = merge_adapter(start_dir, out / name, out / f"{name}-naive")
             table.append((f"{name} adapter merged into the original full-precision weights",
-                          correct(str(naive), rows), result.metrics.get("train_loss")))
+                          correct(str(naive), rows)))
         results[name] = round(time.time() - t0, 1)
 
     print(f"\n| SFT on {run}/rejection_sampling/selected.jsonl | validation accuracy ({args.eval}) "
           "| paired vs start [95% CI], McNemar p |")
     print("|---|---:|---:|")
-    for label, got, _ in table:
+    for label, got in table:
         c = compare(start, got)
         paired = "-" if got is start else (f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], "
                                           f"p = {c['mcnemar_p']:.2g}")

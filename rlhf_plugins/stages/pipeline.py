@@ -267,9 +267,10 @@ class Pipeline:
 
     def warn_requantizing(self, name: str, policy: str, quantization: Any) -> None:
         """Warn when stage `name` would load a policy an earlier stage produced in 4 bits."""
-        four_bit = quantization.get("load_in_4bit", True) if isinstance(quantization, Mapping) \
-            else getattr(quantization, "load_in_4bit", False)
-        if four_bit and policy != self.base_model():
+        from .reward_export import quant_settings
+
+        quant = quant_settings(quantization)  # a section's mapping or QuantSettings, or None
+        if quant is not None and quant.load_in_4bit and policy != self.base_model():
             logger.warning("%s: quantizing %s to 4 bits loses most of what the earlier stages taught "
                            "it (their change is small next to NF4's rounding); set `quantization: "
                            "null` in this section to train on it in full precision (docs/pipeline.md, "
