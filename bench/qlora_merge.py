@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quickstart_tuning import greedy_correct as correct  # noqa: E402
+
 SFT = {"template": "chatml", "masking": "all_assistant_turns", "merge": True, "num_train_epochs": 1,
        "per_device_train_batch_size": 8, "learning_rate": 1e-4, "lr_scheduler_type": "constant",
        "logging_steps": 2, "save_strategy": "no", "seed": 0, "report_to": "none"}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-
-
-def correct(model_dir: str, rows: list[dict[str, Any]]) -> list[bool]:
-    from rlhf_plugins.evaluation import evaluate_saved_policy
-    from rlhf_plugins.stages.pipeline import EvalSettings
-
-    return evaluate_saved_policy(model_dir, rows, template="chatml", reward_functions=["exact_answer"],
-                                 max_new_tokens=64, batch_size=64,
-                                 stop_patterns=[EvalSettings().stop_pattern])["correct"]
 
 
 def main() -> None:

@@ -16,25 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quickstart_tuning import greedy_correct  # noqa: E402
+
 SFT = {"masking": "all_assistant_turns", "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
        "merge": True, "num_train_epochs": 1, "per_device_train_batch_size": 8,
        "learning_rate": 1e-4, "lr_scheduler_type": "constant", "max_length": 512,
        "logging_steps": 2, "save_strategy": "no", "seed": 0, "report_to": "none"}
-
-
-def evaluate(model_dir: str, rows: list[dict[str, Any]], stop_patterns: list[str]) -> list[bool]:
-    """Greedy `exact_answer` correctness of a saved policy on `rows`, per row."""
-    from rlhf_plugins.evaluation import evaluate_saved_policy
-    from rlhf_plugins.models import resolve_model
-
-    result = evaluate_saved_policy(resolve_model(model_dir), rows, template="chatml",
-                                   max_new_tokens=64, batch_size=25, stop_patterns=stop_patterns)
-    return result["correct"]
 
 
 def main() -> None:
@@ -67,7 +61,7 @@ def main() -> None:
                 sft=SFT)
     results: dict[str, Any] = {"args": vars(args)}
     started = time.time()
-    start = evaluate(args.policy, held_out, stops)
+    start = greedy_correct(args.policy, held_out, batch_size=25, stop_patterns=stops)
     results["start_accuracy"] = sum(start) / len(start)
     print(f"start policy held-out accuracy {results['start_accuracy']:.3f}", flush=True)
 
@@ -81,7 +75,7 @@ def main() -> None:
         run = run_sampling(SamplingSettings(**base, selection=rule, selection_params=params),
                            out / "rs", finetune=True)
         s = run.summary
-        correct = evaluate(s["sft"]["merged_dir"], held_out, stops)
+        correct = greedy_correct(s["sft"]["merged_dir"], held_out, batch_size=25, stop_patterns=stops)
         results[rule] = {"selected": s["selected"], "selected_prompts": s["selected_prompts"],
                          "pool_accuracy": s["reward_mean_all"],
                          "selection_accuracy": s["reward_mean_selected"],

@@ -1,0 +1,161 @@
+"""Tune the quickstart's later stages on the validation split (issue 16), never on its test problems.
+
+    python bench/quickstart_tuning.py --run RUN rs  [--eval 300] [--out DIR]
+    python bench/quickstart_tuning.py --run RUN ppo [--eval 300] [--policy DIR] [--out DIR]
+
+`RUN` is a finished `rlhf-plugins pipeline examples/quickstart.yaml` directory.
+
+- `rs`: SFT on the run's `rejection_sampling/selected.jsonl` (or, for a `per_prompt` variant, on
+  up to that many verified-correct samples per prompt of its `all.jsonl`), starting from the run's `sft/merged`,
+  with the learning rates and epoch counts of `RS_VARIANTS` (LoRA r=16, full precision, as the
+  quickstart's `rejection_sampling.sft`).
+- `ppo`: the run's PPO stage settings (`ppo/rlhf_plugins_stage.json`), started from `--policy`
+  (default: the run's rejection-sampling model), with the TRL overrides of `PPO_VARIANTS`.
+
+Each variant's merged model / adapter is scored greedily (`exact_answer`, the eval's answer-line
+stop) on `--eval` problems of the synthetic task's `validation` split and paired with the
+starting policy (bootstrap 95% interval, McNemar). Prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+RS_SFT = {"template": "chatml", "masking": "all_assistant_turns", "merge": True, "num_train_epochs": 1,
+          "per_device_train_batch_size": 8, "learning_rate": 1e-4, "lr_scheduler_type": "constant",
+          "logging_steps": 2, "save_strategy": "no", "seed": 0, "report_to": "none"}
+RS_VARIANTS: dict[str, dict[str, Any]] = {
+    "1 epoch, lr 1e-4": {},
+    "2 epochs, lr 1e-4": {"num_train_epochs": 2},
+    "1 epoch, lr 3e-4": {"learning_rate": 3e-4},
+    "2 epochs, lr 3e-4": {"num_train_epochs": 2, "learning_rate": 3e-4},
+    "3 epochs, lr 2e-4": {"num_train_epochs": 3, "learning_rate": 2e-4},
+    "1 epoch, lr 5e-4": {"learning_rate": 5e-4},
+    "1 epoch, lr 3e-4, up to 4 correct per prompt": {"learning_rate": 3e-4, "per_prompt": 4},
+}
+PPO_TRL = {"num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 64,
+           "beta": 0.05, "learning_rate": 5e-5, "max_steps": 8, "logging_steps": 1,
+           "save_strategy": "no", "report_to": "none", "seed": 0}
+PPO_VARIANTS: dict[str, dict[str, Any]] = {
+    "8 steps, lr 5e-5": {},
+    "8 steps, lr 2e-4": {"learning_rate": 2e-4},
+    "16 steps, lr 1e-4, 32 rollouts reused twice": {"learning_rate": 1e-4, "steps_per_generation": 4,
+                                                     "num_iterations": 2, "max_steps": 16},
+}
+
+
+def greedy_correct(model_dir: str, rows: list[dict[str, Any]], *, adapter_dir: str | None = None,
+                   batch_size: int = 64, stop_patterns: list[str] | None = None) -> list[bool]:
+    """Greedy `exact_answer` correctness of a saved policy (+ adapter) on `rows`, per row.
+
+    `stop_patterns` default to the pipeline eval's answer-line stop.
+    """
+    from rlhf_plugins.evaluation import evaluate_saved_policy
+    from rlhf_plugins.models import resolve_model
+    from rlhf_plugins.stages.pipeline import EvalSettings
+
+    stops = [EvalSettings().stop_pattern] if stop_patterns is None else stop_patterns
+    return evaluate_saved_policy(resolve_model(model_dir), rows, adapter_dir=adapter_dir,
+                                 template="chatml", reward_functions=["exact_answer"],
+                                 max_new_tokens=64, batch_size=batch_size,
+                                 stop_patterns=stops)["correct"]
+
+
+def up_to_k_correct(all_jsonl: Path, k: int, out: Path) -> Path:
+    """The verified-correct samples of a sampling run, at most `k` per prompt, as SFT rows."""
+    counts: dict[int, int] = {}
+    with open(all_jsonl) as src, open(out, "w") as dst:
+        for line in src:
+            row = json.loads(line)
+            i = row["prompt_index"]
+            if row["reward"] >= 0.5 and counts.get(i, 0) < k:
+                counts[i] = counts.get(i, 0) + 1
+                dst.write(json.dumps({"prompt": row["prompt"], "completion": row["completion"]}) + "\n")
+    return out
+
+
+def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]]
+            ) -> list[tuple[str, list[bool], float]]:
+    from trl import SFTConfig
+
+    from rlhf_plugins.config import load_stage_config
+    from rlhf_plugins.stages.sft import SFTSettings, run_sft
+
+    got = []
+    for i, (name, variant) in enumerate(RS_VARIANTS.items()):
+        extra = dict(variant)
+        data = str(run / "rejection_sampling" / "selected.jsonl")
+        if "per_prompt" in extra:
+            k = extra.pop("per_prompt")
+            data = str(up_to_k_correct(run / "rejection_sampling" / "all.jsonl", k, out / f"k{k}.jsonl"))
+        t0 = time.time()
+        cfg = {**RS_SFT, **extra, "model": start_dir, "lora": LORA, "dataset": data,
+               "output_dir": str(out / f"rs{i}")}
+        ours, trl_kwargs = load_stage_config(cfg, SFTSettings, SFTConfig, where=name)
+        result = run_sft(ours, trl_kwargs, out / f"rs{i}")
+        seconds = time.time() - t0
+        got.append((name, greedy_correct(str(result.merged_dir), rows), seconds))
+    return got
+
+
+def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]]
+             ) -> list[tuple[str, list[bool], float]]:
+    from trl import GRPOConfig
+
+    from rlhf_plugins.config import load_stage_config
+    from rlhf_plugins.stages.ppo import PPOSettings, run_ppo
+
+    settings = json.loads((run / "ppo" / "rlhf_plugins_stage.json").read_text())["settings"]
+    got = []
+    for i, (name, extra) in enumerate(PPO_VARIANTS.items()):
+        t0 = time.time()
+        cfg = {**settings, **PPO_TRL, **extra, "model": start_dir}
+        ours, trl_kwargs = load_stage_config(cfg, PPOSettings, GRPOConfig, where=name)
+        run_ppo(ours, trl_kwargs, out / f"ppo{i}")
+        seconds = time.time() - t0
+        got.append((name, greedy_correct(start_dir, rows, adapter_dir=str(out / f"ppo{i}")), seconds))
+    return got
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["rs", "ppo"])
+    parser.add_argument("--run", required=True, help="a finished quickstart pipeline directory")
+    parser.add_argument("--policy", help="starting policy (default: the run's model before the stage)")
+    parser.add_argument("--eval", type=int, default=300, help="validation problems")
+    parser.add_argument("--out", help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+
+    from rlhf_plugins.data import synth
+    from rlhf_plugins.stats import compare
+
+    run = Path(args.run)
+    out = Path(args.out or tempfile.mkdtemp(prefix=f"bench-tune-{args.what}-"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = synth.rl_rows(args.eval, 0, "validation")
+    before = "sft/merged" if args.what == "rs" else "rejection_sampling/sft/merged"
+    start_dir = args.policy or str(run / before)
+    start = greedy_correct(start_dir, rows)
+    table = (tune_rs if args.what == "rs" else tune_ppo)(run, out, start_dir, rows)
+
+    print(f"\n| {args.what} variant, from {start_dir} | validation accuracy ({args.eval}) "
+          "| paired vs start [95% CI], McNemar p | train s |")
+    print("|---|---:|---:|---:|")
+    print(f"| start | {sum(start) / len(start):.3f} | - | - |")
+    results: dict[str, Any] = {"start": sum(start) / len(start)}
+    for name, got, seconds in table:
+        c = compare(start, got)
+        print(f"| {name} | {sum(got) / len(got):.3f} | {c['difference']:+.3f} [{c['ci_low']:+.3f}, "
+              f"{c['ci_high']:+.3f}], p = {c['mcnemar_p']:.2g} | {seconds:.0f} |")
+        results[name] = {"accuracy": sum(got) / len(got), **c, "seconds": round(seconds, 1)}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
