@@ -108,3 +108,24 @@ def test_pipeline_warns_before_quantizing_a_fine_tuned_policy(qlora, tmp_path, c
     assert len(caplog.records) == 1
     message = caplog.records[0].getMessage()
     assert message.startswith("rejection_sampling.sft: quantizing") and "quantization: null" in message
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({"rejection_sampling": {"sft": {"quantization": None}}, "ppo": {"quantization": {"load_in_4bit": True}}},
+     ["sft", "ppo"]),
+    ({"ppo": {"quantization": None}}, ["sft", "rejection_sampling.sft"]),  # its sft inherits 4 bits
+])
+def test_each_policy_stage_warns_through_its_section(qlora, tmp_path, caplog, sections, expected):
+    """`stage_config` warns for the sft, rejection_sampling.sft and ppo sections that would 4-bit a
+    fine-tuned policy (each read from its own field), never for the reward model's QLoRA base."""
+    from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
+    from rlhf_plugins.stages.stage_specs import DATA_FILES
+
+    base_dir, _, _ = qlora
+    pipeline = Pipeline(load_pipeline_config({"model": str(base_dir), "output_dir": str(tmp_path),
+                                              "quantization": {"load_in_4bit": True}, **sections}))
+    pipeline.paths = {key: str(tmp_path / f"{key}.jsonl") for key in DATA_FILES}
+    with caplog.at_level("WARNING", logger="rlhf_plugins.stages.pipeline"):
+        for name in ("sft", "reward_model", "rejection_sampling", "ppo"):
+            pipeline.stage_config(name, str(tmp_path / "sft" / "merged"))
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == expected

@@ -304,6 +304,9 @@ class Pipeline:
         ours, trl_cls = spec.classes(static)
         where = f"{self.config_label}: {name}" if self.config_label else name
         settings, trl_kwargs = load_stage_config(data, ours, trl_cls, where=where)
+        if not validating and spec.policy_quantization is not None:
+            where, quantization = spec.policy_quantization(settings)
+            self.warn_requantizing(where, policy, quantization)
         return data, settings, trl_kwargs
 
     def validate(self) -> None:
@@ -339,7 +342,6 @@ class Pipeline:
         from .sft import run_sft
 
         data, settings, trl_kwargs = self.stage_config("sft", policy)
-        self.warn_requantizing("sft", policy, settings.quantization)
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_sft(settings, trl_kwargs, stage_dir)
@@ -371,7 +373,6 @@ class Pipeline:
         from .sampling import run_sampling
 
         data, settings, _ = self.stage_config("rejection_sampling", policy)
-        self.warn_requantizing("rejection_sampling.sft", policy, settings.sft.get("quantization"))
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_sampling(settings, stage_dir)
@@ -393,7 +394,6 @@ class Pipeline:
         from .ppo import run_ppo
 
         data, settings, trl_kwargs = self.stage_config("ppo", policy)
-        self.warn_requantizing("ppo", policy, settings.quantization)
 
         def body(stage_dir: Path) -> StageRecord:
             result = run_ppo(settings, trl_kwargs, stage_dir)

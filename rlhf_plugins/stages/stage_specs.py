@@ -31,6 +31,9 @@ class StageSpec:
     check: Callable[[Any, dict[str, Any], Path], None]
     #: the light check run first for every section: plugin names and options, no TRL import
     quick: Callable[[Any], None]
+    #: (where, quantization) the stage loads the previous stage's policy with, from its
+    #: settings; None: it trains no policy (the reward model's 4-bit base is its own choice)
+    policy_quantization: Callable[[Any], tuple[str, Any]] | None = None
 
 
 def _trl_class(name: str, module: str, static: bool) -> type:
@@ -135,7 +138,7 @@ def _ppo_defaults(p: "Pipeline", policy: str, rm: str | None) -> dict[str, Any]:
 
 STAGE_SPECS: dict[str, StageSpec] = {
     "sft": StageSpec(_sft_classes, lambda p, policy, rm: _training_defaults(p, policy, "sft", merge=True),
-                     _check_sft, _quick_sft),
+                     _check_sft, _quick_sft, lambda s: ("sft", s.quantization)),
     "reward_model": StageSpec(
         _rm_classes,
         lambda p, policy, rm: _training_defaults(p, policy, "preference",
@@ -149,9 +152,10 @@ STAGE_SPECS: dict[str, StageSpec] = {
             "finetune": True, "on_empty_selection": "skip",
             "sft": {**{k: v for k, v in p.common().items() if k in ("lora", "quantization", "seed")},
                     "merge": True}},
-        _check_sampling, _quick_sampling),
+        _check_sampling, _quick_sampling,
+        lambda s: ("rejection_sampling.sft", s.sft.get("quantization"))),
     "ppo": StageSpec(_ppo_classes, lambda p, policy, rm: _ppo_defaults(p, policy, rm), _check_ppo,
-                     _quick_ppo),
+                     _quick_ppo, lambda s: ("ppo", s.quantization)),
 }
 
 
