@@ -67,14 +67,17 @@ def accuracy_by_kind(rows: Sequence[Mapping[str, Any]], correct: Sequence[Any]) 
 
 
 def evaluate_saved_policy(model_dir: str, rows: Sequence[Mapping[str, Any]], *,
-                          adapter_dir: str | None = None, **kwargs: Any) -> dict[str, Any]:
+                          adapter_dir: str | None = None, dtype: str | None = None,
+                          **kwargs: Any) -> dict[str, Any]:
     """:func:`evaluate_policy` of a saved model (+ a PEFT adapter on it); `kwargs` go through.
+
+    `dtype` (e.g. ``"bfloat16"``): the dtype the model runs in; None: as loaded (float32 on CPU).
 
     The tokenizer comes from the adapter directory when there is one (stages save it there).
     An adapter one of our stages trained on a 4-bit base runs on that base's dequantized
     weights, the model it was trained as (:func:`~rlhf_plugins.models.load_base_as_trained`).
     """
-    from .models import load_base_as_trained, load_causal_lm, load_tokenizer
+    from .models import load_base_as_trained, load_causal_lm, load_tokenizer, resolve_dtype
 
     tokenizer = load_tokenizer(adapter_dir or model_dir)
     if adapter_dir:
@@ -83,7 +86,9 @@ def evaluate_saved_policy(model_dir: str, rows: Sequence[Mapping[str, Any]], *,
         from .stages.skeleton import trained_quantization
         model = load_base_as_trained(model_dir, trained_quantization(adapter_dir))
         model = PeftModel.from_pretrained(model, adapter_dir)
+        if dtype is not None:  # merged first: a LoRA forward in bf16 on CPU is slow
+            model = model.merge_and_unload().to(resolve_dtype(dtype))
     else:
-        model = load_causal_lm(model_dir)
+        model = load_causal_lm(model_dir, dtype=dtype)
     model.eval()
     return evaluate_policy(model, tokenizer, rows, **kwargs)

@@ -99,7 +99,7 @@ class QuantSettings:
 
     def resolved_compute_dtype(self) -> "torch.dtype":
         """The torch dtype for `compute_dtype` on this machine."""
-        return _resolve_dtype(self.compute_dtype)
+        return resolve_dtype(self.compute_dtype)
 
     def to_bnb(self) -> Any:
         """The equivalent `transformers.BitsAndBytesConfig`, or None when nothing is quantized."""
@@ -140,7 +140,13 @@ def resolve_adapter_settings(lora: Any, peft: Any, quantization: Any
     return lora, quantization
 
 
-def _resolve_dtype(name: "str | torch.dtype | None") -> "torch.dtype":
+def check_dtype(name: Any, field: str = "dtype") -> None:
+    """ConfigError (naming `field`) unless `name` is None or a dtype name a config may give."""
+    if name is not None and name not in _DTYPES:
+        raise ConfigError(f"{field}: expected one of {', '.join(_DTYPES)} or null, got {name!r}")
+
+
+def resolve_dtype(name: "str | torch.dtype | None") -> "torch.dtype":
     import torch
 
     if isinstance(name, torch.dtype):
@@ -226,12 +232,12 @@ def load_pretrained(auto_class: Any, path: str | os.PathLike, *,
     if quantization is not None and quantization.load_in_4bit:
         kwargs["quantization_config"] = quantization.to_bnb()
         # Non-quantized modules (norms, embeddings) in the compute dtype unless told otherwise.
-        kwargs["dtype"] = _resolve_dtype(dtype if dtype is not None else quantization.compute_dtype)
+        kwargs["dtype"] = resolve_dtype(dtype if dtype is not None else quantization.compute_dtype)
         device_map = _device_map_for_quantized()
         if device_map is not None:
             kwargs["device_map"] = device_map
     else:
-        kwargs["dtype"] = _resolve_dtype(dtype)
+        kwargs["dtype"] = resolve_dtype(dtype)
     try:
         model = auto_class.from_pretrained(ref, **kwargs)
     except OSError as exc:

@@ -98,6 +98,7 @@ SAMPLE_CASES = [
     ({"backend": "tpu"}, ["backend", "tpu"]),
     ({"reward_functions": []}, ["no scorer"]),
     ({"num_prompts": "all"}, ["num_prompts", "expected an integer"]),
+    ({"dtype": "bf16"}, ["dtype", "bfloat16", "got 'bf16'"]),
 ]
 
 
@@ -116,6 +117,8 @@ PIPELINE_CASES = [
     ({"task": {"n_eval": 0}}, ["task.n_eval", "positive integer"]),
     ({"stages": ["sft", "dpo"]}, ["stages", "dpo"]),
     ({"eval": {"batch_size": 0}}, ["eval.batch_size", "positive integer"]),
+    ({"eval": {"dtype": "half"}}, ["eval.dtype", "bfloat16", "got 'half'"]),
+    ({"task": {"eval_split": "train"}}, ["task.eval_split", "'test' or 'validation', got 'train'"]),
     ({"sft": {"max_steps": "ten"}}, ["sft.max_steps", "expected an integer"]),
     ({"ppo": {"advantage_estimator": "gea"}}, ["ppo", "Did you mean 'gae'"]),
     ({"rejection_sampling": {"selection": "nope"}}, ["rejection_sampling", "nope"]),

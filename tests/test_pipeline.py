@@ -212,3 +212,26 @@ def test_pipeline_under_accelerate_with_two_processes(tmp_path, tiny_dir):
     assert any("reward" in e for e in ppo_log)
     assert (out / "sft" / "merged" / "config.json").is_file()
     assert not list(out.glob("sft/.merged.*"))  # no half-written merge left behind
+
+
+def test_eval_split_validation_evaluates_on_validation_problems(tmp_path):
+    """`task.eval_split: validation` (for tuning a config) writes validation problems, disjoint
+    from the test problems a report states and from the training prompts."""
+    from rlhf_plugins.data.problems import generate_problems
+    from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
+
+    def uids(path):
+        return [json.loads(line)["uid"] for line in Path(path).read_text().splitlines()]
+
+    paths = {}
+    for split in ("test", "validation"):
+        pipeline = Pipeline(load_pipeline_config({"output_dir": str(tmp_path / split), "task": {
+            "n_train": 30, "n_eval": 12, "eval_split": split}}))
+        paths[split] = pipeline.write_data()
+    val = uids(paths["validation"]["eval"])
+    assert Path(paths["validation"]["eval"]).name == "rl_validation.jsonl"
+    assert val == [p.uid for p in generate_problems(12, 0, "validation")]
+    assert not set(val) & set(uids(paths["test"]["eval"]))
+    assert not set(val) & set(uids(paths["validation"]["rl"]))
+    pairs = [json.loads(line) for line in Path(paths["validation"]["preference_eval"]).read_text().splitlines()]
+    assert len(pairs) == 12 and Path(paths["validation"]["preference_eval"]).name == "preference_validation.jsonl"

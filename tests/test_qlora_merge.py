@@ -90,6 +90,14 @@ def test_evaluation_runs_the_adapter_on_its_trained_base(qlora, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate_policy", capture)
     evaluation.evaluate_saved_policy(str(base_dir), [], adapter_dir=str(adapter_dir))
     torch.testing.assert_close(seen["logits"], trained, atol=1e-4, rtol=1e-4)
+    # eval.dtype: the same model (adapter merged), run in bfloat16: equal up to bf16 rounding
+    evaluation.evaluate_saved_policy(str(base_dir), [], adapter_dir=str(adapter_dir), dtype="bfloat16")
+    assert seen["logits"].dtype == torch.bfloat16
+    rounding = (seen["logits"].float() - trained).abs().max()
+    adapter_effect = (_logits(load_causal_lm(base_dir)) - trained).abs().max()
+    assert rounding < 0.1 * adapter_effect, (rounding, adapter_effect)
+    evaluation.evaluate_saved_policy(str(base_dir), [], dtype="bfloat16")  # a saved model, no adapter
+    assert seen["logits"].dtype == torch.bfloat16
 
 
 def test_pipeline_warns_before_quantizing_a_fine_tuned_policy(qlora, tmp_path, caplog):
@@ -123,7 +131,8 @@ def test_each_policy_stage_warns_through_its_section(qlora, tmp_path, caplog, se
 
     base_dir, _, _ = qlora
     pipeline = Pipeline(load_pipeline_config({"model": str(base_dir), "output_dir": str(tmp_path),
-                                              "quantization": {"load_in_4bit": True}, **sections}))
+                                              "quantization": {"load_in_4bit": True}, "lora": {"r": 4},
+                                              **sections}))
     pipeline.paths = {key: str(tmp_path / f"{key}.jsonl") for key in DATA_FILES}
     with caplog.at_level("WARNING", logger="rlhf_plugins.stages.pipeline"):
         for name in ("sft", "reward_model", "rejection_sampling", "ppo"):

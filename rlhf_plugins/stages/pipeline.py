@@ -39,12 +39,17 @@ class TaskSettings:
     n_train: int = 256
     n_eval: int = 40
     seed: int = 0
+    #: the held-out problems every stage is evaluated on: `test` (what a report states), or
+    #: `validation` (disjoint from both; for tuning a config without looking at `test`)
+    eval_split: str = "test"
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_eval"):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        if self.eval_split not in ("test", "validation"):
+            raise ConfigError(f"eval_split: expected 'test' or 'validation', got {self.eval_split!r}")
 
 
 @dataclass
@@ -57,6 +62,13 @@ class EvalSettings:
     reward_functions: list[str] = field(default_factory=lambda: ["exact_answer"])
     #: stop a completion once its text matches (the task's answer line); null: run to the limit
     stop_pattern: str | None = r"The answer is\s*\S+?\.(?=\s)"
+    #: the dtype the evaluated models run in (null: as loaded - float32 on CPU, bf16/fp16 on GPU)
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        from ..models import check_dtype
+
+        check_dtype(self.dtype, "dtype")
 
 
 @dataclass
@@ -223,9 +235,10 @@ class Pipeline:
         files: dict[str, tuple[str, Any]] = {
             "sft": ("sft_train.jsonl", synth.sft_rows(t.n_train, t.seed, "train")),
             "preference": ("preference_train.jsonl", synth.preference_rows(t.n_train, t.seed + 1, "train")),
-            "preference_eval": ("preference_test.jsonl", synth.preference_rows(t.n_eval, t.seed + 1, "test")),
+            "preference_eval": (f"preference_{t.eval_split}.jsonl",
+                                synth.preference_rows(t.n_eval, t.seed + 1, t.eval_split)),
             "rl": ("rl_train.jsonl", synth.rl_rows(t.n_train, t.seed + 2, "train")),
-            "eval": ("rl_test.jsonl", synth.rl_rows(t.n_eval, t.seed, "test")),
+            "eval": (f"rl_{t.eval_split}.jsonl", synth.rl_rows(t.n_eval, t.seed, t.eval_split)),
         }
         paths = {}
         for key, (name, rows) in files.items():
@@ -260,7 +273,7 @@ class Pipeline:
                                        template=self.s.template, reward_functions=e.reward_functions,
                                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                        stop_patterns=[e.stop_pattern] if e.stop_pattern else [],
-                                       samples=e.samples_in_report)
+                                       samples=e.samples_in_report, dtype=e.dtype)
         atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=2))
         self.evals[label] = result
         logger.info("after %s: accuracy %.3f", label, result["accuracy"])

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from ..config import build_dataclass, check_strings
 from ..errors import ConfigError, DataError, RlhfPluginsError
-from ..models import QuantSettings
+from ..models import QuantSettings, check_dtype
 from .skeleton import SYNTHETIC, load_dataset_source, read_stage_source
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class SamplingSettings:
     sft: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_dtype(self.dtype, "dtype")
         if self.on_empty_selection not in ("error", "skip"):
             raise ConfigError(f"on_empty_selection: expected 'error' or 'skip', got "
                               f"{self.on_empty_selection!r}")
