@@ -80,7 +80,7 @@ def up_to_k_correct(all_jsonl: Path, k: int, out: Path) -> Path:
     return out
 
 
-def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]]
+def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], limit: int | None
             ) -> list[tuple[str, list[bool], float]]:
     from trl import SFTConfig
 
@@ -88,7 +88,7 @@ def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]]
     from rlhf_plugins.stages.sft import SFTSettings, run_sft
 
     got = []
-    for i, (name, variant) in enumerate(RS_VARIANTS.items()):
+    for i, (name, variant) in enumerate(list(RS_VARIANTS.items())[:limit]):
         extra = dict(variant)
         data = str(run / "rejection_sampling" / "selected.jsonl")
         if "per_prompt" in extra:
@@ -104,7 +104,7 @@ def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]]
     return got
 
 
-def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]]
+def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], limit: int | None
              ) -> list[tuple[str, list[bool], float]]:
     from trl import GRPOConfig
 
@@ -113,7 +113,7 @@ def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]]
 
     settings = json.loads((run / "ppo" / "rlhf_plugins_stage.json").read_text())["settings"]
     got = []
-    for i, (name, extra) in enumerate(PPO_VARIANTS.items()):
+    for i, (name, extra) in enumerate(list(PPO_VARIANTS.items())[:limit]):
         t0 = time.time()
         cfg = {**settings, **PPO_TRL, **extra, "model": start_dir}
         ours, trl_kwargs = load_stage_config(cfg, PPOSettings, GRPOConfig, where=name)
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--policy", help="starting policy (default: the run's model before the stage)")
     parser.add_argument("--eval", type=int, default=300, help="validation problems")
     parser.add_argument("--out", help="scratch directory (default: a temp dir)")
+    parser.add_argument("--variants", type=int, help="only the first N variants (a quick check)")
     args = parser.parse_args()
 
     from rlhf_plugins.data import synth
@@ -142,7 +143,7 @@ def main() -> None:
     before = "sft/merged" if args.what == "rs" else "rejection_sampling/sft/merged"
     start_dir = args.policy or str(run / before)
     start = greedy_correct(start_dir, rows)
-    table = (tune_rs if args.what == "rs" else tune_ppo)(run, out, start_dir, rows)
+    table = (tune_rs if args.what == "rs" else tune_ppo)(run, out, start_dir, rows, args.variants)
 
     print(f"\n| {args.what} variant, from {start_dir} | validation accuracy ({args.eval}) "
           "| paired vs start [95% CI], McNemar p | train s |")
