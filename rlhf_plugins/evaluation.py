@@ -86,7 +86,7 @@ def evaluate_saved_policy(model_dir: str, rows: Sequence[Mapping[str, Any]], *,
         from .stages.skeleton import trained_quantization
         model = load_base_as_trained(model_dir, trained_quantization(adapter_dir))
         model = PeftModel.from_pretrained(model, adapter_dir)
-        if dtype is not None:  # merged first: a LoRA forward in bf16 on CPU is slow
+        if dtype is not None:  # merged first: one plain model in `dtype`, no LoRA matmuls per token
             model = model.merge_and_unload().to(resolve_dtype(dtype))
     else:
         model = load_causal_lm(model_dir, dtype=dtype)

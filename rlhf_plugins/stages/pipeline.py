@@ -318,8 +318,8 @@ class Pipeline:
         where = f"{self.config_label}: {name}" if self.config_label else name
         settings, trl_kwargs = load_stage_config(data, ours, trl_cls, where=where)
         if not validating and spec.policy_quantization is not None:
-            where, quantization = spec.policy_quantization(settings)
-            self.warn_requantizing(where, policy, quantization)
+            section, quantization = spec.policy_quantization(settings)
+            self.warn_requantizing(section, policy, quantization)
         return data, settings, trl_kwargs
 
     def validate(self) -> None:
