@@ -68,15 +68,20 @@ def greedy_correct(model_dir: str, rows: list[dict[str, Any]], *, adapter_dir: s
 
 
 def up_to_k_correct(all_jsonl: Path, k: int, out: Path) -> Path:
-    """The verified-correct samples of a sampling run, at most `k` per prompt, as SFT rows."""
-    counts: dict[int, int] = {}
-    with open(all_jsonl) as src, open(out, "w") as dst:
-        for line in src:
-            row = json.loads(line)
-            i = row["prompt_index"]
-            if row["reward"] >= 0.5 and counts.get(i, 0) < k:
-                counts[i] = counts.get(i, 0) + 1
-                dst.write(json.dumps({"prompt": row["prompt"], "completion": row["completion"]}) + "\n")
+    """The verified-correct samples of a sampling run, at most `k` per prompt, as SFT rows:
+    the `threshold` selection rule the stage uses, with `max_per_prompt: k`."""
+    from rlhf_plugins import registry
+
+    rows = [json.loads(line) for line in all_jsonl.read_text().splitlines()]
+    grid: dict[tuple[int, int], dict[str, Any]] = {(r["prompt_index"], r["completion_index"]): r for r in rows}
+    prompts = 1 + max(i for i, _ in grid)
+    samples = 1 + max(j for _, j in grid)
+    rewards = [[grid[i, j]["reward"] if (i, j) in grid else float("nan") for j in range(samples)]
+               for i in range(prompts)]
+    rule = registry().selection_rules.get("threshold", min_reward=0.5, max_per_prompt=k)
+    with open(out, "w") as dst:
+        for i, j in rule.select(rewards):
+            dst.write(json.dumps({"prompt": grid[i, j]["prompt"], "completion": grid[i, j]["completion"]}) + "\n")
     return out
 
 
