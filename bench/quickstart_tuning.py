@@ -1,7 +1,7 @@
 """Tune the quickstart's later stages on the validation split (issue 16), never on its test problems.
 
-    python bench/quickstart_tuning.py --run RUN rs  [--eval 300] [--out DIR]
-    python bench/quickstart_tuning.py --run RUN ppo [--eval 300] [--policy DIR] [--out DIR]
+    python bench/quickstart_tuning.py --run RUN rs  [--eval 300] [--only 2,7] [--out DIR]
+    python bench/quickstart_tuning.py --run RUN ppo [--eval 300] [--only 3] [--policy DIR] [--out DIR]
 
 `RUN` is a finished `rlhf-plugins pipeline examples/quickstart.yaml` directory.
 
@@ -38,15 +38,21 @@ RS_VARIANTS: dict[str, dict[str, Any]] = {
     "3 epochs, lr 2e-4": {"num_train_epochs": 3, "learning_rate": 2e-4},
     "1 epoch, lr 5e-4": {"learning_rate": 5e-4},
     "1 epoch, lr 3e-4, up to 4 correct per prompt": {"learning_rate": 3e-4, "per_prompt": 4},
+    # a control: the reload / LoRA / merge path alone must leave the start model's answers as they are
+    "1 epoch, lr 1e-7 (no-op control)": {"learning_rate": 1e-7},
 }
 PPO_TRL = {"num_generations": 4, "per_device_train_batch_size": 8, "max_completion_length": 64,
            "beta": 0.05, "learning_rate": 5e-5, "max_steps": 8, "logging_steps": 1,
            "save_strategy": "no", "report_to": "none", "seed": 0}
+PPO16 = {"learning_rate": 1e-4, "steps_per_generation": 4, "num_iterations": 2, "max_steps": 16}
 PPO_VARIANTS: dict[str, dict[str, Any]] = {
     "8 steps, lr 5e-5": {},
     "8 steps, lr 2e-4": {"learning_rate": 2e-4},
-    "16 steps, lr 1e-4, 32 rollouts reused twice": {"learning_rate": 1e-4, "steps_per_generation": 4,
-                                                     "num_iterations": 2, "max_steps": 16},
+    "16 steps, lr 1e-4, 32 rollouts reused twice": PPO16,
+    "the same, rollouts at temperature 0.7": {**PPO16, "temperature": 0.7},
+    "the same, T 0.7, verifier only (no RM)": {**PPO16, "temperature": 0.7, "reward_model_weight": 0.0},
+    "the same, T 0.7, no RM, grpo advantages": {**PPO16, "temperature": 0.7, "reward_model_weight": 0.0,
+                                                 "advantage_estimator": "grpo"},
 }
 
 
@@ -85,7 +91,16 @@ def up_to_k_correct(all_jsonl: Path, k: int, out: Path) -> Path:
     return out
 
 
-def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], limit: int | None
+def chosen(variants: dict[str, dict[str, Any]], only: list[int] | None) -> list[tuple[int, str, dict[str, Any]]]:
+    """`(index, name, overrides)` of the variants to run: all, or those at the indices `only`."""
+    items = list(variants.items())
+    for i in only or []:
+        if not 0 <= i < len(items):
+            raise SystemExit(f"error: --only: no variant {i} (0..{len(items) - 1})")
+    return [(i, *items[i]) for i in (only if only is not None else range(len(items)))]
+
+
+def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], only: list[int] | None
             ) -> list[tuple[str, list[bool], float]]:
     from trl import SFTConfig
 
@@ -93,7 +108,7 @@ def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], li
     from rlhf_plugins.stages.sft import SFTSettings, run_sft
 
     got = []
-    for i, (name, variant) in enumerate(list(RS_VARIANTS.items())[:limit]):
+    for i, name, variant in chosen(RS_VARIANTS, only):
         extra = dict(variant)
         data = str(run / "rejection_sampling" / "selected.jsonl")
         if "per_prompt" in extra:
@@ -109,7 +124,7 @@ def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], li
     return got
 
 
-def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], limit: int | None
+def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], only: list[int] | None
              ) -> list[tuple[str, list[bool], float]]:
     from trl import GRPOConfig
 
@@ -118,7 +133,7 @@ def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], l
 
     settings = json.loads((run / "ppo" / "rlhf_plugins_stage.json").read_text())["settings"]
     got = []
-    for i, (name, extra) in enumerate(list(PPO_VARIANTS.items())[:limit]):
+    for i, name, extra in chosen(PPO_VARIANTS, only):
         t0 = time.time()
         cfg = {**settings, **PPO_TRL, **extra, "model": start_dir}
         ours, trl_kwargs = load_stage_config(cfg, PPOSettings, GRPOConfig, where=name)
@@ -135,20 +150,22 @@ def main() -> None:
     parser.add_argument("--policy", help="starting policy (default: the run's model before the stage)")
     parser.add_argument("--eval", type=int, default=300, help="validation problems")
     parser.add_argument("--out", help="scratch directory (default: a temp dir)")
-    parser.add_argument("--variants", type=int, help="only the first N variants (a quick check)")
+    parser.add_argument("--only", help="comma-separated indices of the variants to run (default: all)")
     args = parser.parse_args()
 
     from rlhf_plugins.data import synth
     from rlhf_plugins.stats import compare
 
     run = Path(args.run)
+    only = [int(i) for i in args.only.split(",")] if args.only else None
+    chosen(RS_VARIANTS if args.what == "rs" else PPO_VARIANTS, only)  # a bad index fails before any work
     out = Path(args.out or tempfile.mkdtemp(prefix=f"bench-tune-{args.what}-"))
     out.mkdir(parents=True, exist_ok=True)
     rows = synth.rl_rows(args.eval, 0, "validation")
     before = "sft/merged" if args.what == "rs" else "rejection_sampling/sft/merged"
     start_dir = args.policy or str(run / before)
     start = greedy_correct(start_dir, rows)
-    table = (tune_rs if args.what == "rs" else tune_ppo)(run, out, start_dir, rows, args.variants)
+    table = (tune_rs if args.what == "rs" else tune_ppo)(run, out, start_dir, rows, only)
 
     print(f"\n| {args.what} variant, from {start_dir} | validation accuracy ({args.eval}) "
           "| paired vs start [95% CI], McNemar p | train s |")
