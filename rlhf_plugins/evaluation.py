@@ -88,6 +88,9 @@ def evaluate_saved_policy(model_dir: str, rows: Sequence[Mapping[str, Any]], *,
         model = PeftModel.from_pretrained(model, adapter_dir)
         if dtype is not None:  # merged first: one plain model in `dtype`, no LoRA matmuls per token
             model = model.merge_and_unload().to(resolve_dtype(dtype))
+            # PEFT leaves the merged weights frozen; on CPU, bf16 decoding with frozen weights
+            # ran ~1.5x slower (torch 2.13; bench/README.md, issue 16). No grads: generate is no_grad.
+            model.requires_grad_(True)
     else:
         model = load_causal_lm(model_dir, dtype=dtype)
     model.eval()
