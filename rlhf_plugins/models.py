@@ -93,9 +93,7 @@ class QuantSettings:
             raise ConfigError(f"quantization.quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if not isinstance(self.double_quant, bool):
             raise ConfigError(f"quantization.double_quant must be true/false, got {self.double_quant!r}")
-        if self.compute_dtype not in _DTYPES:
-            raise ConfigError(f"quantization.compute_dtype must be one of {', '.join(_DTYPES)}, "
-                              f"got {self.compute_dtype!r}")
+        check_dtype(self.compute_dtype, "quantization.compute_dtype", nullable=False)
 
     def resolved_compute_dtype(self) -> "torch.dtype":
         """The torch dtype for `compute_dtype` on this machine."""
@@ -140,10 +138,13 @@ def resolve_adapter_settings(lora: Any, peft: Any, quantization: Any
     return lora, quantization
 
 
-def check_dtype(name: Any, field: str = "dtype") -> None:
-    """ConfigError (naming `field`) unless `name` is None or a dtype name a config may give."""
-    if name is not None and name not in _DTYPES:
-        raise ConfigError(f"{field}: expected one of {', '.join(_DTYPES)} or null, got {name!r}")
+def check_dtype(name: Any, field: str = "dtype", *, nullable: bool = True) -> None:
+    """ConfigError (naming `field`) unless `name` is a dtype name a config may give (or None,
+    when `nullable`)."""
+    if (name is None and nullable) or (isinstance(name, str) and name in _DTYPES):
+        return
+    allowed = ", ".join(_DTYPES) + (" or null" if nullable else "")
+    raise ConfigError(f"{field}: expected one of {allowed}, got {name!r}")
 
 
 def resolve_dtype(name: "str | torch.dtype | None") -> "torch.dtype":
@@ -155,8 +156,7 @@ def resolve_dtype(name: "str | torch.dtype | None") -> "torch.dtype":
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if name not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    check_dtype(name)
     return getattr(torch, name)
 
 
