@@ -91,7 +91,8 @@ def up_to_k_correct(all_jsonl: Path, k: int, out: Path) -> Path:
     return out
 
 
-def chosen(variants: dict[str, dict[str, Any]], only: list[int] | None) -> list[tuple[int, str, dict[str, Any]]]:
+def chosen(variants: dict[str, dict[str, Any]], only: list[int] | None
+           ) -> list[tuple[int, str, dict[str, Any]]]:
     """`(index, name, overrides)` of the variants to run: all, or those at the indices `only`."""
     items = list(variants.items())
     for i in only or []:
@@ -100,15 +101,15 @@ def chosen(variants: dict[str, dict[str, Any]], only: list[int] | None) -> list[
     return [(i, *items[i]) for i in (only if only is not None else range(len(items)))]
 
 
-def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], only: list[int] | None
-            ) -> list[tuple[str, list[bool], float]]:
+def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]],
+            picked: list[tuple[int, str, dict[str, Any]]]) -> list[tuple[str, list[bool], float]]:
     from trl import SFTConfig
 
     from rlhf_plugins.config import load_stage_config
     from rlhf_plugins.stages.sft import SFTSettings, run_sft
 
     got = []
-    for i, name, variant in chosen(RS_VARIANTS, only):
+    for i, name, variant in picked:
         extra = dict(variant)
         data = str(run / "rejection_sampling" / "selected.jsonl")
         if "per_prompt" in extra:
@@ -124,8 +125,8 @@ def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], on
     return got
 
 
-def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], only: list[int] | None
-             ) -> list[tuple[str, list[bool], float]]:
+def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]],
+             picked: list[tuple[int, str, dict[str, Any]]]) -> list[tuple[str, list[bool], float]]:
     from trl import GRPOConfig
 
     from rlhf_plugins.config import load_stage_config
@@ -133,7 +134,7 @@ def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]], o
 
     settings = json.loads((run / "ppo" / "rlhf_plugins_stage.json").read_text())["settings"]
     got = []
-    for i, name, extra in chosen(PPO_VARIANTS, only):
+    for i, name, extra in picked:
         t0 = time.time()
         cfg = {**settings, **PPO_TRL, **extra, "model": start_dir}
         ours, trl_kwargs = load_stage_config(cfg, PPOSettings, GRPOConfig, where=name)
@@ -158,14 +159,15 @@ def main() -> None:
 
     run = Path(args.run)
     only = [int(i) for i in args.only.split(",")] if args.only else None
-    chosen(RS_VARIANTS if args.what == "rs" else PPO_VARIANTS, only)  # a bad index fails before any work
+    # a bad index fails before any work
+    picked = chosen(RS_VARIANTS if args.what == "rs" else PPO_VARIANTS, only)
     out = Path(args.out or tempfile.mkdtemp(prefix=f"bench-tune-{args.what}-"))
     out.mkdir(parents=True, exist_ok=True)
     rows = synth.rl_rows(args.eval, 0, "validation")
     before = "sft/merged" if args.what == "rs" else "rejection_sampling/sft/merged"
     start_dir = args.policy or str(run / before)
     start = greedy_correct(start_dir, rows)
-    table = (tune_rs if args.what == "rs" else tune_ppo)(run, out, start_dir, rows, only)
+    table = (tune_rs if args.what == "rs" else tune_ppo)(run, out, start_dir, rows, picked)
 
     print(f"\n| {args.what} variant, from {start_dir} | validation accuracy ({args.eval}) "
           "| paired vs start [95% CI], McNemar p | train s |")
