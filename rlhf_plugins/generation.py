@@ -129,8 +129,37 @@ def encode_prompt(template: Any, tokenizer: Any, messages: Sequence[dict]) -> li
     return [int(t) for t in encoded.input_ids]
 
 
+def _nucleus(probs: Any, top_p: float) -> tuple[Any, Any]:
+    """(probabilities, token ids) of each row's sampling candidates, as (rows, k) tensors.
+
+    top_p < 1: the smallest prefix of the tokens by descending probability whose mass reaches
+    top_p (the top token always stays), zeros after it. The prefix is found among the top k
+    tokens (k grows until it holds every row's nucleus), not by sorting the whole vocabulary:
+    ~10x cheaper at a 49k vocabulary, and the same candidates. top_p >= 1: every token, in
+    vocabulary order.
+    """
+    import torch
+
+    vocab = probs.shape[-1]
+    if top_p >= 1.0:
+        return probs, torch.arange(vocab, device=probs.device).expand_as(probs)
+    k = min(vocab, 64)
+    while True:
+        top, ids = probs.topk(k, dim=-1)
+        mass = top.cumsum(dim=-1)
+        if k == vocab or bool((mass[:, -1] >= top_p).all()):
+            break
+        k = min(vocab, k * 8)
+    return top.masked_fill(mass - top >= top_p, 0.0), ids
+
+
 def _make_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> Any:
-    """A LogitsProcessor drawing row r's token from its own generator seeded with seeds[r]."""
+    """A LogitsProcessor drawing row r's token from its own generator seeded with seeds[r].
+
+    Each step takes one uniform u from row r's generator and returns the first candidate whose
+    cumulative (renormalised) probability exceeds u (inverse-CDF sampling over `_nucleus`'s
+    candidates): a row's tokens depend only on its seed, not on the batch it is in.
+    """
     import torch
     from transformers import LogitsProcessor
 
@@ -145,16 +174,17 @@ def _make_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> Any
                 self.generators = [torch.Generator(device=scores.device).manual_seed(int(s))
                                    for s in seeds]
             probs = torch.softmax(scores.float() / temperature, dim=-1)
-            if top_p < 1.0:
-                sorted_p, order = probs.sort(dim=-1, descending=True)
-                # keep the smallest prefix whose mass reaches top_p (the top token always stays)
-                drop = (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p
-                sorted_p = sorted_p.masked_fill(drop, 0.0)
-                probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-            choice = torch.stack([torch.multinomial(probs[r], 1, generator=g)[0]
-                                  for r, g in enumerate(self.generators)])
+            kept, ids = _nucleus(probs, top_p)
+            cdf = kept.cumsum(dim=-1)
+            u = torch.stack([torch.rand((), generator=g, device=scores.device)
+                             for g in self.generators])
+            pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+            # u * total may round up to the total: fall back to the row's last positive candidate
+            positive = torch.arange(kept.shape[-1], device=kept.device).expand_as(kept)
+            last = positive.masked_fill(kept <= 0, -1).amax(dim=-1, keepdim=True)
+            choice = ids.gather(1, torch.minimum(pick, last))
             out = torch.full_like(scores, float("-inf"))
-            return out.scatter_(1, choice[:, None], 0.0)
+            return out.scatter_(1, choice, 0.0)
 
     return PerSampleSampler()
 

@@ -70,14 +70,18 @@ def _reference_sample(model, prompt_ids, seed, max_new_tokens, temperature, top_
             token = int(logits.argmax())
         else:
             probs = torch.softmax(logits / temperature, -1)
-            kept = torch.zeros_like(probs)
-            total = 0.0
-            for t in probs.argsort(descending=True).tolist():  # smallest prefix reaching top_p
-                kept[t] = probs[t]
-                total += float(probs[t])
-                if total >= top_p:
-                    break
-            token = int(torch.multinomial(kept, 1, generator=gen)[0])
+            u = float(torch.rand((), generator=gen))  # one uniform per step (inverse CDF)
+            if top_p < 1.0:
+                kept, total = [], 0.0
+                for t in probs.argsort(descending=True).tolist():  # smallest prefix reaching top_p
+                    kept.append(t)
+                    total += float(probs[t])
+                    if total >= top_p:
+                        break
+            else:
+                kept = list(range(len(probs)))  # every token, in vocabulary order
+            cdf = torch.cumsum(probs[kept], 0)
+            token = next((t for t, c in zip(kept, cdf.tolist()) if c > u * float(cdf[-1])), kept[-1])
         if token in stop_ids:
             break
         out.append(token)
@@ -614,3 +618,19 @@ def test_stop_pattern_cuts_each_completion_at_its_first_match(tmp_path, tiny_dir
         _settings(tiny_dir, data, stop_pattern="(")
     with pytest.raises(ConfigError, match="stop_pattern: only the hf backend"):
         _settings(tiny_dir, data, stop_pattern="x", backend="vllm")
+
+
+def test_nucleus_wider_than_the_first_top_k():
+    """A flat distribution's nucleus holds hundreds of tokens: the candidate search must grow past
+    its first top-k and still keep exactly the smallest prefix reaching top_p."""
+    weights = torch.arange(1000, 0, -1, dtype=torch.float64)  # token i has weight 1000 - i
+    probs = weights / weights.sum()
+    boundary = int((probs.cumsum(0) - probs < 0.5).sum())  # tokens 0..boundary-1 form the nucleus
+    assert boundary > 64 * 2
+    logits = torch.log(probs.float())[None]
+    draws = torch.tensor([int(_make_sampler([s], 1.0, 0.5)(None, logits.clone()).argmax())
+                          for s in range(3000)])
+    assert int(draws.max()) < boundary and int(draws.max()) > boundary - 40
+    kept = weights[:boundary] / weights[:boundary].sum()
+    expected_mean = float((torch.arange(boundary, dtype=torch.float64) * kept).sum())
+    assert abs(float(draws.double().mean()) - expected_mean) < 6  # sd ~ 85 / sqrt(3000) ~ 1.6

@@ -46,7 +46,7 @@ from .sampling_settings import (ALL, BACKENDS, HISTOGRAM_FILE, RESERVED_COLUMNS,
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: inverse-CDF sampler (generation._make_sampler)
 
 
 # --------------------------------------------------------------------------------------------
