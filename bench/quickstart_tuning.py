@@ -53,6 +53,9 @@ PPO_VARIANTS: dict[str, dict[str, Any]] = {
     "the same, T 0.7, verifier only (no RM)": {**PPO16, "temperature": 0.7, "reward_model_weight": 0.0},
     "the same, T 0.7, no RM, grpo advantages": {**PPO16, "temperature": 0.7, "reward_model_weight": 0.0,
                                                  "advantage_estimator": "grpo"},
+    # six times the updates (12 rollouts of 8 prompts x 4), bf16 autocast as the quickstart trains
+    "96 steps, T 0.7, bf16": {**PPO16, "temperature": 0.7, "max_steps": 96, "num_examples": 128,
+                              "bf16": True},
 }
 
 
