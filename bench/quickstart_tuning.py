@@ -1,12 +1,13 @@
 """Tune the quickstart's later stages on the validation split (issue 16), never on its test problems.
 
-    python bench/quickstart_tuning.py --run RUN rs  [--eval 300] [--only 2,7] [--out DIR]
+    python bench/quickstart_tuning.py --run RUN rs  [--eval 300] [--only 2,7] [--samples DIR] [--out DIR]
     python bench/quickstart_tuning.py --run RUN ppo [--eval 300] [--only 3] [--policy DIR] [--out DIR]
 
 `RUN` is a finished `rlhf-plugins pipeline examples/quickstart.yaml` directory.
 
-- `rs`: SFT on the run's `rejection_sampling/selected.jsonl` (or, for a `per_prompt` variant, on
-  up to that many verified-correct samples per prompt of its `all.jsonl`), starting from the run's `sft/merged`,
+- `rs`: SFT on the run's `rejection_sampling/selected.jsonl` (or `--samples DIR`'s, an `rlhf-plugins
+  sample` output; for a `per_prompt` variant, on up to that many verified-correct samples per
+  prompt of its `all.jsonl`), starting from `--policy` (default: the run's `sft/merged`),
   with the learning rates and epoch counts of `RS_VARIANTS` (LoRA r=16, full precision, as the
   quickstart's `rejection_sampling.sft`).
 - `ppo`: the run's PPO stage settings (`ppo/rlhf_plugins_stage.json`), started from `--policy`
@@ -104,8 +105,9 @@ def chosen(variants: dict[str, dict[str, Any]], only: list[int] | None
     return [(i, *items[i]) for i in (only if only is not None else range(len(items)))]
 
 
-def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]],
+def tune_rs(samples: Path, out: Path, start_dir: str, rows: list[dict[str, Any]],
             picked: list[tuple[int, str, dict[str, Any]]]) -> list[tuple[str, list[bool], float]]:
+    """RS-SFT variants on the selection of the sampling output `samples`, from `start_dir`."""
     from trl import SFTConfig
 
     from rlhf_plugins.config import load_stage_config
@@ -114,10 +116,10 @@ def tune_rs(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]],
     got = []
     for i, name, variant in picked:
         extra = dict(variant)
-        data = str(run / "rejection_sampling" / "selected.jsonl")
+        data = str(samples / "selected.jsonl")
         if "per_prompt" in extra:
             k = extra.pop("per_prompt")
-            data = str(up_to_k_correct(run / "rejection_sampling" / "all.jsonl", k, out / f"k{k}.jsonl"))
+            data = str(up_to_k_correct(samples / "all.jsonl", k, out / f"k{k}.jsonl"))
         t0 = time.time()
         cfg = {**RS_SFT, **extra, "model": start_dir, "lora": LORA, "dataset": data,
                "output_dir": str(out / f"rs{i}")}
@@ -152,6 +154,8 @@ def main() -> None:
     parser.add_argument("what", choices=["rs", "ppo"])
     parser.add_argument("--run", required=True, help="a finished quickstart pipeline directory")
     parser.add_argument("--policy", help="starting policy (default: the run's model before the stage)")
+    parser.add_argument("--samples", help="rs: an `rlhf-plugins sample` output directory to train on "
+                                          "(default: the run's rejection_sampling/)")
     parser.add_argument("--eval", type=int, default=300, help="validation problems")
     parser.add_argument("--out", help="scratch directory (default: a temp dir)")
     parser.add_argument("--only", help="comma-separated indices of the variants to run (default: all)")
@@ -170,7 +174,11 @@ def main() -> None:
     before = "sft/merged" if args.what == "rs" else "rejection_sampling/sft/merged"
     start_dir = args.policy or str(run / before)
     start = greedy_correct(start_dir, rows)
-    table = (tune_rs if args.what == "rs" else tune_ppo)(run, out, start_dir, rows, picked)
+    if args.what == "rs":
+        samples = Path(args.samples) if args.samples else run / "rejection_sampling"
+        table = tune_rs(samples, out, start_dir, rows, picked)
+    else:
+        table = tune_ppo(run, out, start_dir, rows, picked)
 
     print(f"\n| {args.what} variant, from {start_dir} | validation accuracy ({args.eval}) "
           "| paired vs start [95% CI], McNemar p | train s |")
