@@ -23,7 +23,7 @@ from ..config import build_dataclass, config_hash, load_stage_config, load_yaml
 from ..errors import ConfigError, RlhfPluginsError
 from ..report import atomic_write_text, write_report
 from .distributed import is_main_process, main_process_first
-from .stage_specs import DATA_FILES, STAGE_SPECS, locate
+from .stage_specs import DATA_FILES, STAGE_SPECS, locate, pairs_from_samples
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +333,8 @@ class Pipeline:
         check_output_dir(self.run_dir, f"{label}output_dir")
         policy = "<policy of the previous stage>"
         self.paths = {key: f"<{key} data>" for key in DATA_FILES}
+        if pairs_from_samples(self.s.stages):
+            self.paths.update(pairs_train="<on-policy pairs>", pairs_eval="<held-out on-policy pairs>")
         # first every section without importing TRL (fields, types, plugins: seconds), then the
         # full checks (the real TRL configs)
         for name in self.s.stages:
@@ -369,6 +371,16 @@ class Pipeline:
         """A reward head (QLoRA adapter + head) on the current policy, from preference pairs."""
         from .reward import run_rm
 
+        samples = self.records["rejection_sampling"].outputs.get("samples") \
+            if "rejection_sampling" in self.records else None
+        if samples:  # rejection sampling ran first: pairs of its graded samples
+            from ..data.verified_pairs import write_verified_pairs
+
+            pairs = write_verified_pairs(samples, self.data_dir, seed=self.s.seed)
+            if pairs is None:
+                logger.warning("reward_model: rejection sampling left no prompt with both a passing "
+                               "and a failing sample; training on the task's synthetic pairs")
+            self.paths.update(pairs or {})
         data, settings, trl_kwargs = self.stage_config("reward_model", policy)
 
         def body(stage_dir: Path) -> StageRecord:
@@ -394,6 +406,8 @@ class Pipeline:
                        if isinstance(v, (int, float, str)) and k not in ("policy", "config_hash")}
             sft = result.sft
             outputs = {"policy": str(sft.merged_dir) if sft is not None and sft.merged_dir else policy}
+            if (stage_dir / "all.jsonl").is_file():  # every graded sample (on-policy RM pairs)
+                outputs["samples"] = str(stage_dir / "all.jsonl")
             history = sft.metrics.get("log_history", []) if sft is not None else []
             return StageRecord("rejection_sampling", "", outputs, metrics, history,
                                {"selection": settings.selection,

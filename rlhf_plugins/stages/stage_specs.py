@@ -136,14 +136,25 @@ def _ppo_defaults(p: "Pipeline", policy: str, rm: str | None) -> dict[str, Any]:
     return _training_defaults(p, policy, "rl", **extra)
 
 
+def pairs_from_samples(stages: list[str] | tuple[str, ...]) -> bool:
+    """Whether the reward model trains on rejection sampling's graded samples: that stage runs
+    first (``stages: [sft, rejection_sampling, reward_model, ppo]``)."""
+    return ("rejection_sampling" in stages and "reward_model" in stages
+            and stages.index("rejection_sampling") < stages.index("reward_model"))
+
+
+def _rm_defaults(p: "Pipeline", policy: str, rm: str | None) -> dict[str, Any]:
+    """Pairs of the policy's own samples graded by the verifier when rejection sampling ran
+    first and left pairs (``data/preference_on_policy_*.jsonl``), else the task's synthetic pairs."""
+    if "pairs_train" in p.paths:
+        return _training_defaults(p, policy, "pairs_train", eval_dataset=p.paths["pairs_eval"])
+    return _training_defaults(p, policy, "preference", eval_dataset=p.paths["preference_eval"])
+
+
 STAGE_SPECS: dict[str, StageSpec] = {
     "sft": StageSpec(_sft_classes, lambda p, policy, rm: _training_defaults(p, policy, "sft", merge=True),
                      _check_sft, _quick_sft, lambda s: ("sft", s.quantization)),
-    "reward_model": StageSpec(
-        _rm_classes,
-        lambda p, policy, rm: _training_defaults(p, policy, "preference",
-                                                 eval_dataset=p.paths["preference_eval"]),
-        _check_rm, _quick_rm),
+    "reward_model": StageSpec(_rm_classes, _rm_defaults, _check_rm, _quick_rm),
     "rejection_sampling": StageSpec(
         _sampling_classes,
         lambda p, policy, rm: {

@@ -1,0 +1,85 @@
+"""Preference pairs from the policy's own samples, graded by a verifier (on-policy RM data).
+
+A reward model trained on synthetic pairs learns what the synthetic rejections look like, not
+what the policy gets wrong. Rejection sampling already draws several completions per prompt
+from the policy and grades each one (``all.jsonl`` of ``rlhf-plugins sample``, rows with
+``prompt_index``, ``prompt``, ``completion`` and ``reward``). For every prompt with at least one
+completion at or above ``min_reward`` and one below it, this pairs a passing completion
+(``chosen``) with a failing one (``rejected``), up to ``max_per_prompt`` pairs. Prompts are split,
+not pairs: every ``holdout_every``-th prompt goes to the held-out pairs, so no held-out prompt
+is seen in training.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ..errors import ConfigError
+
+__all__ = ["verified_pairs", "write_verified_pairs", "ON_POLICY_KIND"]
+
+#: ``rejected_kind`` of every pair (the RM's per-kind held-out accuracy is keyed by it)
+ON_POLICY_KIND = "on_policy"
+
+
+def verified_pairs(rows: Iterable[Mapping[str, Any]], *, min_reward: float = 0.5,
+                   max_per_prompt: int = 2, holdout_every: int = 3,
+                   seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train pairs, held-out pairs) from graded samples; deterministic for a seed."""
+    if max_per_prompt < 1:
+        raise ConfigError(f"max_per_prompt must be at least 1, got {max_per_prompt!r}")
+    if holdout_every < 2:
+        raise ConfigError(f"holdout_every must be at least 2, got {holdout_every!r}")
+    by_prompt: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        missing = [k for k in ("prompt_index", "prompt", "completion", "reward") if k not in row]
+        if missing:
+            raise ConfigError(f"sample row {i}: missing field(s) {', '.join(missing)} "
+                              "(expected an `rlhf-plugins sample` all.jsonl)")
+        by_prompt[int(row["prompt_index"])].append(row)
+    rng = random.Random(seed)
+    train: list[dict[str, Any]] = []
+    held_out: list[dict[str, Any]] = []
+    for index in sorted(by_prompt):
+        samples = sorted(by_prompt[index], key=lambda r: r.get("completion_index", 0))
+        good = [r for r in samples if float(r["reward"]) >= min_reward]
+        bad = [r for r in samples if float(r["reward"]) < min_reward]
+        combos = [(g, b) for g in good for b in bad]
+        rng.shuffle(combos)
+        for chosen, rejected in combos[:max_per_prompt]:
+            pair = {"prompt": chosen["prompt"], "chosen": chosen["completion"],
+                    "rejected": rejected["completion"], "rejected_kind": ON_POLICY_KIND,
+                    "prompt_index": index, "chosen_reward": float(chosen["reward"]),
+                    "rejected_reward": float(rejected["reward"])}
+            for key in ("uid", "kind", "answer"):
+                if key in chosen:
+                    pair[key] = chosen[key]
+            (held_out if index % holdout_every == 0 else train).append(pair)
+    return train, held_out
+
+
+def write_verified_pairs(samples_jsonl: str | os.PathLike, out_dir: str | os.PathLike,
+                         **options: Any) -> dict[str, str] | None:
+    """Write ``preference_on_policy_train.jsonl`` / ``..._heldout.jsonl`` under `out_dir`.
+
+    Returns ``{"pairs_train": path, "pairs_eval": path}``, or None when either side has no pair
+    (every prompt all-pass or all-fail): the caller keeps its other data.
+    """
+    from ..cache import atomic_write_jsonl
+
+    path = Path(samples_jsonl)
+    with path.open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    train, held_out = verified_pairs(rows, **options)
+    if not train or not held_out:
+        return None
+    out = Path(out_dir)
+    paths = {"pairs_train": out / "preference_on_policy_train.jsonl",
+             "pairs_eval": out / "preference_on_policy_heldout.jsonl"}
+    atomic_write_jsonl(paths["pairs_train"], train)
+    atomic_write_jsonl(paths["pairs_eval"], held_out)
+    return {key: str(p) for key, p in paths.items()}
