@@ -153,7 +153,7 @@ def test_smoke_pipeline_cli_on_the_embedded_model(tmp_path):
     assert f"report: {out / 'report.md'}" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] is True
-    assert list(summary["stages"]) == ["sft", "rejection_sampling", "reward_model", "ppo"]
+    assert list(summary["stages"]) == ["sft", "reward_model", "rejection_sampling", "ppo"]
     assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "ppo"}
     for label, result in summary["evals"].items():
         assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0, label
