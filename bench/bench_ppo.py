@@ -173,6 +173,22 @@ def _never_stop(prompts: list, completions: list, **_: Any) -> list[float]:
     return [float(sum(ch in "aeiou" for ch in completion_text(c)) % 4) for c in completions]
 
 
+#: the quickstart's PPO rollouts: 32 per generation (steps_per_generation 4), each used twice
+REUSED = "ours: gae + value head (beta=0.05, k1 in reward, 32 rollouts reused x2)"
+
+
+def _recompute_rollout_statistics(trainer: Any) -> None:
+    """The rollout statistics as computed before TRL's rollout log-probs and the generation
+    values were reused: one full no-grad policy forward for log-probs and values."""
+    statistics_of = trainer._rollout_statistics
+
+    def full_forward(output: dict[str, Any], need_logps: bool, values: Any = None) -> dict[str, Any]:
+        return statistics_of({k: v for k, v in output.items() if k != "old_per_token_logps"},
+                             need_logps, None)
+
+    trainer._rollout_statistics = full_forward
+
+
 def bench_step(steps: int, completion: int, root: Path, model: str = "tiny",
                only: str | None = None, rounds: int = 1) -> list[dict[str, Any]]:
     """Seconds per step of TRL's GRPOTrainer and our trainer with several estimators.
@@ -221,6 +237,9 @@ def bench_step(steps: int, completion: int, root: Path, model: str = "tiny",
         ("ours: grpo (beta=0.05, k3 in loss)", "grpo", {}, 0.05),
         ("ours: gae + value head (beta=0.05, k3 in loss)", "gae", {}, 0.05),
         ("ours: gae + value head (beta=0.05, k1 in reward)", "gae", {"kl_penalty": "reward"}, 0.05),
+        # the quickstart's PPO: rollouts used for two updates (TRL computes the old log-probs)
+        (REUSED, "gae", {"kl_penalty": "reward"}, 0.05),
+        (REUSED + ", our own policy forward", "gae", {"kl_penalty": "reward"}, 0.05),
     ]
     if only:  # e.g. "0.05": the variants whose label contains one of the comma-separated parts
         variants = [v for v in variants if any(part in v[0] for part in only.split(","))]
@@ -235,10 +254,14 @@ def bench_step(steps: int, completion: int, root: Path, model: str = "tiny",
         else:
             kwargs = dict(common, beta=beta)
             kwargs.pop("report_to"), kwargs.pop("bf16"), kwargs.pop("dataloader_pin_memory")
+            if label.startswith(REUSED):
+                kwargs.update(num_iterations=2, steps_per_generation=4)
             args = build_grpo_config(kwargs, out)
             trainer = PolicyOptimizationTrainer(policy(), [_never_stop], args, train_dataset=rows,
                                                 processing_class=tokenizer(),
                                                 advantage_estimator=estimator, **extra)
+            if label.endswith("our own policy forward"):  # as before: ignore what the rollout had
+                _recompute_rollout_statistics(trainer)
         trainer.train()
         times_of[label] += [h["step_time"] for h in trainer.state.log_history if "step_time" in h][1:]
         del trainer

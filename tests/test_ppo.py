@@ -154,6 +154,39 @@ def test_rollout_values_come_from_generation_without_an_extra_forward(tiny_dir, 
     torch.testing.assert_close(out["old_values"][mask], capture.values()[mask], atol=1e-4, rtol=1e-4)
 
 
+def test_kl_in_reward_takes_the_policy_logps_from_trls_rollout_forward(tiny_dir, rows, tmp_path):
+    """KL in the reward with rollouts reused (num_iterations 2): TRL's own rollout forward gives
+    the policy's log-probs and generation the values, so the only extra forward is the
+    reference's (two in all, not three), with the numbers a full policy forward gives."""
+    from rlhf_plugins.models import load_causal_lm
+    from rlhf_plugins.stages.ppo import build_grpo_config
+    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+
+    args = build_grpo_config(_trl_kwargs(beta=0.1, num_iterations=2), tmp_path / "kl-reward")
+    trainer = PolicyOptimizationTrainer(load_causal_lm(tiny_dir), [vowel_reward], args,
+                                        train_dataset=rows, processing_class=_tokenizer(tiny_dir),
+                                        advantage_estimator="gae", kl_penalty="reward")
+    torch.nn.init.normal_(trainer.value_head.summary.weight, std=0.5)
+    calls = []
+    forward = trainer._get_per_token_logps_and_entropies
+    trainer._get_per_token_logps_and_entropies = lambda model, *a, **k: (
+        calls.append(model is trainer.ref_model) or forward(model, *a, **k))
+    out = _rollout(trainer, rows)
+    assert calls == [False, True]  # TRL's policy forward (old log-probs), then our reference's
+    assert out["old_per_token_logps"] is not None
+    calls.clear()
+    # the same rollout with nothing reused: a full policy forward for log-probs and values
+    full = trainer._rollout_statistics({k: v for k, v in out.items() if k != "old_per_token_logps"},
+                                       True, None)
+    assert calls == [False, True]
+    mask = out["completion_mask"].bool()
+    torch.testing.assert_close(out["old_per_token_logps"][mask], full["logps"][mask])
+    torch.testing.assert_close(out["old_values"][mask], full["values"][mask], atol=1e-4, rtol=1e-4)
+    reused = trainer._rollout_statistics(out, True, out["old_values"])
+    assert reused["logps"] is out["old_per_token_logps"]
+    torch.testing.assert_close(reused["ref_logps"][mask], full["ref_logps"][mask])
+
+
 # --------------------------------------------------------------------------------------------
 # Reward validation
 # --------------------------------------------------------------------------------------------

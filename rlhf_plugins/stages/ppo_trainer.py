@@ -27,9 +27,10 @@ What this subclass changes, and nothing else (no TRL code is copied):
   the dropped ones get advantage 0 and leave the loss mask and TRL's token count.
 - ``_generate_single_turn``: TRL's generation, unchanged; while it runs, a hook reads the
   rollout's values from the sampler's own forwards (one per new token), so PPO costs no extra
-  pass over the batch. Where that cannot work (vLLM, continuous batching, tool loops, a
-  chunked prefill) or log-probs are needed anyway (KL in the reward), one no-grad policy
-  forward computes them instead.
+  pass over the batch; the policy's log-probs the KL in the reward needs are those of TRL's
+  own rollout forward when it runs one (``old_per_token_logps``: rollouts reused). Where that
+  cannot work (vLLM, continuous batching, tool loops, a chunked prefill, no old log-probs),
+  one no-grad policy forward computes them instead.
 - ``_compute_loss``: TRL's loss - or, with ``policy_loss``, the plugin loss on the per-token
   log-probs of TRL's own forward (``_get_per_token_logps_and_entropies``), TRL's normaliser
   passed as ``norm_constant`` and TRL's KL term added - plus ``vf_coef * value_loss``
@@ -238,14 +239,21 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
                             values: torch.Tensor | None = None) -> dict[str, Any]:
         """Values (critic) and policy/reference log-probs of the rollout, as needed.
 
-        ``values`` read during generation (collected only when no log-probs are needed) are
-        used as they are; otherwise one no-grad policy forward gives log-probs and values.
+        What the rollout already computed is used as it is: ``values`` read during generation,
+        and the policy's log-probs of TRL's own rollout forward (``old_per_token_logps``, there
+        whenever rollouts are reused). Only what is still missing costs a no-grad policy
+        forward (log-probs and values together); the reference's log-probs, when TRL did not
+        compute them (KL in the reward), one reference forward.
         """
         from trl.models.utils import disable_gradient_checkpointing
 
-        if values is not None:
-            return {"values": values, "logps": None, "ref_logps": None}
-
+        stats: dict[str, Any] = {"values": values, "logps": None, "ref_logps": None}
+        if need_logps:
+            stats["logps"] = output.get("old_per_token_logps")
+            stats["ref_logps"] = output.get("ref_per_token_logps")
+        policy_forward = (self.needs_values and values is None) or (need_logps and stats["logps"] is None)
+        if not policy_forward and not (need_logps and stats["ref_logps"] is None):
+            return stats
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         keep = output["completion_ids"].size(1)
@@ -253,24 +261,20 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
         batch_size = (self.args.per_device_train_batch_size if mode == "train"
                       else self.args.per_device_eval_batch_size)
         forward = {k: output[k] for k in FORWARD_KEYS if k in output}
-        stats: dict[str, Any] = {"values": None, "logps": None, "ref_logps": None}
-        if not (self.needs_values or need_logps):
-            return stats
         with torch.no_grad(), disable_gradient_checkpointing(
                 self.model, self.args.gradient_checkpointing_kwargs):
-            if self.value_head is not None:
+            if policy_forward and self.value_head is not None:
                 with capture_values(self.model, self.value_head, keep) as capture:
-                    logps = self._get_per_token_logps_and_entropies(
+                    stats["logps"] = self._get_per_token_logps_and_entropies(
                         self.model, ids, attention, keep, batch_size=batch_size, **forward)[0]
                 stats["values"] = capture.values().float()
-            elif need_logps:
-                logps = self._get_per_token_logps_and_entropies(
+            elif policy_forward:
+                stats["logps"] = self._get_per_token_logps_and_entropies(
                     self.model, ids, attention, keep, batch_size=batch_size, **forward)[0]
-            if need_logps:
-                stats["logps"] = logps
-                ref = output.get("ref_per_token_logps")
-                stats["ref_logps"] = ref if ref is not None else self._reference_logps(
-                    ids, attention, keep, batch_size, forward)
+            if need_logps and stats["ref_logps"] is None:
+                stats["ref_logps"] = self._reference_logps(ids, attention, keep, batch_size, forward)
+        if not need_logps:
+            stats["logps"] = None
         return stats
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -278,8 +282,9 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
         adaptive = isinstance(self.kl_controller, AdaptiveKLController)
         kl_in_reward = self.kl_penalty == "reward" and kl_coef != 0.0
         need_logps = kl_in_reward or (adaptive and kl_coef != 0.0)
-        # Values are read during generation unless a policy forward runs anyway (log-probs).
-        collect = self.value_head is not None and not need_logps
+        # Values are read during generation (with the log-probs of TRL's own rollout forward,
+        # no forward of ours is needed for the policy; see _rollout_statistics).
+        collect = self.value_head is not None
         self._generation_captures = [] if collect else None
         try:
             output = super()._generate_and_score_completions(inputs)
