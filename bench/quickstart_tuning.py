@@ -57,6 +57,9 @@ PPO_VARIANTS: dict[str, dict[str, Any]] = {
     # six times the updates (12 rollouts of 8 prompts x 4), bf16 autocast as the quickstart trains
     "96 steps, T 0.7, bf16": {**PPO16, "temperature": 0.7, "max_steps": 96, "num_examples": 128,
                               "bf16": True},
+    # the quickstart's PPO as committed, and the same with a third of its learning rate
+    "16 steps, T 0.7, bf16 (the quickstart's)": {**PPO16, "temperature": 0.7, "bf16": True},
+    "16 steps, T 0.7, bf16, lr 3e-5": {**PPO16, "temperature": 0.7, "bf16": True, "learning_rate": 3e-5},
 }
 
 
