@@ -71,6 +71,10 @@ def test_bad_rows_and_options_are_one_line_config_errors(tmp_path):
     samples.write_text("".join(json.dumps(r) + "\n" for r in ROWS if r["prompt_index"] != 0
                                and r["prompt_index"] != 3))
     assert write_verified_pairs(samples, tmp_path / "out") is None  # no held-out pair: caller falls back
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({k: v for k, v in ROWS[0].items() if k != "prompt"}) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{broken}: sample row 0: missing field\(s\) prompt"):
+        write_verified_pairs(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

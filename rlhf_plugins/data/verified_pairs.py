@@ -74,7 +74,10 @@ def write_verified_pairs(samples_jsonl: str | os.PathLike, out_dir: str | os.Pat
     path = Path(samples_jsonl)
     with path.open(encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    train, held_out = verified_pairs(rows, **options)
+    try:
+        train, held_out = verified_pairs(rows, **options)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if not train or not held_out:
         return None
     out = Path(out_dir)

@@ -371,8 +371,8 @@ class Pipeline:
         """A reward head (QLoRA adapter + head) on the current policy, from preference pairs."""
         from .reward import run_rm
 
-        samples = self.records["rejection_sampling"].outputs.get("samples") \
-            if "rejection_sampling" in self.records else None
+        sampling = self.records.get("rejection_sampling")
+        samples = sampling.outputs.get("samples") if sampling is not None else None
         if samples:  # rejection sampling ran first: pairs of its graded samples
             from ..data.verified_pairs import write_verified_pairs
 

@@ -48,6 +48,7 @@ The trainer never looks at a component's name: it asks the estimator's capabilit
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Mapping
 
@@ -263,14 +264,14 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
         forward = {k: output[k] for k in FORWARD_KEYS if k in output}
         with torch.no_grad(), disable_gradient_checkpointing(
                 self.model, self.args.gradient_checkpointing_kwargs):
-            if policy_forward and self.value_head is not None:
-                with capture_values(self.model, self.value_head, keep) as capture:
+            if policy_forward:
+                critic = self.value_head is not None
+                with (capture_values(self.model, self.value_head, keep) if critic
+                      else contextlib.nullcontext()) as capture:
                     stats["logps"] = self._get_per_token_logps_and_entropies(
                         self.model, ids, attention, keep, batch_size=batch_size, **forward)[0]
-                stats["values"] = capture.values().float()
-            elif policy_forward:
-                stats["logps"] = self._get_per_token_logps_and_entropies(
-                    self.model, ids, attention, keep, batch_size=batch_size, **forward)[0]
+                if critic:
+                    stats["values"] = capture.values().float()
             if need_logps and stats["ref_logps"] is None:
                 stats["ref_logps"] = self._reference_logps(ids, attention, keep, batch_size, forward)
         if not need_logps:
