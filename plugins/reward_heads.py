@@ -30,6 +30,7 @@ from rlhf_plugins.head_data import (IGNORE_INDEX, aggregate_probabilities, at_la
 from rlhf_plugins.sdk import RewardHead, option
 
 BT_LOSSES = ("pairwise", "margin", "plackett_luce", "balanced")
+BT_INITS = ("zero", "random")
 ORM_AGGREGATIONS = ("last", "mean", "min", "product")
 PRM_AGGREGATIONS = ("min", "mean", "product", "last")
 
@@ -80,18 +81,26 @@ class BradleyTerryHead(_CompletionHead):
                                         "plackett_luce (K-wise) or balanced (InstructGPT)")
     normalize: bool = option(False, help="after training, shift scores so the training data's best "
                                          "completions score 0 on average (InstructGPT)")
+    init: str = option("zero", help="zero: the head starts at 0, every pair tied (held-out accuracy "
+                                    "0.5 before training); random: nn.Linear's default init")
 
     def validate_options(self) -> None:
-        """`loss` is a known loss; `normalize` is a bool."""
+        """`loss` is a known loss; `normalize` is a bool; `init` is zero or random."""
         _one_of("loss", self.loss, BT_LOSSES)
         if not isinstance(self.normalize, bool):
             raise ValueError("normalize must be true/false")
+        _one_of("init", self.init, BT_INITS)
 
     def build_module(self, hidden_size: int) -> Any:
-        """Linear hidden -> 1 without bias (like HF's sequence-classification `score`)."""
+        """Linear hidden -> 1 without bias (like HF's sequence-classification `score`).
+
+        Zero-initialised by default: a random projection of the last hidden state orders whole
+        kinds of pairs (e.g. long vs short answers) all right or all wrong by the sign of the
+        draw, so its "before training" accuracy measures a coin, not the backbone.
+        """
         from rlhf_plugins.head_modules import ScalarHead
 
-        return ScalarHead(hidden_size, bias=False)
+        return ScalarHead(hidden_size, bias=False, zero_init=self.init == "zero")
 
     def encode(self, row: Mapping[str, Any], *, tokenizer: Any, template: Any,
                max_length: int | None = None) -> dict[str, Any]:

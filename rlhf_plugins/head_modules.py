@@ -14,9 +14,13 @@ __all__ = ["ScalarHead", "ClassHead"]
 class ScalarHead(nn.Module):
     """Linear hidden -> 1 at every position, minus a stored score offset."""
 
-    def __init__(self, hidden_size: int, bias: bool = True) -> None:
+    def __init__(self, hidden_size: int, bias: bool = True, zero_init: bool = False) -> None:
         super().__init__()
         self.score = nn.Linear(hidden_size, 1, bias=bias)
+        if zero_init:  # every score 0 before training: an untrained head ranks nothing
+            nn.init.zeros_(self.score.weight)
+            if bias:
+                nn.init.zeros_(self.score.bias)
         # InstructGPT-style normalisation: subtracted from scores, never trained.
         self.register_buffer("offset", torch.zeros(()))
 

@@ -363,6 +363,37 @@ def test_head_options_are_validated():
         reg.get("bradley_terri")
 
 
+def test_bt_head_starts_at_zero_so_untrained_pairs_tie(tiny_dir, tok, tpl):
+    """The default head scores every row 0 (pairwise accuracy exactly 0.5, ties counted half);
+    two Adam steps on one pair order it; `init: random` keeps nn.Linear's draw."""
+    from rlhf_plugins.models import LoraSettings, apply_lora, load_causal_lm
+    from rlhf_plugins.stages.reward import RewardModel, pairwise_accuracy
+
+    head = registry().reward_heads.get("bradley_terry")
+    assert head.options["init"] == "zero"
+    backbone = apply_lora(load_causal_lm(tiny_dir), LoraSettings(r=4, alpha=8, dropout=0.0))
+    model = RewardModel(backbone, head, tokenizer=tok, template=tpl, template_name="chatml")
+    pair = PREFS[1]
+    ids = [head.encode_for_scoring({"prompt": pair["prompt"], "completion": pair[k]},
+                                   tokenizer=tok, template=tpl)["input_ids"] for k in ("chosen", "rejected")]
+    before = [float(model.scores_for(torch.tensor([i]))[0]) for i in ids]
+    assert before == [0.0, 0.0] and pairwise_accuracy([before[0]], [before[1]]) == 0.5
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = head.collate([pair], tokenizer=tok, template=tpl, pad_token_id=tok.pad_token_id)
+    for _ in range(2):
+        opt.zero_grad()
+        head.compute_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                          batch).backward()
+        opt.step()
+    after = [float(model.scores_for(torch.tensor([i]))[0]) for i in ids]
+    assert after[0] > after[1]
+    torch.manual_seed(0)
+    random_head = registry().reward_heads.get("bradley_terry", init="random").build_module(8)
+    assert float(random_head.score.weight.abs().sum()) > 0
+    with pytest.raises(ConfigError, match="init must be one of"):
+        registry().reward_heads.get("bradley_terry", init="normal")
+
+
 # --- metrics ----------------------------------------------------------------------------------
 
 def test_metrics_against_hand_computed_values():
