@@ -60,6 +60,12 @@ PPO_VARIANTS: dict[str, dict[str, Any]] = {
     # the quickstart's PPO as committed, and the same with a third of its learning rate
     "16 steps, T 0.7, bf16 (the quickstart's)": {**PPO16, "temperature": 0.7, "bf16": True},
     "16 steps, T 0.7, bf16, lr 3e-5": {**PPO16, "temperature": 0.7, "bf16": True, "learning_rate": 3e-5},
+    # a learnable band: only prompts the SFT model solved in some but not all of its rejection-sampling
+    # samples (so every group of rollouts is likely to hold both a right and a wrong answer)
+    "16 steps, T 0.7, bf16, lr 3e-5, band prompts": {**PPO16, "temperature": 0.7, "bf16": True,
+                                                     "learning_rate": 3e-5, "band": True},
+    "16 steps, T 0.7, bf16, lr 1e-4, band prompts": {**PPO16, "temperature": 0.7, "bf16": True,
+                                                     "band": True},
 }
 
 
@@ -95,6 +101,22 @@ def up_to_k_correct(all_jsonl: Path, k: int, out: Path) -> Path:
     with open(out, "w") as dst:
         for i, j in rule.select(rewards):
             dst.write(json.dumps({"prompt": grid[i, j]["prompt"], "completion": grid[i, j]["completion"]}) + "\n")
+    return out
+
+
+def band_prompts(all_jsonl: Path, out: Path) -> Path:
+    """The prompts of a sampling run solved by some but not all of their samples, in pool order,
+    as prompt rows (`prompt`, `answer`, `uid`, `kind`)."""
+    per: dict[int, list[dict[str, Any]]] = {}
+    for line in all_jsonl.read_text().splitlines():
+        row = json.loads(line)
+        per.setdefault(row["prompt_index"], []).append(row)
+    with open(out, "w") as dst:
+        for i in sorted(per):
+            right = sum(r["reward"] >= 0.5 for r in per[i])
+            if 0 < right < len(per[i]):
+                first = per[i][0]
+                dst.write(json.dumps({k: first[k] for k in ("prompt", "answer", "uid", "kind")}) + "\n")
     return out
 
 
@@ -144,6 +166,9 @@ def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]],
     got = []
     for i, name, extra in picked:
         t0 = time.time()
+        extra = dict(extra)
+        if extra.pop("band", False):
+            extra["dataset"] = str(band_prompts(run / "rejection_sampling" / "all.jsonl", out / "band.jsonl"))
         cfg = {**settings, **PPO_TRL, **extra, "model": start_dir}
         ours, trl_kwargs = load_stage_config(cfg, PPOSettings, GRPOConfig, where=name)
         run_ppo(ours, trl_kwargs, out / f"ppo{i}")
