@@ -173,7 +173,7 @@ def reward_model_line(stages: Mapping[str, Any]) -> str:
         lo_b, hi_b = wilson_interval(round(float(before) * n), n)
         lo_a, hi_a = wilson_interval(round(float(after) * n), n)
         verdict = "above" if after > before else "not above"
-        tied = " (the untrained head ties every pair)" if m.get("heldout_before.mean_margin") == 0 else ""
+        tied = " (the untrained head ties every pair)" if m.get("heldout_before.tied_pairs") == n else ""
         return (f"Reward model ({name}) held-out pairwise accuracy on {n} pairs: {float(before):.3f} "
                 f"[{lo_b:.3f}, {hi_b:.3f}] before training{tied} -> {float(after):.3f} [{lo_a:.3f}, "
                 f"{hi_a:.3f}] after ({verdict} its pre-training value).")

@@ -36,7 +36,9 @@ def test_reward_model_line_compares_with_the_pre_training_value():
     assert "(not above its pre-training value)" in reward_model_line({"rm": {"metrics": metrics}})
     assert reward_model_line({"sft": {"metrics": {"train_loss": 0.1}}}) == ""
     assert "tie" not in line
-    metrics.update({"heldout_before.pairwise_accuracy": 0.5, "heldout_before.mean_margin": 0.0})
+    metrics.update({"heldout_before.pairwise_accuracy": 0.5, "heldout_before.tied_pairs": 39})
+    assert "tie" not in reward_model_line({"rm": {"metrics": metrics}})  # one pair not tied
+    metrics["heldout_before.tied_pairs"] = 40
     assert "0.500 [" in (tied := reward_model_line({"rm": {"metrics": metrics}}))
     assert "before training (the untrained head ties every pair) -> 0.600" in tied
 

@@ -111,3 +111,4 @@ def test_reward_model_stage_trains_on_rejection_samplings_pairs_when_it_runs_fir
     assert metrics["heldout"]["pairs"] == 3  # prompts 0 and 3 (num_eval_examples 4 >= 3)
     assert f"pairwise_accuracy/{ON_POLICY_KIND}" in metrics["heldout"]
     assert metrics["heldout_before"]["pairs"] == 3
+    assert metrics["heldout_before"]["tied_pairs"] == 3  # the zero head scores every completion 0

@@ -232,6 +232,7 @@ def evaluate_rows(model: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: 
                         rj.append(comp[b])
         out = {"n": len(rows), "pairs": len(ch), "pairwise_accuracy": pairwise_accuracy(ch, rj),
                "mean_margin": sum(c - r for c, r in zip(ch, rj)) / len(ch),
+               "tied_pairs": sum(c == r for c, r in zip(ch, rj)),
                "mean_score": sum(scores) / len(scores)}
         if "completions" not in first:
             # Preference rows that say what is wrong with the rejected answer: accuracy per kind.
