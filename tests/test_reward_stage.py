@@ -257,6 +257,22 @@ def test_rm_stage_resumes_from_checkpoint(tmp_path, tiny_dir):
     assert "heldout_before" in first.metrics and "heldout_before" not in second.metrics
 
 
+def test_rm_stage_without_the_trainer_eval_trains_and_scores_the_same(tmp_path, tiny_dir):
+    from rlhf_plugins.stages.reward import rm_from_config
+
+    config = {"model": str(tiny_dir), "head": "bradley_terry", "num_examples": 8, "num_eval_examples": 4,
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_steps": 2, "learning_rate": 1e-2,
+              "per_device_train_batch_size": 4, "save_strategy": "no", "report_to": "none", "seed": 0}
+    with_eval = rm_from_config(config, output_dir=tmp_path / "a").metrics
+    without = rm_from_config({**config, "trainer_eval": False}, output_dir=tmp_path / "b").metrics
+    assert "eval_loss" in with_eval and "eval_loss" not in without and "eval_accuracy" not in without
+    # skipping TRL's evaluate pass changes neither the training nor the held-out scorer's numbers
+    assert without["heldout"]["pairwise_accuracy"] == with_eval["heldout"]["pairwise_accuracy"]
+    assert without["heldout"]["mean_margin"] == pytest.approx(with_eval["heldout"]["mean_margin"], abs=1e-6)
+    assert without["heldout"]["mean_margin"] != 0.0  # the head trained (it starts at zero)
+    assert with_eval["eval_accuracy"] == pytest.approx(with_eval["heldout"]["pairwise_accuracy"])
+
+
 # --- Monte Carlo PRM labels ---------------------------------------------------------------------
 
 def test_mc_step_labels_hard_and_soft():

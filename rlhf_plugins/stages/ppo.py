@@ -270,10 +270,11 @@ class PreparedPPO:
     reward_scorer: Any = None
 
 
-def load_policy(model_path: str, settings: PPOSettings, gradient_checkpointing: bool = False) -> Any:
+def load_policy(model_path: str, settings: PPOSettings, gradient_checkpointing: bool = False,
+                seed: int | None = None) -> Any:
     """The policy: the base (4-bit or not) loaded once, with a fresh LoRA adapter when `lora` is set."""
     return load_trainable_model(model_path, settings.lora, settings.quantization,
-                                gradient_checkpointing=gradient_checkpointing)
+                                gradient_checkpointing=gradient_checkpointing, seed=seed)
 
 
 def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
@@ -303,7 +304,7 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
             check_prompt_tokens(rows["prompt"], tokenizer, template, label)  # before the model loads
     if template is not None:
         tokenizer.chat_template = template.jinja
-    policy = load_policy(model_path, settings, bool(args.gradient_checkpointing))
+    policy = load_policy(model_path, settings, bool(args.gradient_checkpointing), args.seed)
 
     funcs = list(checked.reward_funcs)
     scorer = None

@@ -147,7 +147,8 @@ def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
                 0 if evaluation is None else len(evaluation.kept))
     # A saved adapter (e.g. the SFT stage's) is trained on as the reward model's adapter.
     backbone = load_trainable_model(model_path, settings.lora, settings.quantization,
-                                    gradient_checkpointing=bool(args.gradient_checkpointing))
+                                    gradient_checkpointing=bool(args.gradient_checkpointing),
+                                    seed=args.seed)
     base_model = base_model_of(model_path)
     import torch
 
@@ -241,7 +242,7 @@ def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
     train_output = trainer.train(resume_from_checkpoint=resume)
     metrics.update(train_output.metrics)
     metrics["global_step"] = train_output.global_step
-    if prepared.eval is not None:
+    if prepared.eval is not None and settings.trainer_eval:
         metrics.update(trainer.evaluate())
     if _normalizes(settings, prepared.head):
         metrics["normalization_shift"] = normalize_scores(

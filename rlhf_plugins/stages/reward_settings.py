@@ -52,6 +52,10 @@ class RMSettings:
     quantization: QuantSettings | None = None
     #: batch size of the final held-out scoring
     score_batch_size: int = 16
+    #: after training, also run the Trainer's `evaluate()` on the held-out data (`eval_loss` and
+    #: the loss's metrics); false: the held-out scorer alone, whose pairwise accuracy is the same
+    #: number (tests/test_reward_stage.py), for half the evaluation time
+    trainer_eval: bool = True
     resume: bool = True
 
     def __post_init__(self) -> None:

@@ -342,7 +342,8 @@ def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
         tokenizer.chat_template = template.jinja
 
     model = load_trainable_model(model_path, settings.lora, settings.quantization,
-                                 gradient_checkpointing=bool(args.gradient_checkpointing))
+                                 gradient_checkpointing=bool(args.gradient_checkpointing),
+                                 seed=args.seed)
     from trl import SFTTrainer
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -251,9 +251,12 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 
 def load_trainable_model(model_path: str, lora: Any = None, quantization: Any = None, *,
-                         gradient_checkpointing: bool = False) -> Any:
+                         gradient_checkpointing: bool = False, seed: int | None = None) -> Any:
     """The model a stage trains: a saved LoRA adapter on its base, trained on; else the base
     (4-bit with `quantization`) with a fresh LoRA adapter when `lora` is set, or all of it.
+
+    `seed` seeds the fresh adapter's initialisation (TRL's trainers seed only when they are
+    built, after the model), so a stage is the same whatever ran before it in the process.
     """
     from ..models import apply_lora, is_adapter_dir, load_causal_lm, load_peft_model
 
@@ -265,6 +268,10 @@ def load_trainable_model(model_path: str, lora: Any = None, quantization: Any = 
                                gradient_checkpointing=gradient_checkpointing)
     model = load_causal_lm(model_path, quantization=quantization)
     if lora is not None:
+        if seed is not None:
+            import torch
+
+            torch.manual_seed(seed)
         model = apply_lora(model, lora, gradient_checkpointing=gradient_checkpointing)
     return model
 
