@@ -143,7 +143,9 @@ def accuracy_table(evals: Mapping[str, Mapping[str, Any]], stages: Mapping[str, 
             c = compare(prev["correct"], e["correct"])
             change = (f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], "
                       f"p={c['mcnemar_p']:.3g}")
-        rows.append([name, acc, f"[{lo:.3f}, {hi:.3f}]", n, change,
+        gate = e.get("gate") or {}
+        label = name if gate.get("kept", True) else f"{name} (not kept: {gate.get('incumbent')}'s model)"
+        rows.append([label, acc, f"[{lo:.3f}, {hi:.3f}]", n, change,
                      (stages.get(name) or {}).get("wall_time_s", "")])
     out = _table(rows, ["after", "accuracy", "95% interval (Wilson)", "problems",
                         "paired change vs previous (bootstrap 95% CI, McNemar p)", "stage wall time (s)"])
@@ -152,10 +154,17 @@ def accuracy_table(evals: Mapping[str, Mapping[str, Any]], stages: Mapping[str, 
         if a and b and len(a) == len(b):
             c = compare(a, b)
             verdict = "excludes zero" if c["excludes_zero"] else "includes zero"
-            out += (f"\n\nFinal ({names[-1]}) vs SFT on the same {len(a)} problems: "
+            last = evals[names[-1]].get("gate") or {}
+            final = names[-1] if last.get("kept", True) else f"{names[-1]}: {last.get('incumbent')}'s model"
+            out += (f"\n\nFinal ({final}) vs SFT on the same {len(a)} problems: "
                     f"{c['difference']:+.3f}, paired bootstrap 95% CI [{c['ci_low']:+.3f}, "
                     f"{c['ci_high']:+.3f}] ({verdict}); {c['gained']} gained, {c['lost']} lost, "
                     f"McNemar exact p = {c['mcnemar_p']:.3g}.")
+    from .stages.gate import gate_line
+
+    gates = [gate_line(name, evals[name]["gate"]) for name in names if evals[name].get("gate")]
+    if gates:
+        out += "\n\n" + "\n\n".join(gates)
     return out
 
 

@@ -12,24 +12,21 @@ import dataclasses
 import json
 import logging
 import os
-import resource
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from ..config import build_dataclass, config_hash, load_stage_config, load_yaml
 from ..errors import ConfigError, RlhfPluginsError
 from ..report import atomic_write_text, write_report
 from .distributed import is_main_process, main_process_first
+from .gate import GateSettings, carried_eval, check_gate, decide
+from .stage_runs import DONE_FILE, STARTED_FILE, StageRecord, peak_memory_mb, run_stage  # noqa: F401
 from .stage_specs import DATA_FILES, STAGE_SPECS, locate, pairs_from_samples
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("sft", "reward_model", "rejection_sampling", "ppo")
-DONE_FILE = "stage_done.json"
-STARTED_FILE = "stage_started.json"
 
 
 @dataclass
@@ -88,12 +85,16 @@ class PipelineSettings:
     reward_model: dict[str, Any] = field(default_factory=dict)
     rejection_sampling: dict[str, Any] = field(default_factory=dict)
     ppo: dict[str, Any] = field(default_factory=dict)
+    #: stages whose model is kept only when it beats its start on validation problems (gate.py)
+    gate: GateSettings = field(default_factory=GateSettings)
     smoke: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ConfigError(f"stages: unknown stage(s) {unknown}; available: {list(STAGES)}")
+        check_gate(self.gate, STAGES, [s for s in STAGES if STAGE_SPECS[s].policy_quantization],
+                   self.task.eval_split)
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,75 +118,6 @@ def load_pipeline_config(source: str | os.PathLike | Mapping[str, Any], *, smoke
     if output_dir is not None:
         data["output_dir"] = output_dir
     return build_dataclass(PipelineSettings, data, where)
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far (MB); GPU peak when CUDA is in use."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    try:
-        import sys
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
-            return max(rss, torch.cuda.max_memory_allocated() / 2**20)
-    except Exception:  # noqa: BLE001 - memory reporting never fails a run
-        pass
-    return rss
-
-
-@dataclass
-class StageRecord:
-    """What a stage produced, as stored in its `stage_done.json`."""
-
-    name: str
-    hash: str
-    outputs: dict[str, Any]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-    components: dict[str, Any] = field(default_factory=dict)
-    wall_time_s: float = 0.0
-    peak_memory_mb: float = 0.0
-    skipped: bool = False
-
-
-def _recorded_hash(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("hash")
-    except (OSError, ValueError):
-        return None
-
-
-def run_stage(name: str, stage_dir: Path, stage_hash: str,
-              body: Callable[[Path], StageRecord]) -> StageRecord:
-    """Run `body` unless `stage_dir` holds a finished run with the same hash (then reuse it).
-
-    An interrupted run with the same hash resumes (the stage finds its last checkpoint in
-    `stage_dir`); a directory left by a different config is cleared first, so a changed stage
-    never resumes from checkpoints of the old one.
-    """
-    done = stage_dir / DONE_FILE
-    if done.is_file():
-        data = json.loads(done.read_text())
-        if data.get("hash") == stage_hash:
-            logger.info("stage %s: up to date (hash %s), skipped", name, stage_hash)
-            record = StageRecord(**data)
-            record.skipped = True
-            return record
-    with main_process_first():  # under accelerate the other processes then see the new marker
-        if stage_dir.is_dir() and _recorded_hash(stage_dir / STARTED_FILE) != stage_hash:
-            if any(stage_dir.iterdir()):
-                logger.info("stage %s: config changed, starting afresh", name)
-            shutil.rmtree(stage_dir)
-        elif stage_dir.is_dir():
-            logger.info("stage %s: resuming the interrupted run in %s", name, stage_dir)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(stage_dir / STARTED_FILE, json.dumps({"hash": stage_hash}))
-    start = time.perf_counter()
-    record = body(stage_dir)
-    record.hash = stage_hash
-    record.wall_time_s = round(time.perf_counter() - start, 1)
-    record.peak_memory_mb = round(peak_memory_mb(), 1)
-    atomic_write_text(done, json.dumps(dataclasses.asdict(record), indent=2, default=str))
-    return record
 
 
 # --- the stages ---------------------------------------------------------------------------
@@ -240,6 +172,9 @@ class Pipeline:
             "rl": ("rl_train.jsonl", synth.rl_rows(t.n_train, t.seed + 2, "train")),
             "eval": (f"rl_{t.eval_split}.jsonl", synth.rl_rows(t.n_eval, t.seed, t.eval_split)),
         }
+        if self.s.gate.stages:  # the gate's problems: validation, never the test split reported
+            g = self.s.gate
+            files["gate"] = ("rl_validation_gate.jsonl", synth.rl_rows(g.n_problems, g.seed, "validation"))
         paths = {}
         for key, (name, rows) in files.items():
             path = self.data_dir / name
@@ -247,27 +182,32 @@ class Pipeline:
             paths[key] = str(path)
         return paths
 
-    def evaluate(self, label: str, model_dir: str, adapter_dir: str | None = None) -> None:
-        """Held-out verifiable accuracy of a model (+ adapter); cached next to the run.
+    def evaluate(self, label: str, model_dir: str, adapter_dir: str | None = None,
+                 split: str = "eval") -> dict[str, Any]:
+        """Verifiable accuracy of a model (+ adapter) on the held-out problems (`split` "eval"),
+        or on the gate's validation problems ("gate"); cached next to the run.
 
         Under accelerate the main process evaluates; the others read its cached result.
         """
         with main_process_first():
-            self._evaluate(label, model_dir, adapter_dir)
+            result = self._evaluate(label, model_dir, adapter_dir, split)
+        if split == "eval":
+            self.evals[label] = result
+        return result
 
-    def _evaluate(self, label: str, model_dir: str, adapter_dir: str | None) -> None:
-        cache = self.run_dir / "evals" / f"{label}.json"
+    def _evaluate(self, label: str, model_dir: str, adapter_dir: str | None, split: str) -> dict[str, Any]:
+        cache = self.run_dir / "evals" / (f"{label}.json" if split == "eval" else f"{split}/{label}.json")
         key = config_hash(model_dir, adapter_dir, dataclasses.asdict(self.s.eval),
                           dataclasses.asdict(self.s.task), self.s.template,
-                          self.records.get(label).hash if label in self.records else None)
+                          self.records.get(label).hash if label in self.records else None,
+                          *([] if split == "eval" else [split, dataclasses.asdict(self.s.gate)]))
         if cache.is_file():
             data = json.loads(cache.read_text())
             if data.get("key") == key:
-                self.evals[label] = data["result"]
-                return
+                return data["result"]
         from ..evaluation import evaluate_saved_policy
 
-        rows = [json.loads(line) for line in Path(self.paths["eval"]).read_text().splitlines()]
+        rows = [json.loads(line) for line in Path(self.paths[split]).read_text().splitlines()]
         e = self.s.eval
         result = evaluate_saved_policy(model_dir, rows, adapter_dir=adapter_dir,
                                        template=self.s.template, reward_functions=e.reward_functions,
@@ -275,8 +215,29 @@ class Pipeline:
                                        stop_patterns=[e.stop_pattern] if e.stop_pattern else [],
                                        samples=e.samples_in_report, dtype=e.dtype)
         atomic_write_text(cache, json.dumps({"key": key, "result": result}, indent=2))
-        self.evals[label] = result
-        logger.info("after %s: accuracy %.3f", label, result["accuracy"])
+        logger.info("after %s: accuracy %.3f%s", label, result["accuracy"],
+                    "" if split == "eval" else f" ({split} problems)")
+        return result
+
+    def gate(self, name: str, incumbent: tuple[str, str, str | None], candidate: tuple[str, str | None]) -> bool:
+        """Whether stage `name`'s model (`candidate`: model, adapter) is kept over `incumbent`
+        (label, model, adapter): both answer the gate's validation problems (gate.py)."""
+        label, model, adapter = incumbent
+        before = self.evaluate(label, model, adapter, split="gate")
+        after = self.evaluate(name, *candidate, split="gate")
+        verdict = {**decide(before["correct"], after["correct"], self.s.gate.rule), "incumbent": label}
+        logger.info("gate after %s: %.3f vs %s's %.3f on validation problems: %s", name,
+                    verdict["candidate_accuracy"], label, verdict["incumbent_accuracy"],
+                    "kept" if verdict["kept"] else "not kept")
+        if verdict["kept"]:
+            self.evaluate(name, *candidate)
+            self.evals[name] = {**self.evals[name], "gate": verdict}
+        else:  # the pipeline goes on with the incumbent: its held-out answers, marked so
+            self.evals[name] = carried_eval(self.evals[label], verdict, label)
+            if is_main_process():
+                atomic_write_text(self.run_dir / "evals" / f"{name}.json",
+                                  json.dumps({"key": None, "result": self.evals[name]}, indent=2))
+        return verdict["kept"]
 
     def warn_requantizing(self, name: str, policy: str, quantization: Any) -> None:
         """Warn when stage `name` would load a policy an earlier stage produced in 4 bits."""
@@ -449,16 +410,22 @@ class Pipeline:
             self.paths = self.write_data()
         policy = self.base_model()
         self.evaluate("base", policy)
+        kept: tuple[str, str, str | None] = ("base", policy, None)  # the model the pipeline holds
         upstream: str | None = config_hash(policy)
         for name in self.s.stages:
             record = getattr(self, f"stage_{name}")(policy, upstream)
             self.records[name] = record
             upstream = record.hash
+            if not record.outputs.get("evaluate", True):
+                continue
+            candidate = (record.outputs.get("policy", policy), record.outputs.get("policy_adapter"))
+            if name in self.s.gate.stages and not self.gate(name, kept, candidate):
+                continue  # not kept: later stages start from the incumbent
             if "policy" in record.outputs:
                 policy = record.outputs["policy"]
-            if record.outputs.get("evaluate", True):
-                self.evaluate(name, record.outputs.get("policy", policy),
-                              record.outputs.get("policy_adapter"))
+            if name not in self.s.gate.stages:
+                self.evaluate(name, *candidate)
+            kept = (name, *candidate)
         summary = {
             "config": self.config_label, "smoke": self.smoke,
             "evals": self.evals,
