@@ -216,6 +216,8 @@ class HFGenerator:
         self.tokenizer = tokenizer
         _sampling_settings(self, stop_ids, stop_strings, max_new_tokens, temperature, top_p, seed)
         self.batch_size = int(batch_size)
+        #: prefill each distinct prompt once for all its samples in a batch (`_shared_prefix_cache`)
+        self.share_prefill = True
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.stop_ids[0]
         self.calls = 0
@@ -257,11 +259,15 @@ class HFGenerator:
                     processors.append(_make_sampler(seeds, self.temperature, self.top_p))
                 with torch.no_grad():
                     self.calls += 1
-                    generated = model.generate(input_ids=ids.to(device),
-                                               attention_mask=mask.to(device),
+                    ids, mask = ids.to(device), mask.to(device)
+                    cache = (_shared_prefix_cache(model, ids, mask, [p for p, _ in batch])
+                             if self.share_prefill else None)
+                    generated = model.generate(input_ids=ids, attention_mask=mask,
                                                generation_config=config,
                                                logits_processor=processors or None,
-                                               stopping_criteria=criteria, **extra)
+                                               stopping_criteria=criteria,
+                                               **({"cache": cache} if cache else {}),
+                                               **extra)
                 new_tokens = generated[:, width:].tolist()
                 for row, (p, j) in enumerate(batch):
                     out[p][j] = self._completion(new_tokens[row])
@@ -284,6 +290,37 @@ class HFGenerator:
             if match is not None:
                 return Completion(text[:match.end()], len(body), "stop")
         return Completion(text, len(body), "length" if cut is None else "stop")
+
+
+def _shared_prefix_cache(model: Any, ids: Any, mask: Any, owners: Sequence[int]) -> Any:
+    """The KV cache of every row's prompt but its last token, computed once per distinct prompt.
+
+    Rows of the same prompt (its N samples) share their prefill: the distinct prompts run through
+    the model once and the cache is repeated to the rows (`reorder_cache`, as beam search does);
+    `generate` then feeds only each row's last prompt token. None when no prompt repeats. The
+    positions are the ones `generate` gives left-padded rows (attention-mask cumsum).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    first: dict[int, int] = {}
+    for row, p in enumerate(owners):
+        first.setdefault(p, row)
+    if len(first) == len(owners) or ids.shape[1] < 2:
+        return None
+    order = {p: k for k, p in enumerate(first)}
+    unique = torch.tensor(list(first.values()), device=ids.device)
+    rows = torch.tensor([order[p] for p in owners], device=ids.device)
+    u_ids, u_mask = ids[unique, :-1], mask[unique, :-1]
+    positions = (u_mask.cumsum(-1) - 1).masked_fill(u_mask == 0, 1)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    kw = dict(input_ids=u_ids, attention_mask=u_mask, position_ids=positions, cache=cache, use_cache=True)
+    try:  # the cache is what is wanted: the LM head on the last position only
+        model(**kw, logits_to_keep=1)
+    except TypeError:  # a model without `logits_to_keep`
+        model(**kw)
+    cache.reorder_cache(rows)
+    return cache
 
 
 def _PatternStop(tokenizer: Any, patterns: Sequence[Any], start: int) -> Any:  # noqa: N802

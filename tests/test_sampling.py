@@ -110,6 +110,34 @@ def test_generation_matches_a_hand_written_sampling_loop(tiny, temperature, top_
         assert any(row[0].text != row[1].text for row in out)
 
 
+def test_samples_of_one_prompt_share_one_prefill(tiny):
+    """The N samples of a prompt reuse one KV cache of its prompt (all but the last token); the
+    test above checks the completions against the hand-written loop with that sharing on."""
+    from rlhf_plugins.generation import _shared_prefix_cache
+
+    model, tok = tiny
+    prompts = [encode_prompt(chatml(), tok, p) for p in PROMPTS[:2]]
+    width = max(map(len, prompts))
+    ids = torch.full((3, width), tok.pad_token_id)
+    mask = torch.zeros((3, width), dtype=torch.long)
+    for row, p in enumerate([0, 0, 1]):
+        ids[row, width - len(prompts[p]):] = torch.tensor(prompts[p])
+        mask[row, width - len(prompts[p]):] = 1
+    with torch.no_grad():
+        cache = _shared_prefix_cache(model, ids, mask, [0, 0, 1])
+    assert cache.get_seq_length() == width - 1
+    keys = cache.layers[0].keys
+    assert keys.shape[0] == 3 and torch.equal(keys[0], keys[1]) and not torch.equal(keys[0], keys[2])
+    assert _shared_prefix_cache(model, ids, mask, [0, 1, 2]) is None  # nothing repeats: no sharing
+    stops = end_of_turn_token_ids(chatml(), tok)
+    texts = {}
+    for share in (True, False):
+        g = HFGenerator(model, tok, stop_ids=stops, max_new_tokens=12, temperature=1.0, seed=5, batch_size=6)
+        g.share_prefill = share
+        texts[share] = [[c.text for c in row] for row in g.generate(prompts, [0, 1], 3)]
+    assert texts[True] == texts[False]
+
+
 def test_completions_do_not_depend_on_batching(tiny):
     model, tok = tiny
     tpl = chatml()

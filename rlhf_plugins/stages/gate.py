@@ -86,7 +86,8 @@ def gate_line(stage: str, gate: Mapping[str, Any]) -> str:
     """One report line: the gate's validation numbers and what the pipeline did."""
     rule = "more" if gate["rule"] == "better" else "at least as many"
     verdict = ("kept" if gate["kept"] else
-               f"not kept: later rows are the {gate['incumbent']} model's (its test answers are not re-run)")
+               f"not kept, so the pipeline goes on with the {gate['incumbent']} model (the {stage} row "
+               "repeats its test answers)")
     return (f"Validation gate after {stage}: {gate['candidate_accuracy']:.3f} vs {gate['incumbent']}'s "
             f"{gate['incumbent_accuracy']:.3f} on {gate['n']} validation problems, paired change "
             f"{gate['difference']:+.3f} [{gate['ci_low']:+.3f}, {gate['ci_high']:+.3f}] "
