@@ -266,7 +266,7 @@ class HFGenerator:
                                                generation_config=config,
                                                logits_processor=processors or None,
                                                stopping_criteria=criteria,
-                                               **({"cache": cache} if cache else {}),
+                                               **({_cache_kwarg(model): cache} if cache else {}),
                                                **extra)
                 new_tokens = generated[:, width:].tolist()
                 for row, (p, j) in enumerate(batch):
@@ -292,6 +292,14 @@ class HFGenerator:
         return Completion(text, len(body), "length" if cut is None else "stop")
 
 
+def _cache_kwarg(model: Any) -> str:
+    """The model's name for a KV cache argument: `cache` (transformers >= 5.2x), else `past_key_values`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
 def _shared_prefix_cache(model: Any, ids: Any, mask: Any, owners: Sequence[int]) -> Any:
     """The KV cache of every row's prompt but its last token, computed once per distinct prompt.
 
@@ -314,7 +322,8 @@ def _shared_prefix_cache(model: Any, ids: Any, mask: Any, owners: Sequence[int])
     u_ids, u_mask = ids[unique, :-1], mask[unique, :-1]
     positions = (u_mask.cumsum(-1) - 1).masked_fill(u_mask == 0, 1)
     cache = DynamicCache(config=getattr(model, "config", None))
-    kw = dict(input_ids=u_ids, attention_mask=u_mask, position_ids=positions, cache=cache, use_cache=True)
+    kw = {"input_ids": u_ids, "attention_mask": u_mask, "position_ids": positions,
+          _cache_kwarg(model): cache, "use_cache": True}
     try:  # the cache is what is wanted: the LM head on the last position only
         model(**kw, logits_to_keep=1)
     except TypeError:  # a model without `logits_to_keep`

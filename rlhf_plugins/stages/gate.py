@@ -31,7 +31,7 @@ class GateSettings:
     n_problems: int = 200
     #: better: strictly more validation problems right; not_worse: at least as many
     rule: str = "better"
-    #: seed of the validation problems (a different draw from the eval's when that is validation)
+    #: seed of the draw of validation problems
     seed: int = 1
 
     def __post_init__(self) -> None:
