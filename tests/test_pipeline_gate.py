@@ -27,6 +27,14 @@ def test_decide_counts_right_answers_per_rule():
     assert not decide(before, same, "better")["kept"]    # a tie is not better
     assert decide(before, same, "not_worse")["kept"]     # but it is not worse
     assert not decide(up, before, "not_worse")["kept"]
+    # `significant`: more right *and* the paired bootstrap interval above zero
+    assert not decide(before, up, "significant")["kept"]  # +0.2 on 5 problems: interval spans zero
+    many_before = [False] * 40 + [True] * 60
+    many_after = [True] * 30 + [False] * 10 + [True] * 60  # 30 gained, none lost
+    strong = decide(many_before, many_after, "significant")
+    assert strong["kept"] and strong["ci_low"] > 0
+    weak = many_after[:2] + many_before[2:]  # 2 gained of 100: more, but not clearly
+    assert decide(many_before, weak, "better")["kept"] and not decide(many_before, weak, "significant")["kept"]
     with pytest.raises(ValueError, match="same problems"):
         decide(before, up[:4], "better")
 

@@ -3,8 +3,8 @@
 A stage named in `gate.stages` trains as usual; then its model (the candidate) and the model it
 started from (the incumbent: the last kept stage's, or the base) answer the same `n_problems`
 problems of the synthetic task's *validation* split, greedily, as the held-out eval does. The
-candidate is kept when it answers more of them (`rule: better`) or at least as many
-(`rule: not_worse`); otherwise the pipeline goes on with the incumbent, and the stage's row in
+candidate is kept when it answers more of them (`rule: better`), at least as many
+(`rule: not_worse`), or more with a paired 95% interval above zero (`rule: significant`); otherwise the pipeline goes on with the incumbent, and the stage's row in
 the report says so. The decision never looks at the test problems the report states, so the
 test accuracies stay an honest measure of what the pipeline hands over (model selection on a
 validation split, as `load_best_model_at_end` does for a Trainer's checkpoints).
@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
 
-RULES = ("better", "not_worse")
+RULES = ("better", "not_worse", "significant")
 
 
 @dataclass
@@ -29,7 +29,8 @@ class GateSettings:
     stages: list[str] = field(default_factory=list)
     #: validation problems both models answer (the task's `validation` split, never `test`)
     n_problems: int = 200
-    #: better: strictly more validation problems right; not_worse: at least as many
+    #: better: strictly more validation problems right; not_worse: at least as many;
+    #: significant: more, with a paired bootstrap 95% interval of the change above zero
     rule: str = "better"
     #: seed of the draw of validation problems
     seed: int = 1
@@ -67,8 +68,9 @@ def decide(incumbent: Sequence[bool], candidate: Sequence[bool], rule: str) -> d
         raise ValueError(f"the gate needs both models' answers to the same problems "
                          f"(got {len(incumbent)} and {len(candidate)})")
     right_before, right_after = sum(map(bool, incumbent)), sum(map(bool, candidate))
-    kept = right_after > right_before if rule == "better" else right_after >= right_before
     c = compare(incumbent, candidate)
+    kept = {"better": right_after > right_before, "not_worse": right_after >= right_before,
+            "significant": right_after > right_before and c["ci_low"] > 0}[rule]
     return {"kept": kept, "rule": rule, "n": len(candidate),
             "incumbent_accuracy": right_before / len(incumbent),
             "candidate_accuracy": right_after / len(candidate),
@@ -84,11 +86,12 @@ def carried_eval(incumbent_eval: Mapping[str, Any], verdict: Mapping[str, Any],
 
 def gate_line(stage: str, gate: Mapping[str, Any]) -> str:
     """One report line: the gate's validation numbers and what the pipeline did."""
-    rule = "more" if gate["rule"] == "better" else "at least as many"
+    rule = {"better": "more right", "not_worse": "at least as many right",
+            "significant": "more right with the interval above zero"}[gate["rule"]]
     verdict = ("kept" if gate["kept"] else
                f"not kept, so the pipeline goes on with the {gate['incumbent']} model (the {stage} row "
                "repeats its test answers)")
     return (f"Validation gate after {stage}: {gate['candidate_accuracy']:.3f} vs {gate['incumbent']}'s "
             f"{gate['incumbent_accuracy']:.3f} on {gate['n']} validation problems, paired change "
             f"{gate['difference']:+.3f} [{gate['ci_low']:+.3f}, {gate['ci_high']:+.3f}] "
-            f"({gate['gained']} gained, {gate['lost']} lost; kept when it gets {rule} right): {verdict}.")
+            f"({gate['gained']} gained, {gate['lost']} lost; kept when it gets {rule}): {verdict}.")
