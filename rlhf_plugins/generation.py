@@ -241,6 +241,7 @@ class HFGenerator:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
+        cache_arg = _cache_kwarg(model)
         try:
             for start in range(0, len(jobs), self.batch_size):
                 batch = jobs[start:start + self.batch_size]
@@ -260,13 +261,13 @@ class HFGenerator:
                 with torch.no_grad():
                     self.calls += 1
                     ids, mask = ids.to(device), mask.to(device)
-                    cache = (_shared_prefix_cache(model, ids, mask, [p for p, _ in batch])
+                    cache = (_shared_prefix_cache(model, ids, mask, [p for p, _ in batch], cache_arg)
                              if self.share_prefill else None)
                     generated = model.generate(input_ids=ids, attention_mask=mask,
                                                generation_config=config,
                                                logits_processor=processors or None,
                                                stopping_criteria=criteria,
-                                               **({_cache_kwarg(model): cache} if cache else {}),
+                                               **({cache_arg: cache} if cache else {}),
                                                **extra)
                 new_tokens = generated[:, width:].tolist()
                 for row, (p, j) in enumerate(batch):
@@ -300,13 +301,15 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def _shared_prefix_cache(model: Any, ids: Any, mask: Any, owners: Sequence[int]) -> Any:
+def _shared_prefix_cache(model: Any, ids: Any, mask: Any, owners: Sequence[int],
+                         cache_arg: str | None = None) -> Any:
     """The KV cache of every row's prompt but its last token, computed once per distinct prompt.
 
     Rows of the same prompt (its N samples) share their prefill: the distinct prompts run through
     the model once and the cache is repeated to the rows (`reorder_cache`, as beam search does);
     `generate` then feeds only each row's last prompt token. None when no prompt repeats. The
     positions are the ones `generate` gives left-padded rows (attention-mask cumsum).
+    `cache_arg`: the model's name for the cache argument (`_cache_kwarg`, looked up when None).
     """
     import torch
     from transformers import DynamicCache
@@ -323,7 +326,7 @@ def _shared_prefix_cache(model: Any, ids: Any, mask: Any, owners: Sequence[int])
     positions = (u_mask.cumsum(-1) - 1).masked_fill(u_mask == 0, 1)
     cache = DynamicCache(config=getattr(model, "config", None))
     kw = {"input_ids": u_ids, "attention_mask": u_mask, "position_ids": positions,
-          _cache_kwarg(model): cache, "use_cache": True}
+          cache_arg or _cache_kwarg(model): cache, "use_cache": True}
     try:  # the cache is what is wanted: the LM head on the last position only
         model(**kw, logits_to_keep=1)
     except TypeError:  # a model without `logits_to_keep`

@@ -123,6 +123,12 @@ def _raw_trainer_metric(key: str) -> bool:
     return key.split(".")[-1] in RAW_TRAINER_METRICS
 
 
+def _held_by(name: str, result: Mapping[str, Any], not_kept: str) -> str:
+    """`name`, or `not_kept` filled in when a validation gate did not keep the stage's model."""
+    gate = result.get("gate") or {}
+    return name if gate.get("kept", True) else not_kept.format(name=name, incumbent=gate.get("incumbent"))
+
+
 def accuracy_table(evals: Mapping[str, Mapping[str, Any]], stages: Mapping[str, Any] | None = None) -> str:
     """Accuracy per stage with a Wilson 95% interval, and the paired change (bootstrap 95% CI,
     McNemar p) against the previous stage and, for the last stage, against SFT."""
@@ -143,9 +149,7 @@ def accuracy_table(evals: Mapping[str, Mapping[str, Any]], stages: Mapping[str, 
             c = compare(prev["correct"], e["correct"])
             change = (f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], "
                       f"p={c['mcnemar_p']:.3g}")
-        gate = e.get("gate") or {}
-        label = name if gate.get("kept", True) else f"{name} (not kept: {gate.get('incumbent')}'s model)"
-        rows.append([label, acc, f"[{lo:.3f}, {hi:.3f}]", n, change,
+        rows.append([_held_by(name, e, "{name} (not kept: {incumbent}'s model)"), acc, f"[{lo:.3f}, {hi:.3f}]", n, change,
                      (stages.get(name) or {}).get("wall_time_s", "")])
     out = _table(rows, ["after", "accuracy", "95% interval (Wilson)", "problems",
                         "paired change vs previous (bootstrap 95% CI, McNemar p)", "stage wall time (s)"])
@@ -154,8 +158,7 @@ def accuracy_table(evals: Mapping[str, Mapping[str, Any]], stages: Mapping[str, 
         if a and b and len(a) == len(b):
             c = compare(a, b)
             verdict = "excludes zero" if c["excludes_zero"] else "includes zero"
-            last = evals[names[-1]].get("gate") or {}
-            final = names[-1] if last.get("kept", True) else f"{names[-1]}: {last.get('incumbent')}'s model"
+            final = _held_by(names[-1], evals[names[-1]], "{name}: {incumbent}'s model")
             out += (f"\n\nFinal ({final}) vs SFT on the same {len(a)} problems: "
                     f"{c['difference']:+.3f}, paired bootstrap 95% CI [{c['ci_low']:+.3f}, "
                     f"{c['ci_high']:+.3f}] ({verdict}); {c['gained']} gained, {c['lost']} lost, "
