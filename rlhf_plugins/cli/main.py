@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: libraries whose warnings a user cannot act on (deprecations inside transformers/TRL, the
-#: bitsandbytes "pip install kernels" CPU notice); shown again with -v
-_NOISY_LOGGERS = ("bitsandbytes", "transformers", "trl", "peft", "accelerate", "datasets", "torchao")
+#: bitsandbytes "pip install kernels" CPU notice, the `kernels` package's hub trust-check notice at
+#: import); shown again with -v
+_NOISY_LOGGERS = ("bitsandbytes", "transformers", "trl", "peft", "accelerate", "datasets", "torchao",
+                  "kernels", "huggingface_hub")
 _NOISY_MODULES = r"(transformers|trl|peft|bitsandbytes|accelerate|datasets|torch|torchao)(\.|$)"
 _QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error",
               "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
