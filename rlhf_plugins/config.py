@@ -123,7 +123,7 @@ def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
-def _suggest(key: str, names: list[str]) -> str:
+def suggest(key: str, names: list[str]) -> str:
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -167,7 +167,7 @@ def build_dataclass(cls: type[T], data: Mapping[str, Any], where: str = "config"
     kwargs: dict[str, Any] = {}
     for key, value in apply_aliases(data, names, where).items():
         if key not in names:
-            raise ConfigError(f"{at(where, str(key))}: unknown field{_suggest(str(key), names)}")
+            raise ConfigError(f"{at(where, str(key))}: unknown field{suggest(str(key), names)}")
         nested = _nested_type(cls, key)
         if nested is not None and isinstance(value, Mapping):
             value = build_dataclass(nested, value, at(where, key))
@@ -257,7 +257,7 @@ def load_stage_config(source: str | os.PathLike | Mapping[str, Any], ours: type[
             trl[key] = value
         else:
             raise ConfigError(f"{at(where, str(key))}: unknown field"
-                              f"{_suggest(str(key), sorted(our_names | trl_names))}")
+                              f"{suggest(str(key), sorted(our_names | trl_names))}")
     settings = build_dataclass(ours, mine, where)
     if trl_cls is not None:
         trl = _located(trl_cls, trl, where)

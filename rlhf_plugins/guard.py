@@ -38,6 +38,7 @@ FAMILY_LABELS = {
     "advantage_estimators": "advantage estimator",
     "reward_functions": "reward function",
     "policy_losses": "policy loss",
+    "stages": "stage",
 }
 
 #: longest original message kept in a wrapped error (a component may raise megabytes of text)

@@ -79,6 +79,12 @@ def register_advantage_estimators(register):
 
 
 @hookspec
+def register_stages(register):
+    """Register pipeline stages (Protocol :class:`rlhf_plugins.protocols.PipelineStage`, SDK base
+    :class:`rlhf_plugins.sdk.Stage`); a pipeline's ``stages:`` lists them by name."""
+
+
+@hookspec
 def register_policy_losses(register):
     """Register policy objectives (Protocol :class:`rlhf_plugins.protocols.PolicyLossFunction`).
 

@@ -18,6 +18,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from .stage_api import Stage as _Stage
+
 
 @runtime_checkable
 class ChatTemplate(Protocol):
@@ -168,6 +170,24 @@ class PolicyLossFunction(Protocol):
                  ref_log_probs: Any = None) -> Any: ...
 
 
+@runtime_checkable
+class PipelineStage(Protocol):
+    """A pipeline stage (family ``stages``); the SDK base is :class:`rlhf_plugins.sdk.Stage`.
+
+    Required: ``name``, ``settings_class() -> type`` and ``run(settings, trl_kwargs,
+    output_dir, ctx) -> StageResult``. Optional (defaults from ``Stage``): ``description``,
+    ``consumes`` / ``produces`` (names in ``stage_api.OUTPUT_KINDS``), ``config_class(static)``,
+    ``defaults(ctx)``, ``prepare(ctx)``, ``quick_check(settings)``,
+    ``check(settings, trl_kwargs, output_dir)``, ``policy_quantization(settings)``.
+    """
+
+    name: str
+
+    def settings_class(self) -> type: ...
+
+    def run(self, settings: Any, trl_kwargs: Any, output_dir: Any, ctx: Any, **extra: Any) -> Any: ...
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """What `register` checks for one family: required members; optional ones have defaults."""
@@ -261,6 +281,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                              "needs_greedy_baseline": False, "uses_token_rewards": False},
     "reward_functions": {"check_requirements": _reward_check_requirements},
     "policy_losses": {"agg": None},
+    "stages": {"consumes": _Stage.consumes, "produces": _Stage.produces,
+               **{name: getattr(_Stage, name) for name in (
+                   "config_class", "defaults", "prepare", "quick_check", "check",
+                   "policy_quantization")}},
 }
 
 
@@ -302,6 +326,9 @@ FAMILIES: dict[str, FamilySpec] = {
                    callable_component=True),
         FamilySpec("policy_losses", "register_policy_losses", PolicyLossFunction,
                    callable_component=True),
+        FamilySpec("stages", "register_stages", PipelineStage,
+                   methods=("settings_class", "run"), attributes=("name",),
+                   optional=tuple(DEFAULTS["stages"])),
     )
 }
 

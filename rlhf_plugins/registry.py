@@ -245,3 +245,7 @@ class Registry:
     @property
     def policy_losses(self) -> Family[Any]:
         return self.families["policy_losses"]
+
+    @property
+    def stages(self) -> Family[Any]:
+        return self.families["stages"]

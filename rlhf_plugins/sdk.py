@@ -32,10 +32,12 @@ from .conversation import (DEFAULT_ROLES, TEMPLATE_ROLE, Encoded, Segment, encod
 from .errors import ConfigError, DataError
 from .options import coerce, field_hints, option, options_schema
 from .protocols import DEFAULTS, label_kind_names
+from .stage_api import Stage, StageContext, StageOutputs, StageResult, flat_metrics
 
 __all__ = ["Component", "ChatTemplate", "MaskingStrategy", "RewardHead", "SelectionRule",
            "AdvantageEstimator", "Advantages", "RewardFunction", "PolicyLoss", "option",
-           "Segment", "Encoded", "scaffold", "TEMPLATE_ROLE", "DEFAULT_ROLES"]
+           "Segment", "Encoded", "scaffold", "TEMPLATE_ROLE", "DEFAULT_ROLES",
+           "Stage", "StageContext", "StageOutputs", "StageResult", "flat_metrics"]
 
 
 @dataclass(frozen=True)

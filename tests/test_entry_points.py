@@ -78,8 +78,9 @@ def test_strict_mode_fails_the_command(site):
 def test_load_and_block_lists(site, env, expected):
     names = {p["name"] for p in plugins_json(site, env) if not p["name"].startswith("rlhf_plugins.")}
     assert names == expected
-    builtins = [p for p in plugins_json(site, env) if p["name"].startswith("rlhf_plugins.builtin.")]
     from rlhf_plugins.manager import DEFAULT_PLUGINS
+
+    builtins = [p for p in plugins_json(site, env) if p["name"] in DEFAULT_PLUGINS]
 
     assert len(builtins) == len(DEFAULT_PLUGINS)
 

@@ -87,3 +87,54 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path):
                                capture_output=True, text=True, cwd=tmp_path).stdout.strip())
     assert site != ROOT and not (site / "plugins").exists()
     assert (site / "rlhf_plugins" / "builtin" / "chat_templates.py").is_file()
+
+
+def test_example_stage_is_listed_with_provenance(example_site):
+    proc = run_cli(["components", "stages", "--json"], example_site)
+    assert proc.returncode == 0, proc.stderr
+    stages = {c["name"]: c for c in json.loads(proc.stdout)}
+    assert {"sft", "reward_model", "rejection_sampling", "ppo", "policy_stats"} <= set(stages)
+    assert stages["policy_stats"]["plugin"] == "example_stages"
+    assert stages["policy_stats"]["distribution"] == "rlhf-plugin-example"
+    assert stages["sft"]["plugin"] == "rlhf_plugins.stages.builtin"
+
+
+def test_example_stage_runs_after_sft_in_a_pipeline_with_an_empty_section(example_site, tmp_path):
+    """The third-party stage, listed in `stages:` after sft with an empty section (all defaults),
+    counts the parameters of the policy sft handed it; checked against safetensors' own loader."""
+    import yaml
+    from safetensors.numpy import load_file
+
+    from helpers_models import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "run"
+    config = {"model": str(model), "output_dir": str(out), "stages": ["sft", "policy_stats"],
+              "task": {"n_train": 8, "n_eval": 2}, "eval": {"max_new_tokens": 4, "batch_size": 2},
+              "sft": {"max_steps": 1, "per_device_train_batch_size": 2, "report_to": "none",
+                      "save_strategy": "no"},
+              "policy_stats": {}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(config))
+    proc = run_cli(["pipeline", str(tmp_path / "p.yaml")], example_site)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == ["sft", "policy_stats"]
+    policy = summary["stages"]["sft"]["outputs"]["policy"]
+    stats = json.loads((out / "policy_stats" / "policy_stats.json").read_text())
+    assert stats["model"] == policy
+    tensors = {}
+    for file in Path(policy).glob("*.safetensors"):
+        tensors.update(load_file(str(file)))
+    assert stats["parameters"] == sum(t.size for t in tensors.values()) > 0
+    assert stats["tensors"] == len(tensors)
+    assert summary["stages"]["policy_stats"]["metrics"]["parameters"] == stats["parameters"]
+    assert summary["stages"]["policy_stats"]["outputs"] == {"evaluate": False}
+    assert "policy_stats" not in summary["evals"]  # it made no new policy to evaluate
+
+    # its section is validated up front like a built-in's: a bad field exits 2 before any work
+    bad = {**config, "output_dir": str(tmp_path / "bad"), "policy_stats": {"output_file": "a/b"}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    proc = run_cli(["pipeline", str(tmp_path / "bad.yaml")], example_site)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("policy_stats.output_file: expected a plain file name, got 'a/b'")
+    assert not (tmp_path / "bad").exists()

@@ -51,12 +51,12 @@ def test_every_family_is_an_attribute_with_the_family_api():
 
 def test_builtin_plugins_load_ok_with_provenance():
     reg = rlhf_plugins.registry(reload=True)
-    builtins = [p for p in reg.plugins if p.name.startswith("rlhf_plugins.builtin.")]
     from rlhf_plugins.manager import DEFAULT_PLUGINS
 
+    builtins = [p for p in reg.plugins if p.name in DEFAULT_PLUGINS]
     assert {p.name for p in builtins} == set(DEFAULT_PLUGINS)
-    assert {"chat_templates", "masking", "reward_heads", "selection", "advantages", "rewards",
-            "policy_losses"} <= {p.name.rsplit(".", 1)[1] for p in builtins}
+    assert {f"rlhf_plugins.builtin.{m}" for m in ("chat_templates", "masking", "reward_heads", "selection",
+            "advantages", "rewards", "policy_losses")} | {"rlhf_plugins.stages.builtin"} <= {p.name for p in builtins}
     assert all(p.status == "ok" and p.distribution == "rlhf-plugins"
                and p.version == rlhf_plugins.__version__ for p in builtins)
 

@@ -127,7 +127,7 @@ def test_each_policy_stage_warns_through_its_section(qlora, tmp_path, caplog, se
     """`stage_config` warns for the sft, rejection_sampling.sft and ppo sections that would 4-bit a
     fine-tuned policy (each read from its own field), never for the reward model's QLoRA base."""
     from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
-    from rlhf_plugins.stages.stage_specs import DATA_FILES
+    from rlhf_plugins.stages.pipeline import DATA_FILES
 
     base_dir, _, _ = qlora
     pipeline = Pipeline(load_pipeline_config({"model": str(base_dir), "output_dir": str(tmp_path),
@@ -136,5 +136,5 @@ def test_each_policy_stage_warns_through_its_section(qlora, tmp_path, caplog, se
     pipeline.paths = {key: str(tmp_path / f"{key}.jsonl") for key in DATA_FILES}
     with caplog.at_level("WARNING", logger="rlhf_plugins.stages.pipeline"):
         for name in ("sft", "reward_model", "rejection_sampling", "ppo"):
-            pipeline.stage_config(name, str(tmp_path / "sft" / "merged"))
+            pipeline.stage_config(name, pipeline.context(name, str(tmp_path / "sft" / "merged")))
     assert [r.getMessage().split(":")[0] for r in caplog.records] == expected

@@ -92,18 +92,20 @@ def test_reward_model_stage_trains_on_rejection_samplings_pairs_when_it_runs_fir
     config = tiny_config(tiny_dir, tmp_path / "run", stages=order)
     pipeline = Pipeline(load_pipeline_config(config), config_label="test")
     pipeline.validate()  # every section checked with the on-policy pairs as the RM's data
-    data, _, _ = pipeline.stage_config("reward_model", "<policy>", validating=True)
+    ctx = pipeline.context("reward_model", "<policy>", validating=True)
+    data, _, _ = pipeline.stage_config("reward_model", ctx)
     assert (data["dataset"], data["eval_dataset"]) == ("<on-policy pairs>", "<held-out on-policy pairs>")
     default = Pipeline(load_pipeline_config(tiny_config(tiny_dir, tmp_path / "default")))
     default.validate()
-    assert default.stage_config("reward_model", "<p>", validating=True)[0]["dataset"] == "<preference data>"
+    ctx = default.context("reward_model", "<p>", validating=True)
+    assert default.stage_config("reward_model", ctx)[0]["dataset"] == "<preference data>"
 
     pipeline.paths = pipeline.write_data()
     samples = tmp_path / "all.jsonl"
     samples.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     pipeline.records["rejection_sampling"] = StageRecord(
         "rejection_sampling", "h", {"policy": str(tiny_dir), "samples": str(samples)})
-    record = pipeline.stage_reward_model(str(tiny_dir), "h")
+    record = pipeline.run_stage("reward_model", str(tiny_dir), "h")
     train = Path(pipeline.paths["pairs_train"])
     assert train.parent == tmp_path / "run" / "data"
     assert [json.loads(line) for line in train.read_text().splitlines()] == verified_pairs(ROWS)[0]

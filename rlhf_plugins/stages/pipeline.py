@@ -1,9 +1,10 @@
-"""The whole pipeline in one command: SFT -> reward model -> rejection sampling -> PPO.
+"""The whole pipeline in one command: a loop over the registered stages (family ``stages``).
 
-Each stage is run by its own stage module (they wire TRL); this module only orders them, passes
-each stage the previous stage's output, evaluates held-out verifiable accuracy after every
-stage, skips stages whose output is up to date (same config hash), resumes interrupted ones
-from their last checkpoint, and writes the report.
+Each stage is a :class:`rlhf_plugins.sdk.Stage` (the built-ins in `builtin.py`, third-party ones
+from their plugins); this module only orders them, hands each stage the outputs of the earlier
+ones (:class:`StageContext`), evaluates held-out verifiable accuracy after every stage that
+produces a policy, skips stages whose output is up to date (same config hash), resumes
+interrupted ones from their last checkpoint, and writes the report.
 """
 from __future__ import annotations
 
@@ -16,17 +17,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import build_dataclass, config_hash, load_stage_config, load_yaml
+from ..config import at, build_dataclass, config_hash, load_stage_config, load_yaml, suggest
 from ..errors import ConfigError, RlhfPluginsError
 from ..report import atomic_write_text, write_report
+from ..stage_api import StageContext, StageOutputs
 from .distributed import is_main_process, main_process_first
 from .gate import GateSettings, carried_eval, check_gate, decide
-from .stage_runs import DONE_FILE, STARTED_FILE, StageRecord, peak_memory_mb, run_stage  # noqa: F401
-from .stage_specs import DATA_FILES, STAGE_SPECS, locate, pairs_from_samples
+from .stage_runs import StageRecord, run_stage
 
 logger = logging.getLogger(__name__)
 
+#: the stages a pipeline runs when its config lists none
 STAGES = ("sft", "reward_model", "rejection_sampling", "ppo")
+#: the files `write_data` writes (keys of `Pipeline.paths`)
+DATA_FILES = ("sft", "preference", "preference_eval", "rl", "eval")
+
+
+def registered_stages() -> dict[str, Any]:
+    """Every registered stage by name (built-in and from plugins)."""
+    from .. import registry
+
+    family = registry().stages
+    return {name: family.get(name) for name in family.names()}
 
 
 @dataclass
@@ -81,20 +93,28 @@ class PipelineSettings:
     eval: EvalSettings = field(default_factory=EvalSettings)
     quantization: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
-    sft: dict[str, Any] = field(default_factory=dict)
-    reward_model: dict[str, Any] = field(default_factory=dict)
-    rejection_sampling: dict[str, Any] = field(default_factory=dict)
-    ppo: dict[str, Any] = field(default_factory=dict)
     #: stages whose model is kept only when it beats its start on validation problems (gate.py)
     gate: GateSettings = field(default_factory=GateSettings)
     smoke: dict[str, Any] = field(default_factory=dict)
+    #: each stage's own section (top-level keys of the YAML named after a registered stage)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
+        from ..protocols import member
+
+        known = registered_stages()
+        unknown = [s for s in self.stages if s not in known]
         if unknown:
-            raise ConfigError(f"stages: unknown stage(s) {unknown}; available: {list(STAGES)}")
-        check_gate(self.gate, STAGES, [s for s in STAGES if STAGE_SPECS[s].policy_quantization],
-                   self.task.eval_split)
+            raise ConfigError(f"stages: unknown stage(s) {unknown}; available: {list(known)}")
+        for name, section in self.sections.items():
+            if not isinstance(section, Mapping):
+                raise ConfigError(f"{name}: expected a mapping, got {type(section).__name__}")
+        policy_stages = [n for n, st in known.items() if "policy" in member(st, "stages", "produces")]
+        check_gate(self.gate, list(known), policy_stages, self.task.eval_split)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """Stage `name`'s own section ({} when the config has none)."""
+        return dict(self.sections.get(name) or {})
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,10 +137,28 @@ def load_pipeline_config(source: str | os.PathLike | Mapping[str, Any], *, smoke
         data = deep_merge(data, data.get("smoke") or {})
     if output_dir is not None:
         data["output_dir"] = output_dir
-    return build_dataclass(PipelineSettings, data, where)
+    stages = registered_stages()
+    fields = {f.name for f in dataclasses.fields(PipelineSettings)} - {"sections"}
+    sections = {}
+    for key in list(data):
+        if key in stages and key not in fields:
+            sections[key] = data.pop(key) or {}
+        elif key not in fields:
+            raise ConfigError(f"{at(where, str(key))}: unknown field{suggest(str(key), sorted(fields | set(stages)))}")
+    return build_dataclass(PipelineSettings, {**data, "sections": sections}, where)
 
 
 # --- the stages ---------------------------------------------------------------------------
+
+
+def locate(message: str, where: str) -> str:
+    """A stage check's `field: text` message located in the config (`file: section.field: text`)."""
+    if message.startswith(where) or ": " in where and message.startswith(where.split(": ")[0]):
+        return message
+    head, sep, rest = message.partition(":")
+    if sep and head.replace("_", "").replace(".", "").isalnum() and " " not in head:
+        return f"{where}.{head}:{rest}"
+    return f"{where}: {message}"
 
 
 def _located_check(where: str, check: Any, *args: Any) -> None:
@@ -260,27 +298,50 @@ class Pipeline:
         return config_hash(name, section, upstream, dataclasses.asdict(self.s.task), versions)
 
     # stage configs ------------------------------------------------------------------------
-    def stage_config(self, name: str, policy: str, *, validating: bool = False,
-                     static: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-        """(merged section, our settings, TRL kwargs) of stage `name` on `policy`.
+    def where(self, name: str) -> str:
+        """How errors name stage `name`'s section."""
+        return f"{self.config_label}: {name}" if self.config_label else name
 
-        `validating`: upstream outputs are placeholders and artifacts that do not exist yet (the
-        reward model) are left out, so every section can be checked before anything runs.
-        `static`: TRL's fields are read from its source, not imported (a check in seconds).
-        """
-        spec = STAGE_SPECS[name]
-        rm = self.records.get("reward_model")
-        reward_model = rm.outputs["reward_model"] if rm else None
-        if validating and "reward_model" in self.s.stages:
+    def context(self, name: str, policy: str, *, validating: bool = False) -> StageContext:
+        """What stage `name` gets from the pipeline and the stages before it."""
+        earlier = tuple(self.s.stages[:self.s.stages.index(name)]) if name in self.s.stages else ()
+        produced = [StageOutputs.from_dict(self.records[n].outputs) for n in earlier if n in self.records]
+        reward_model = next((o.reward_model for o in reversed(produced) if o.reward_model), None)
+        samples = next((o.samples for o in reversed(produced) if o.samples), None)
+        if validating:  # what earlier stages will produce does not exist yet
+            from ..protocols import member
+
+            stages = registered_stages()
             reward_model = None
-        defaults = spec.defaults(self, policy, reward_model)
-        data = deep_merge(defaults, getattr(self.s, name))
-        ours, trl_cls = spec.classes(static)
-        where = f"{self.config_label}: {name}" if self.config_label else name
-        settings, trl_kwargs = load_stage_config(data, ours, trl_cls, where=where)
-        if not validating and spec.policy_quantization is not None:
-            section, quantization = spec.policy_quantization(settings)
-            self.warn_requantizing(section, policy, quantization)
+            samples = ("<samples of an earlier stage>"
+                       if any("samples" in member(stages[n], "stages", "produces") for n in earlier)
+                       else None)
+        return StageContext(name=name, policy=policy, reward_model=reward_model, samples=samples,
+                            data=self.paths, common=self.common(),
+                            reward_functions=list(self.s.eval.reward_functions),
+                            section=self.s.section(name), earlier=earlier, data_dir=self.data_dir,
+                            validating=validating)
+
+    def stage_config(self, name: str, ctx: StageContext, *,
+                     static: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """(merged section, our settings, TRL kwargs) of stage `name` in context `ctx`.
+
+        While `ctx.validating`, upstream outputs are placeholders and artifacts that do not
+        exist yet (the reward model) are left out, so every section can be checked before
+        anything runs. `static`: TRL's fields are read from its source, not imported (seconds).
+        """
+        from ..protocols import member
+
+        stage = registered_stages()[name]
+        member(stage, "stages", "prepare")(ctx)
+        data = deep_merge(member(stage, "stages", "defaults")(ctx), self.s.section(name))
+        settings, trl_kwargs = load_stage_config(data, stage.settings_class(),
+                                                 member(stage, "stages", "config_class")(static),
+                                                 where=self.where(name))
+        quantized = member(stage, "stages", "policy_quantization")(settings)
+        if not ctx.validating and quantized is not None:
+            section, quantization = quantized
+            self.warn_requantizing(section, ctx.policy, quantization)
         return data, settings, trl_kwargs
 
     def validate(self) -> None:
@@ -288,116 +349,41 @@ class Pipeline:
         import tempfile
 
         from ..guard import check_model_ref, check_output_dir
+        from ..protocols import member
 
         label = f"{self.config_label}: " if self.config_label else ""
         check_model_ref(self.s.model, f"{label}model")  # before data is written or a model evaluated
         check_output_dir(self.run_dir, f"{label}output_dir")
         policy = "<policy of the previous stage>"
         self.paths = {key: f"<{key} data>" for key in DATA_FILES}
-        if pairs_from_samples(self.s.stages):
-            self.paths.update(pairs_train="<on-policy pairs>", pairs_eval="<held-out on-policy pairs>")
+        stages = registered_stages()
         # first every section without importing TRL (fields, types, plugins: seconds), then the
         # full checks (the real TRL configs)
         for name in self.s.stages:
-            _, settings, _ = self.stage_config(name, policy, validating=True, static=True)
-            where = f"{self.config_label}: {name}" if self.config_label else name
+            ctx = self.context(name, policy, validating=True)
+            _, settings, _ = self.stage_config(name, ctx, static=True)
             model = getattr(settings, "model", None)
             if model is not None and model != policy:  # a section naming its own model
-                check_model_ref(model, f"{where}.model")
-            _located_check(where, STAGE_SPECS[name].quick, settings)
+                check_model_ref(model, f"{self.where(name)}.model")
+            _located_check(self.where(name), member(stages[name], "stages", "quick_check"), settings)
         with tempfile.TemporaryDirectory() as scratch:
             for name in self.s.stages:
-                _, settings, trl_kwargs = self.stage_config(name, policy, validating=True)
-                where = f"{self.config_label}: {name}" if self.config_label else name
-                _located_check(where, STAGE_SPECS[name].check, settings, trl_kwargs,
-                               Path(scratch) / name)
+                ctx = self.context(name, policy, validating=True)
+                _, settings, trl_kwargs = self.stage_config(name, ctx)
+                _located_check(self.where(name), member(stages[name], "stages", "check"), settings,
+                               trl_kwargs, Path(scratch) / name)
 
-    # stage bodies -------------------------------------------------------------------------
-    def stage_sft(self, policy: str, upstream: str | None) -> StageRecord:
-        """SFT from `policy` on the task's conversations; its merged model is the new policy."""
-        from .sft import run_sft
-
-        data, settings, trl_kwargs = self.stage_config("sft", policy)
-
-        def body(stage_dir: Path) -> StageRecord:
-            result = run_sft(settings, trl_kwargs, stage_dir)
-            policy = str(result.merged_dir) if result.merged_dir else str(stage_dir)
-            metrics = {k: v for k, v in result.metrics.items() if k != "log_history"}
-            return StageRecord("sft", "", {"policy": policy}, metrics,
-                               result.metrics.get("log_history", []),
-                               {"template": settings.template, "masking": settings.masking})
-        return run_stage("sft", self.run_dir / "sft", self.stage_hash("sft", data, upstream, settings), body)
-
-    def stage_reward_model(self, policy: str, upstream: str | None) -> StageRecord:
-        """A reward head (QLoRA adapter + head) on the current policy, from preference pairs."""
-        from .reward import run_rm
-
-        sampling = self.records.get("rejection_sampling")
-        samples = sampling.outputs.get("samples") if sampling is not None else None
-        if samples:  # rejection sampling ran first: pairs of its graded samples
-            from ..data.verified_pairs import write_verified_pairs
-
-            pairs = write_verified_pairs(samples, self.data_dir, seed=self.s.seed)
-            if pairs is None:
-                logger.warning("reward_model: rejection sampling left no prompt with both a passing "
-                               "and a failing sample; training on the task's synthetic pairs")
-            self.paths.update(pairs or {})
-        data, settings, trl_kwargs = self.stage_config("reward_model", policy)
+    def run_stage(self, name: str, policy: str, upstream: str | None) -> StageRecord:
+        """Stage `name` on `policy`: skipped when its output is up to date, else run and recorded."""
+        stage = registered_stages()[name]
+        ctx = self.context(name, policy)
+        data, settings, trl_kwargs = self.stage_config(name, ctx)
 
         def body(stage_dir: Path) -> StageRecord:
-            result = run_rm(settings, trl_kwargs, stage_dir)
-            metrics = _flat_metrics(result.metrics)
-            return StageRecord("reward_model", "", {"reward_model": str(stage_dir), "evaluate": False},
-                               metrics, result.metrics.get("log_history", []),
-                               {"head": settings.head, "loss": settings.loss or "default",
-                                "template": settings.template})
-        return run_stage("reward_model", self.run_dir / "reward_model",
-                         self.stage_hash("reward_model", data, upstream, settings), body)
-
-    def stage_rejection_sampling(self, policy: str, upstream: str | None) -> StageRecord:
-        """Sample N per prompt, score (verifier + reward model), select, SFT on the selection."""
-        from .sampling import run_sampling
-
-        data, settings, _ = self.stage_config("rejection_sampling", policy)
-
-        def body(stage_dir: Path) -> StageRecord:
-            result = run_sampling(settings, stage_dir)
-            summary = result.summary
-            metrics = {k: v for k, v in summary.items()
-                       if isinstance(v, (int, float, str)) and k not in ("policy", "config_hash")}
-            sft = result.sft
-            outputs = {"policy": str(sft.merged_dir) if sft is not None and sft.merged_dir else policy}
-            if (stage_dir / "all.jsonl").is_file():  # every graded sample (on-policy RM pairs)
-                outputs["samples"] = str(stage_dir / "all.jsonl")
-            history = sft.metrics.get("log_history", []) if sft is not None else []
-            return StageRecord("rejection_sampling", "", outputs, metrics, history,
-                               {"selection": settings.selection,
-                                "reward_functions": [str(f) for f in settings.reward_functions],
-                                "reward_model": bool(settings.reward_model)})
-        return run_stage("rejection_sampling", self.run_dir / "rejection_sampling",
-                         self.stage_hash("rejection_sampling", data, upstream, settings), body)
-
-    def stage_ppo(self, policy: str, upstream: str | None) -> StageRecord:
-        """Policy optimisation on one 4-bit base: LoRA policy, value head, reward adapter + verifier."""
-        from .ppo import run_ppo
-
-        data, settings, trl_kwargs = self.stage_config("ppo", policy)
-
-        def body(stage_dir: Path) -> StageRecord:
-            result = run_ppo(settings, trl_kwargs, stage_dir)
-            outputs: dict[str, Any] = {"policy": policy}
-            if result.adapter:
-                outputs["policy_adapter"] = str(stage_dir)
-            else:
-                outputs["policy"] = str(stage_dir)
-            return StageRecord("ppo", "", outputs, _flat_metrics(result.metrics),
-                               result.metrics.get("log_history", []),
-                               {"advantage_estimator": settings.advantage_estimator,
-                                "reward_functions": [str(f) for f in settings.reward_functions],
-                                "reward_adapter": bool(settings.reward_adapter),
-                                "reward_model": bool(settings.reward_model),
-                                "kl_penalty": settings.kl_penalty})
-        return run_stage("ppo", self.run_dir / "ppo", self.stage_hash("ppo", data, upstream, settings), body)
+            result = stage.run(settings, trl_kwargs, stage_dir, ctx)
+            return StageRecord(name, "", result.outputs.as_dict(), result.metrics,
+                               result.log_history, result.components)
+        return run_stage(name, self.run_dir / name, self.stage_hash(name, data, upstream, settings), body)
 
     # run --------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -413,7 +399,7 @@ class Pipeline:
         kept: tuple[str, str, str | None] = ("base", policy, None)  # the model the pipeline holds
         upstream: str | None = config_hash(policy)
         for name in self.s.stages:
-            record = getattr(self, f"stage_{name}")(policy, upstream)
+            record = self.run_stage(name, policy, upstream)
             self.records[name] = record
             upstream = record.hash
             if not record.outputs.get("evaluate", True):
@@ -436,17 +422,3 @@ class Pipeline:
             return self.run_dir / "report.md"
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         return write_report(self.run_dir, summary)
-
-
-def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Scalars of a metrics dict, nested dicts flattened as `outer.inner` (log history dropped)."""
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if key == "log_history":
-            continue
-        if isinstance(value, Mapping):
-            for k, v in _flat_metrics(value).items():
-                out[f"{key}.{k}"] = v
-        elif isinstance(value, (int, float, str)) or value is None:
-            out[key] = value
-    return out
