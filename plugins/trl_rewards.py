@@ -24,6 +24,7 @@ The token-based ones read ``completion_ids``, which TRL's trainers pass.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -60,7 +61,7 @@ class _TrlReward(RewardFunction):
         if not self.needs_math_verify:
             return
         try:
-            import math_verify  # noqa: F401 - only whether it imports
+            importlib.import_module("math_verify")  # only whether it imports
         except ImportError:
             raise ConfigError(f"reward function {self.name!r} needs math-verify, which is not "
                               f"installed: {MATH_EXTRA}") from None

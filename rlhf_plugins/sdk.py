@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 from .advantage_types import Advantages
-from .conversation import (DEFAULT_ROLES, TEMPLATE_ROLE, Encoded, Segment, encode_segments, scaffold,
-                           validate_messages)
+from .conversation import Encoded
 from .errors import ConfigError, DataError
+from .messages import DEFAULT_ROLES, validate_messages
 from .options import coerce, field_hints, option, options_schema
 from .protocols import DEFAULTS, label_kind_names
+from .segments import TEMPLATE_ROLE, Segment, encode_segments, scaffold
 
 __all__ = ["Component", "ChatTemplate", "MaskingStrategy", "RewardHead", "SelectionRule",
            "AdvantageEstimator", "Advantages", "RewardFunction", "PolicyLoss", "option",

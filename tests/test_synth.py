@@ -11,6 +11,8 @@ import pytest
 import rlhf_plugins
 from rlhf_plugins.cli.main import main
 from rlhf_plugins.data import synth
+from rlhf_plugins.data.problems import (INSTRUCTION, KINDS, SPLITS, generate_problems, make_problem,
+                                        split_of)
 from rlhf_plugins.errors import ConfigError
 
 N = 300
@@ -58,7 +60,7 @@ def arithmetic_ok(step):
 
 
 def test_course_notes_example_problem(exact):
-    p = synth.make_problem("percent", (15, 80))
+    p = make_problem("percent", (15, 80))
     assert p.question == "What is 15% of 80?"
     assert p.steps == ("15% = 0.15.", "0.15 * 80 = 12.", "The answer is 12.")
     assert p.solution == "15% = 0.15.\n\n0.15 * 80 = 12.\n\nThe answer is 12."
@@ -71,48 +73,48 @@ def test_course_notes_example_problem(exact):
 
 
 def test_deterministic_by_seed():
-    a = synth.generate_problems(N, seed=3)
-    assert a == synth.generate_problems(N, seed=3)
-    assert a != synth.generate_problems(N, seed=4)
+    a = generate_problems(N, seed=3)
+    assert a == generate_problems(N, seed=3)
+    assert a != generate_problems(N, seed=4)
     for build in synth.ROW_BUILDERS.values():
         assert build(40, 5, "train") == build(40, 5, "train")
         assert build(40, 5, "train") != build(40, 6, "train")
     # generation is sequential: the first problems do not depend on n
-    assert synth.generate_problems(50, seed=3) == a[:50]
+    assert generate_problems(50, seed=3) == a[:50]
 
 
 def test_splits_are_disjoint_and_problems_distinct():
     keys = {}
-    for split in synth.SPLITS:
+    for split in SPLITS:
         for seed in (0, 1):
-            ps = synth.generate_problems(N if split == "train" else 150, seed=seed, split=split)
+            ps = generate_problems(N if split == "train" else 150, seed=seed, split=split)
             assert all(p.split == split for p in ps)
             these = [(p.kind, p.numbers) for p in ps]
             assert len(set(these)) == len(these)
             keys.setdefault(split, set()).update(these)
-            assert all(synth.split_of(k, v) == split for k, v in these)
+            assert all(split_of(k, v) == split for k, v in these)
     assert not keys["train"] & keys["test"]
     assert not keys["train"] & keys["validation"]
     assert not keys["validation"] & keys["test"]
-    questions = {split: {synth.make_problem(k, v).question for k, v in ks} for split, ks in keys.items()}
+    questions = {split: {make_problem(k, v).question for k, v in ks} for split, ks in keys.items()}
     assert not questions["train"] & questions["test"]
 
 
 def test_every_kind_appears_and_can_be_restricted():
-    ps = synth.generate_problems(N)
-    assert {p.kind for p in ps} == set(synth.KINDS)
-    only = synth.generate_problems(30, kinds=["percent"])
+    ps = generate_problems(N)
+    assert {p.kind for p in ps} == set(KINDS)
+    only = generate_problems(30, kinds=["percent"])
     assert {p.kind for p in only} == {"percent"}
     with pytest.raises(ConfigError, match="unknown synthetic problem kind 'division'"):
-        synth.generate_problems(3, kinds=["division"])
+        generate_problems(3, kinds=["division"])
     with pytest.raises(ConfigError, match="unknown synthetic split 'dev'"):
-        synth.generate_problems(3, split="dev")
+        generate_problems(3, split="dev")
     with pytest.raises(ConfigError, match="could not find 300 distinct test problems"):
-        synth.generate_problems(300, split="test", kinds=["mul"])
+        generate_problems(300, split="test", kinds=["mul"])
 
 
 def test_correct_solutions_verify_and_every_step_is_right(exact, fmt):
-    ps = synth.generate_problems(N, seed=1)
+    ps = generate_problems(N, seed=1)
     for p in ps:
         assert Fraction(p.answer) == reference_answer(p.kind, p.numbers)
         assert p.steps[-1] == f"The answer is {p.answer}."
@@ -131,7 +133,7 @@ def test_sft_rows(exact):
     for row in rows:
         user, assistant = row["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
-        assert synth.INSTRUCTION in user["content"]
+        assert INSTRUCTION in user["content"]
         assert exact([user["content"]], [[assistant]], answer=[row["answer"]]) == [1.0]
 
 
@@ -275,7 +277,7 @@ def test_datasets_are_hf_datasets():
 
 def test_solutions_stay_short():
     # ~4 characters per token for this text: keeps prompt + solution well under ~96 tokens
-    for p in synth.generate_problems(N, seed=7):
+    for p in generate_problems(N, seed=7):
         assert len(p.prompt_text) + len(p.solution) < 300
 
 

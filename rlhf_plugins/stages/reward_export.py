@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import ConfigError
+from ..models import quant_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .reward_model import RewardModel
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 __all__ = ["HF_SEQUENCE", "HF_TOKEN", "check_reward_model_dir", "hf_kind", "is_hf_reward_model_dir", "load_hf_reward_model",
-           "load_classification_model", "quant_settings", "save_tokenizer", "score_layer", "score_state",
+           "load_classification_model", "save_tokenizer", "score_layer", "score_state",
            "write_hf_artifact"]
 
 HF_SEQUENCE = "sequence_classification"
@@ -51,22 +52,6 @@ HF_TOKEN = "token_classification"
 _TASK_TYPES = {HF_SEQUENCE: "SEQ_CLS", HF_TOKEN: "TOKEN_CLS"}
 _SCORE = "score"
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def quant_settings(value: Any) -> Any:
-    """A `QuantSettings` from a mapping (as saved in reward_model.json), true/false, or itself."""
-    from ..config import build_dataclass
-    from ..models import QuantSettings
-
-    if value is None or value is False:
-        return None
-    if value is True:
-        return QuantSettings()
-    if isinstance(value, QuantSettings):
-        return value
-    if isinstance(value, Mapping):
-        return build_dataclass(QuantSettings, value, "quantization")
-    raise ConfigError(f"quantization: expected a mapping or true/false, got {value!r}")
 
 
 def _auto_class(kind: str) -> Any:
