@@ -29,10 +29,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from rlhf_plugins import hookimpl
-from rlhf_plugins.errors import ConfigError, DataError
-from rlhf_plugins.rewarding import completion_text
-from rlhf_plugins.sdk import RewardFunction, option
+from rlhf_plugins import ConfigError, DataError, hookimpl
+from rlhf_plugins.sdk import RewardFunction, completion_text, option
 
 MATH_EXTRA = "pip install 'rlhf-plugins[math]'  (or: pip install 'math-verify>=0.9')"
 
