@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")  # the `test` extra installs it
+# the `test` extra installs it, next to this interpreter
+LINT_IMPORTS = (shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+                or shutil.which("lint-imports"))
 
 
 def lint_imports(root: Path, *contracts: str) -> subprocess.CompletedProcess:
     """`lint-imports` run from `root` (the packages are found there, as in a checkout)."""
-    assert LINT_IMPORTS.is_file(), "lint-imports is missing: pip install -e '.[test]'"
+    assert LINT_IMPORTS, "lint-imports is missing: pip install -e '.[test]'"
     ids = [arg for c in contracts for arg in ("--contract", c)]
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache", *ids], cwd=root, capture_output=True,
+    return subprocess.run([LINT_IMPORTS, "--no-cache", *ids], cwd=root, capture_output=True,
                           text=True, timeout=120)
 
 
