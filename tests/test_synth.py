@@ -311,3 +311,47 @@ def test_cli_table_and_errors(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path), "--n", "-1"]) == 2
     assert "--n: expected a positive integer, got -1" in capsys.readouterr().err
     assert main(["data", "synth", "--out", str(tmp_path), "--splits", "dev"]) == 2
+
+
+def test_reward_heads_get_the_rows_they_declare():
+    """A head declares its rows (sdk.SyntheticRows); data/ builds them with the task's builders."""
+    from dataclasses import dataclass
+
+    from rlhf_plugins.sdk import RewardHead, SyntheticRows
+
+    heads = rlhf_plugins.registry().reward_heads
+    n, seed = 10, 3
+    assert heads.get("prm").synthetic_rows(n, seed, "train") == synth.step_rows(n, seed, "train")
+    assert heads.get("value").synthetic_rows(n, seed, "test") == synth.outcome_rows(n, seed, "test")
+    # 4 candidates per problem: 3 problems, the first 10 of their 12 rows
+    assert heads.get("orm").synthetic_rows(n, seed, "train") == synth.outcome_rows(
+        3, seed, "train", unsupported_fraction=0.5, per_prompt=4)[:n]
+    assert heads.get("bradley_terry", loss="balanced").synthetic_rows(n, seed, "train") \
+        == synth.ranked_rows(n, seed, "train")
+    pairs = synth.preference_rows(n, seed, "train", rambling_fraction=1 / 3, unsupported_fraction=1 / 3)
+    assert heads.get("bradley_terry").synthetic_rows(n, seed, "train") == pairs
+    margin = heads.get("bradley_terry", loss="margin").synthetic_rows(n, seed, "train")
+    assert [{k: v for k, v in r.items() if k != "margin"} for r in margin] == pairs
+    assert [r["margin"] for r in margin] == [0.0 if r["rejected_kind"] == "rambling" else 1.0
+                                              for r in pairs]
+    assert {r["rejected_kind"] for r in pairs} == {"rambling", "unsupported", "error"}
+
+    @dataclass(frozen=True)
+    class NoRows(RewardHead):
+        name = "no_rows"
+
+    @dataclass(frozen=True)
+    class StepRows(RewardHead):
+        name = "step_rows"
+        label_kind = "step"
+
+        def synthetic_format(self):
+            return SyntheticRows("step", {"error_fraction": 1.0})
+
+    with pytest.raises(ConfigError, match="reward head 'no_rows' has no built-in synthetic rows"):
+        NoRows().synthetic_rows(2, 0, "train")
+    assert StepRows().synthetic_rows(4, 1, "train") == synth.step_rows(4, 1, "train", error_fraction=1.0)
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        SyntheticRows("pairs")
+    with pytest.raises(ConfigError, match="a margin needs preference rows"):
+        SyntheticRows("outcome", margin=True)
