@@ -33,10 +33,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
-from ..models import quant_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .reward_model import RewardModel
@@ -224,7 +223,7 @@ def write_hf_artifact(model: "RewardModel", folder: Path, kind: str, pad_token_i
 def load_classification_model(path: str | os.PathLike, kind: str, *, quantization: Any = None,
                               dtype: Any = None, **config_kwargs: Any) -> Any:
     """``AutoModelFor{Sequence,Token}Classification.from_pretrained`` with our 4-bit/dtype rules."""
-    from ..models import load_pretrained
+    from ..models import load_pretrained, quant_settings
 
     return load_pretrained(_auto_class(kind), path, quantization=quant_settings(quantization),
                            dtype=dtype, what="reward model", **config_kwargs)
