@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from rlhf_plugins.errors import ConfigError, DataError
+from rlhf_plugins import ConfigError, DataError
 from rlhf_plugins.sdk import AdvantageEstimator, Advantages, option
 
 __all__ = ["GDPO", "GPG", "GRPOPassK", "MORE_ESTIMATORS", "OPO", "ReMax", "ReinforcePlusPlus",

@@ -27,8 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from rlhf_plugins import hookimpl
-from rlhf_plugins.errors import ConfigError, DataError
+from rlhf_plugins import ConfigError, DataError, hookimpl
 from rlhf_plugins.sdk import AdvantageEstimator, Advantages, option
 
 __all__ = ["GAE", "GRPO", "DrGRPO", "RLOO", "Reinforce", "ReinforceBaseline", "Advantages"]

@@ -17,10 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
-from rlhf_plugins import hookimpl, sdk
-from rlhf_plugins.conversation import DEFAULT_ROLES, TEMPLATE_ROLE, Segment, scaffold
-from rlhf_plugins.errors import ConfigError, DataError
-from rlhf_plugins.options import option
+from rlhf_plugins import ConfigError, DataError, hookimpl, sdk
+from rlhf_plugins.sdk import DEFAULT_ROLES, TEMPLATE_ROLE, Segment, option, scaffold
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 from rlhf_plugins import hookimpl, sdk
-from rlhf_plugins.conversation import TEMPLATE_ROLE, Encoded
+from rlhf_plugins.sdk import Encoded, TEMPLATE_ROLE
 
 from .chat_templates import load_jinja
 

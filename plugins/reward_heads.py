@@ -21,13 +21,12 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
-from rlhf_plugins import hookimpl
-from rlhf_plugins.errors import DataError
+from rlhf_plugins import DataError, hookimpl
 from rlhf_plugins.head_data import (IGNORE_INDEX, aggregate_probabilities, at_last_attended,
                                     finite_number, outcome_label, pad_batch, rank_major_batch,
                                     render_ranked, render_row, render_steps, resolve_pad_token_id,
                                     scoring_features, split_steps, step_end_features, step_labels)
-from rlhf_plugins.sdk import RewardHead, option
+from rlhf_plugins.sdk import RewardHead, SyntheticRows, option
 
 BT_LOSSES = ("pairwise", "margin", "plackett_luce", "balanced")
 BT_INITS = ("zero", "random")
@@ -160,18 +159,13 @@ class BradleyTerryHead(_CompletionHead):
             return {"accuracy": (float(correct.sum()), n), "margin": (float(diff.sum()), n),
                     "mean_reward": (float(scores.sum()), float(scores.numel()))}
 
-    def synthetic_rows(self, n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    def synthetic_format(self) -> SyntheticRows:
         """Synthetic pairs (rejected: rambling, unsupported or wrong); K=4 rankings for PL/balanced."""
-        from rlhf_plugins.data import synth
-
         if self.loss in ("plackett_luce", "balanced"):
-            return synth.ranked_rows(n, seed, split)
-        rows = synth.preference_rows(n, seed, split, rambling_fraction=1 / 3,
-                                     unsupported_fraction=1 / 3)
-        if self.loss == "margin":  # wrong answers are worse than rambling ones
-            for r in rows:
-                r["margin"] = 0.0 if r["rejected_kind"] == "rambling" else 1.0
-        return rows
+            return SyntheticRows("ranked")
+        # margin: wrong answers are worse than rambling ones
+        return SyntheticRows("preference", {"rambling_fraction": 1 / 3, "unsupported_fraction": 1 / 3},
+                             margin=self.loss == "margin")
 
 
 # --- ORM -------------------------------------------------------------------------------------
@@ -251,14 +245,9 @@ class OutcomeHead(_CompletionHead):
             correct = ((last > 0.5).float() == (target > 0.5).float()).float()
             return {"accuracy": (float(correct.sum()), float(correct.numel()))}
 
-    def synthetic_rows(self, n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    def synthetic_format(self) -> SyntheticRows:
         """Synthetic outcome rows, 4 candidates per problem, half of them correct (best-of-N metrics)."""
-        from rlhf_plugins.data import synth
-
-        per_prompt = 4
-        rows = synth.outcome_rows(-(-n // per_prompt), seed, split, unsupported_fraction=0.5,
-                                  per_prompt=per_prompt)
-        return rows[:n]
+        return SyntheticRows("outcome", {"unsupported_fraction": 0.5, "per_prompt": 4})
 
 
 # --- PRM -------------------------------------------------------------------------------------
@@ -361,11 +350,9 @@ class ProcessHead(_CompletionHead):
             correct = (head_outputs.argmax(dim=-1)[valid] == labels[valid]).float()
             return {"accuracy": (float(correct.sum()), float(correct.numel()))}
 
-    def synthetic_rows(self, n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    def synthetic_format(self) -> SyntheticRows:
         """Synthetic step-labelled solutions."""
-        from rlhf_plugins.data import synth
-
-        return synth.step_rows(n, seed, split)
+        return SyntheticRows("step")
 
 
 def _step_mask(head_outputs: Any, batch: Mapping[str, Any]) -> Any:
@@ -451,11 +438,9 @@ class ValueHead(_CompletionHead):
             err = ((head_outputs.float() - batch["returns"].to(head_outputs.device)) ** 2) * mask
             return {"mse": (float(err.sum()), float(mask.sum()))}
 
-    def synthetic_rows(self, n: int, seed: int, split: str) -> list[dict[str, Any]]:
+    def synthetic_format(self) -> SyntheticRows:
         """Synthetic outcome rows; the 0/1 label is the terminal reward."""
-        from rlhf_plugins.data import synth
-
-        return synth.outcome_rows(n, seed, split)
+        return SyntheticRows("outcome")
 
 
 @hookimpl

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar
 
-from rlhf_plugins import hookimpl
-from rlhf_plugins.errors import DataError
-from rlhf_plugins.rewarding import completion_text
-from rlhf_plugins.sdk import RewardFunction, option
+from rlhf_plugins import DataError, hookimpl
+from rlhf_plugins.sdk import RewardFunction, completion_text, option
 
 # A number as models write it: sign, optional $, thousands separators, decimals or a fraction.
 NUMBER = r"[-+−]?\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|[-+]?\.\d+"

@@ -26,8 +26,7 @@ import random
 from dataclasses import dataclass
 from typing import ClassVar
 
-from rlhf_plugins import hookimpl
-from rlhf_plugins.errors import ConfigError
+from rlhf_plugins import ConfigError, hookimpl
 from rlhf_plugins.sdk import SelectionRule, option
 
 Pair = tuple[int, int]

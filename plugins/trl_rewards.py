@@ -24,14 +24,13 @@ The token-based ones read ``completion_ids``, which TRL's trainers pass.
 """
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from rlhf_plugins import hookimpl
-from rlhf_plugins.errors import ConfigError, DataError
-from rlhf_plugins.rewarding import completion_text
-from rlhf_plugins.sdk import RewardFunction, option
+from rlhf_plugins import ConfigError, DataError, hookimpl
+from rlhf_plugins.sdk import RewardFunction, completion_text, option
 
 MATH_EXTRA = "pip install 'rlhf-plugins[math]'  (or: pip install 'math-verify>=0.9')"
 
@@ -60,7 +59,7 @@ class _TrlReward(RewardFunction):
         if not self.needs_math_verify:
             return
         try:
-            import math_verify  # noqa: F401 - only whether it imports
+            importlib.import_module("math_verify")  # only whether it imports
         except ImportError:
             raise ConfigError(f"reward function {self.name!r} needs math-verify, which is not "
                               f"installed: {MATH_EXTRA}") from None

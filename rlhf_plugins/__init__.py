@@ -5,8 +5,7 @@ them.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .errors import (
     ComponentError,
     ComponentTypeError,

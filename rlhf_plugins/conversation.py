@@ -1,11 +1,8 @@
-"""Conversations: `Encoded` (token ids + per-token roles/turns), what every chat template returns.
+"""`Encoded`: a rendered conversation (token ids + per-token roles/turns), what every chat template returns.
 
-The pieces live in two modules, re-exported here so ``from rlhf_plugins.conversation import ...``
-keeps working:
-
-- :mod:`rlhf_plugins.messages`: the message format and `validate_messages`;
-- :mod:`rlhf_plugins.segments`: `Segment`, `scaffold` and `encode_segments`, the
-  injection-safe encoder the templates render through.
+The message format and `validate_messages` live in :mod:`rlhf_plugins.messages`; `Segment`,
+`scaffold` and `encode_segments` (the injection-safe encoder the templates render through) in
+:mod:`rlhf_plugins.segments`, which builds an `Encoded`. This module imports neither.
 
 Importing this module does not import torch.
 """
@@ -13,12 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .messages import DEFAULT_ROLES, validate_messages
-from .segments import (TEMPLATE_ROLE, Segment, _SegmentEncoder, encode_segments, scaffold,
-                       segment_encoder)
-
-__all__ = ["Encoded", "TEMPLATE_ROLE", "DEFAULT_ROLES", "validate_messages", "Segment", "scaffold",
-           "segment_encoder", "encode_segments"]
+__all__ = ["Encoded"]
 
 
 @dataclass

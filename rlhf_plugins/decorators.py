@@ -91,7 +91,7 @@ def _check_collision(family: str, key: str, obj: Any) -> None:
                 f"{family}: {key!r} is registered twice by decorators ({':'.join(before)} and "
                 f"{':'.join(_origin(obj))}); give one of them another name (name=...)")
         return
-    entry = registry().family(family)._entries.get(key)
+    entry = registry().family(family).entry(key)
     if entry is not None and entry.provenance.plugin != SCRIPT_PLUGIN:
         raise DuplicateComponentError(
             f"{family}: {key!r} is already registered by {entry.provenance.label()}; pass "

@@ -19,7 +19,7 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
     """
     from tqdm.auto import tqdm
 
-    from . import registry
+    from .manager import registry
     from .rewarding import call_reward_functions, resolve_reward_functions
     from .generation import (HFGenerator, encode_prompt, end_of_turn_stop_strings,
                              end_of_turn_token_ids)
@@ -77,13 +77,13 @@ def evaluate_saved_policy(model_dir: str, rows: Sequence[Mapping[str, Any]], *,
     An adapter one of our stages trained on a 4-bit base runs on that base's dequantized
     weights, the model it was trained as (:func:`~rlhf_plugins.models.load_base_as_trained`).
     """
-    from .models import load_base_as_trained, load_causal_lm, load_tokenizer, resolve_dtype
+    from .models import (load_base_as_trained, load_causal_lm, load_tokenizer, resolve_dtype,
+                         trained_quantization)
 
     tokenizer = load_tokenizer(adapter_dir or model_dir)
     if adapter_dir:
         from peft import PeftModel
 
-        from .stages.skeleton import trained_quantization
         model = load_base_as_trained(model_dir, trained_quantization(adapter_dir))
         model = PeftModel.from_pretrained(model, adapter_dir)
         if dtype is not None:  # merged first: one plain model in `dtype`, no LoRA matmuls per token

@@ -65,7 +65,7 @@ def component_origin(component: Any, family: str) -> tuple[str, str]:
         from .manager import registry
 
         fam = registry().family(family)
-        entries = fam._entries.items()
+        entries = fam.entries()
         match = next(((key, e) for key, e in entries if e.component is component), None)
         if match is None and not inspect.isroutine(component):  # a configured copy
             match = next(((key, e) for key, e in entries

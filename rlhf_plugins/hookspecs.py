@@ -23,7 +23,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 @hookspec
 def register_chat_templates(register):
-    """Register chat templates (Protocol :class:`rlhf_plugins.protocols.ChatTemplate`).
+    """Register chat templates (Protocol :class:`rlhf_plugins.protocols.ChatTemplateProtocol`).
 
     A template has ``render_text(messages, *, tokenizer=None, add_generation_prompt=False)``,
     ``encode(...)`` returning per-token ``input_ids``/``roles``/``turns``, and ``jinja``.
@@ -32,7 +32,8 @@ def register_chat_templates(register):
 
 @hookspec
 def register_masking_strategies(register):
-    """Register loss-masking strategies (Protocol :class:`rlhf_plugins.protocols.MaskingStrategy`).
+    """Register loss-masking strategies
+    (Protocol :class:`rlhf_plugins.protocols.MaskingStrategyProtocol`).
 
     A strategy has ``mask(encoded) -> list[int]`` (1 = the token is in the loss).
     """
@@ -42,7 +43,7 @@ def register_masking_strategies(register):
 
 @hookspec
 def register_reward_heads(register):
-    """Register reward/value heads (Protocol :class:`rlhf_plugins.protocols.RewardHead`).
+    """Register reward/value heads (Protocol :class:`rlhf_plugins.protocols.RewardHeadProtocol`).
 
     A head has ``build_module(hidden_size)``, ``collate(rows, ...)``,
     ``compute_loss(head_outputs, batch)`` and ``sequence_scores(head_outputs, batch)``.
@@ -51,7 +52,7 @@ def register_reward_heads(register):
 
 @hookspec
 def register_reward_functions(register):
-    """Register reward functions (Protocol :class:`rlhf_plugins.protocols.RewardFunction`).
+    """Register reward functions (Protocol :class:`rlhf_plugins.protocols.RewardFunctionProtocol`).
 
     A reward function is callable with TRL's signature
     ``f(prompts, completions, **columns) -> list[float | None]``.
@@ -63,7 +64,7 @@ def register_reward_functions(register):
 @hookspec
 def register_selection_rules(register):
     """Register rejection-sampling selection rules (Protocol
-    :class:`rlhf_plugins.protocols.SelectionRule`).
+    :class:`rlhf_plugins.protocols.SelectionRuleProtocol`).
 
     A rule has ``select(rewards, **params) -> list[tuple[int, int]]``.
     """
@@ -71,7 +72,8 @@ def register_selection_rules(register):
 
 @hookspec
 def register_advantage_estimators(register):
-    """Register advantage estimators (Protocol :class:`rlhf_plugins.protocols.AdvantageEstimator`).
+    """Register advantage estimators
+    (Protocol :class:`rlhf_plugins.protocols.AdvantageEstimatorProtocol`).
 
     An estimator is callable as ``est(rewards, *, num_generations=1, mask=None, values=None,
     gamma=1.0, lam=0.95)`` and has a boolean ``needs_values``.

@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs
+import rlhf_plugins.hookspecs as hookspecs  # the module (pluggy reads its specs), not the package
 from .errors import PluginError
 from .protocols import FAMILIES
 from .registry import Provenance, PluginInfo, Registry, check_component
+from .version import __version__
 
 logger = logging.getLogger("rlhf_plugins")
 
@@ -77,7 +78,6 @@ def _trace(message: str) -> None:
 
 
 def _version() -> str:
-    from . import __version__
     return __version__
 
 
@@ -189,7 +189,7 @@ def _commit(registry: Registry, info: PluginInfo, staged: list[tuple[str, str, A
     try:
         for family, name, component, override in staged:
             fam = registry.families[family]
-            previous = fam._entries.get(name)
+            previous = fam.entry(name)
             for message in fam.add(name, component, provenance, override):
                 logger.info(message)
                 registry.log.append(message)
@@ -197,10 +197,7 @@ def _commit(registry: Registry, info: PluginInfo, staged: list[tuple[str, str, A
             info.components.setdefault(family, []).append(name)
     except Exception:
         for family, name, previous in reversed(committed):
-            if previous is None:
-                registry.families[family]._entries.pop(name, None)
-            else:
-                registry.families[family]._entries[name] = previous
+            registry.families[family].restore(name, previous)
         raise
 
 

@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: what a finished stage writes next to its artifact: stage name, base model, settings (the
+#: quantization an adapter was trained with is read back from it)
+STAGE_FILE = "rlhf_plugins_stage.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,6 +111,32 @@ class QuantSettings:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
                                   bnb_4bit_use_double_quant=self.double_quant,
                                   bnb_4bit_compute_dtype=self.resolved_compute_dtype())
+
+
+def quant_settings(value: Any) -> QuantSettings | None:
+    """A `QuantSettings` from a mapping (as saved in reward_model.json), true/false, or itself."""
+    from .config import build_dataclass
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return QuantSettings()
+    if isinstance(value, QuantSettings):
+        return value
+    if isinstance(value, Mapping):
+        return build_dataclass(QuantSettings, value, "quantization")
+    raise ConfigError(f"quantization: expected a mapping or true/false, got {value!r}")
+
+
+def trained_quantization(artifact_dir: str | os.PathLike) -> QuantSettings | None:
+    """The base quantization a stage's saved adapter was trained with (from its STAGE_FILE):
+    a QuantSettings, or None (full precision, or not written by one of our stages)."""
+    path = Path(artifact_dir) / STAGE_FILE
+    try:
+        settings = json.loads(path.read_text()).get("settings") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return quant_settings(settings.get("quantization") if isinstance(settings, dict) else None)
 
 
 def resolve_adapter_settings(lora: Any, peft: Any, quantization: Any

@@ -22,7 +22,7 @@ from .stage_api import Stage as _Stage
 
 
 @runtime_checkable
-class ChatTemplate(Protocol):
+class ChatTemplateProtocol(Protocol):
     """Renders a conversation segment-aware (family ``chat_templates``).
 
     Required:
@@ -38,7 +38,7 @@ class ChatTemplate(Protocol):
     Optional (default in brackets):
 
     - ``validate(messages, *, row=None, for_training=False) -> list[dict]``
-      [:func:`~rlhf_plugins.conversation.validate_messages` limited to ``roles``];
+      [:func:`~rlhf_plugins.messages.validate_messages` limited to ``roles``];
     - ``roles``: the roles it renders [any of system/user/assistant/tool];
     - ``stop_strings(tokenizer=None) -> list[str]``: strings that end an assistant turn
       [the tokenizer's eos token];
@@ -57,7 +57,7 @@ class ChatTemplate(Protocol):
 
 
 @runtime_checkable
-class MaskingStrategy(Protocol):
+class MaskingStrategyProtocol(Protocol):
     """Chooses which tokens of an encoded conversation are trained (family ``masking_strategies``).
 
     Required: ``mask(encoded) -> list[int]``, 0/1, one per ``encoded.input_ids`` token (the
@@ -68,7 +68,7 @@ class MaskingStrategy(Protocol):
 
 
 @runtime_checkable
-class RewardHead(Protocol):
+class RewardHeadProtocol(Protocol):
     """A reward/value head on a causal-LM backbone (family ``reward_heads``).
 
     Required:
@@ -106,7 +106,7 @@ class RewardHead(Protocol):
 
 
 @runtime_checkable
-class SelectionRule(Protocol):
+class SelectionRuleProtocol(Protocol):
     """Picks completions for rejection sampling (family ``selection_rules``).
 
     Required: ``select(rewards, **options)`` takes one list of rewards per prompt (None/NaN:
@@ -117,7 +117,7 @@ class SelectionRule(Protocol):
 
 
 @runtime_checkable
-class AdvantageEstimator(Protocol):
+class AdvantageEstimatorProtocol(Protocol):
     """Turns rewards (and values) into advantages (family ``advantage_estimators``).
 
     Required: callable as ``est(rewards, *, num_generations=1, mask=None, values=None,
@@ -138,7 +138,7 @@ class AdvantageEstimator(Protocol):
 
 
 @runtime_checkable
-class RewardFunction(Protocol):
+class RewardFunctionProtocol(Protocol):
     """A reward function with TRL's signature (family ``reward_functions``).
 
     Required: ``f(prompts, completions, **columns) -> list[float | None]``; ``None`` excludes a
@@ -216,7 +216,7 @@ def label_kind_names() -> tuple[str, ...]:
 
 def _template_validate(component: Any, messages: Any, *, row: Any = None,
                        for_training: bool = False) -> list[dict]:
-    from .conversation import validate_messages
+    from .messages import validate_messages
 
     return validate_messages(messages, row=row, for_training=for_training,
                              allowed_roles=getattr(component, "roles", None) or None,
@@ -309,20 +309,20 @@ _ABSENT = object()
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
     for spec in (
-        FamilySpec("chat_templates", "register_chat_templates", ChatTemplate,
+        FamilySpec("chat_templates", "register_chat_templates", ChatTemplateProtocol,
                    methods=("render_text", "encode"), attributes=("jinja",),
                    optional=tuple(DEFAULTS["chat_templates"])),
-        FamilySpec("masking_strategies", "register_masking_strategies", MaskingStrategy,
+        FamilySpec("masking_strategies", "register_masking_strategies", MaskingStrategyProtocol,
                    methods=("mask",)),
-        FamilySpec("reward_heads", "register_reward_heads", RewardHead,
+        FamilySpec("reward_heads", "register_reward_heads", RewardHeadProtocol,
                    methods=("build_module", "encode", "collate", "compute_loss", "sequence_scores"),
                    optional=tuple(DEFAULTS["reward_heads"]),
                    choices=(("label_kind", LABEL_KINDS),)),
-        FamilySpec("selection_rules", "register_selection_rules", SelectionRule,
+        FamilySpec("selection_rules", "register_selection_rules", SelectionRuleProtocol,
                    methods=("select",)),
-        FamilySpec("advantage_estimators", "register_advantage_estimators", AdvantageEstimator,
-                   callable_component=True, optional=tuple(DEFAULTS["advantage_estimators"])),
-        FamilySpec("reward_functions", "register_reward_functions", RewardFunction,
+        FamilySpec("advantage_estimators", "register_advantage_estimators",
+                   AdvantageEstimatorProtocol, callable_component=True, optional=tuple(DEFAULTS["advantage_estimators"])),
+        FamilySpec("reward_functions", "register_reward_functions", RewardFunctionProtocol,
                    callable_component=True),
         FamilySpec("policy_losses", "register_policy_losses", PolicyLossFunction,
                    callable_component=True),

@@ -119,6 +119,21 @@ class Family(Generic[T]):
         self._entries[name] = Entry(component, provenance)
         return messages
 
+    def entry(self, name: str) -> Entry[T] | None:
+        """The entry (component + provenance) registered as `name`, or None."""
+        return self._entries.get(name)
+
+    def entries(self) -> list[tuple[str, Entry[T]]]:
+        """(name, entry) of every component, in registration order."""
+        return list(self._entries.items())
+
+    def restore(self, name: str, entry: Entry[T] | None) -> None:
+        """Put `entry` back as `name` (None removes the name): rolls back an `add`."""
+        if entry is None:
+            self._entries.pop(name, None)
+        else:
+            self._entries[name] = entry
+
     def get(self, name: str, **options: Any) -> T:
         """The component called `name`, configured with `options` when given."""
         entry = self._entries.get(name)

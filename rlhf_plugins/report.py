@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .cache import atomic_write_text  # noqa: F401 - re-exported (pipeline, tests)
+from .cache import atomic_write_text
 
 CURVE_KEYS = ("loss", "eval_loss", "reward", "kl", "value_loss", "accuracy", "eval_accuracy")
 
@@ -163,12 +163,23 @@ def accuracy_table(evals: Mapping[str, Mapping[str, Any]], stages: Mapping[str, 
                     f"{c['difference']:+.3f}, paired bootstrap 95% CI [{c['ci_low']:+.3f}, "
                     f"{c['ci_high']:+.3f}] ({verdict}); {c['gained']} gained, {c['lost']} lost, "
                     f"McNemar exact p = {c['mcnemar_p']:.3g}.")
-    from .stages.gate import gate_line
-
     gates = [gate_line(name, evals[name]["gate"]) for name in names if evals[name].get("gate")]
     if gates:
         out += "\n\n" + "\n\n".join(gates)
     return out
+
+
+def gate_line(stage: str, gate: Mapping[str, Any]) -> str:
+    """One report line: the gate's validation numbers and what the pipeline did."""
+    rule = {"better": "more right", "not_worse": "at least as many right",
+            "significant": "more right with the interval above zero"}[gate["rule"]]
+    verdict = ("kept" if gate["kept"] else
+               f"not kept, so the pipeline goes on with the {gate['incumbent']} model (the {stage} row "
+               "repeats its test answers)")
+    return (f"Validation gate after {stage}: {gate['candidate_accuracy']:.3f} vs {gate['incumbent']}'s "
+            f"{gate['incumbent_accuracy']:.3f} on {gate['n']} validation problems, paired change "
+            f"{gate['difference']:+.3f} [{gate['ci_low']:+.3f}, {gate['ci_high']:+.3f}] "
+            f"({gate['gained']} gained, {gate['lost']} lost; kept when it gets {rule}): {verdict}.")
 
 
 def reward_model_line(stages: Mapping[str, Any]) -> str:

@@ -240,7 +240,7 @@ def resolve_reward_functions(
     Unknown names raise :class:`~rlhf_plugins.errors.UnknownComponentError` before any work.
     """
     if registry is None:
-        from . import registry as get_registry
+        from .manager import registry as get_registry
 
         registry = get_registry()
     family = registry.family("reward_functions")

@@ -27,17 +27,20 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 from .advantage_types import Advantages
-from .conversation import (DEFAULT_ROLES, TEMPLATE_ROLE, Encoded, Segment, encode_segments, scaffold,
-                           validate_messages)
+from .conversation import Encoded
+from .data.synthetic_rows import SyntheticRows, build_rows
 from .errors import ConfigError, DataError
+from .messages import DEFAULT_ROLES, validate_messages
 from .options import coerce, field_hints, option, options_schema
 from .protocols import DEFAULTS, label_kind_names
+from .rewarding import completion_text
+from .segments import TEMPLATE_ROLE, Segment, encode_segments, scaffold
 from .stage_api import Stage, StageContext, StageOutputs, StageResult, flat_metrics
 
 __all__ = ["Component", "ChatTemplate", "MaskingStrategy", "RewardHead", "SelectionRule",
            "AdvantageEstimator", "Advantages", "RewardFunction", "PolicyLoss", "option",
-           "Segment", "Encoded", "scaffold", "TEMPLATE_ROLE", "DEFAULT_ROLES",
-           "Stage", "StageContext", "StageOutputs", "StageResult", "flat_metrics"]
+           "Segment", "Encoded", "scaffold", "TEMPLATE_ROLE", "DEFAULT_ROLES", "SyntheticRows",
+           "completion_text", "Stage", "StageContext", "StageOutputs", "StageResult", "flat_metrics"]
 
 
 @dataclass(frozen=True)
@@ -210,9 +213,17 @@ class RewardHead(Component):
         """Per-batch metrics as ``name -> (sum, count)`` (default: none)."""
         return {}
 
+    def synthetic_format(self) -> SyntheticRows | None:
+        """Which rows of the built-in synthetic task this head trains on (default: none)."""
+        return None
+
     def synthetic_rows(self, n: int, seed: int, split: str) -> list[dict[str, Any]]:
-        """Rows of the built-in synthetic task in this head's format (default: none; set a dataset)."""
-        return DEFAULTS["reward_heads"]["synthetic_rows"](self, n, seed, split)
+        """Rows of the built-in synthetic task, as `synthetic_format()` declares them (default:
+        none; set a dataset)."""
+        rows = self.synthetic_format()
+        if rows is None:
+            return DEFAULTS["reward_heads"]["synthetic_rows"](self, n, seed, split)
+        return build_rows(rows, n, seed, split)
 
 
 @dataclass(frozen=True)

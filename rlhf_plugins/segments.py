@@ -10,12 +10,10 @@ Importing this module does not import torch (nor tokenizers: that happens on fir
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
+from .conversation import Encoded
 from .errors import DataError
-
-if TYPE_CHECKING:
-    from .conversation import Encoded
 
 __all__ = ["TEMPLATE_ROLE", "Segment", "scaffold", "segment_encoder", "encode_segments"]
 
@@ -288,7 +286,7 @@ def segment_encoder(tokenizer: Any) -> _SegmentEncoder:
 
 
 def encode_segments(segments: Sequence[Segment], tokenizer: Any, *, messages: Sequence[dict] = (),
-                    text: str | None = None) -> "Encoded":
+                    text: str | None = None) -> Encoded:
     """Tokenize rendered segments into an `Encoded`, never producing a control token from content.
 
     Text between the template's control tokens is tokenized as one run (so ids equal
@@ -296,8 +294,6 @@ def encode_segments(segments: Sequence[Segment], tokenizer: Any, *, messages: Se
     each token takes the role/turn of the segment where it starts. Literal segments are never
     matched against the tokenizer's added tokens.
     """
-    from .conversation import Encoded
-
     ids, roles, turns = segment_encoder(tokenizer).encode(segments)
     if text is None:
         text = "".join(seg.text for seg in segments)

@@ -352,7 +352,7 @@ def test_strict_mode_names_the_failing_plugin_and_distribution(tmp_path, monkeyp
     ("def broken(:\n", ["SyntaxError"]),
     ("from rlhf_plugins import hookimpl\n\n@hookimpl\ndef register_selection_rules(register):\n"
      "    register(object(), name='not_a_rule_14')\n",
-     ["ComponentTypeError", "'not_a_rule_14' does not satisfy SelectionRule: missing select()"]),
+     ["ComponentTypeError", "'not_a_rule_14' does not satisfy SelectionRuleProtocol: missing select()"]),
     ("from rlhf_plugins import hookimpl\n\n@hookimpl\ndef register_chat_templatez(register):\n    pass\n",
      ["register_chat_templatez"]),
 ], ids=["raises", "syntax", "non-conforming", "misspelled-hook"])

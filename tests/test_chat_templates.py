@@ -378,7 +378,7 @@ def test_harmony_vocab_materialised_offline(tmp_path):
        gen=st.booleans())
 def test_cached_pretoken_path_equals_rust_offsets_path(messages, gen):
     """The per-pre-token fast path (byte-level BPE) gives the ids/roles of the Rust offsets path."""
-    from rlhf_plugins.conversation import _SegmentEncoder
+    from rlhf_plugins.segments import _SegmentEncoder
     tok = TOKENIZERS["default"]
     tpl = registry().chat_templates.get("zephyr")  # untrimmed content: whitespace at boundaries
     segs = tpl.segments(messages, tokenizer=tok, add_generation_prompt=gen)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_plugins.conversation import Encoded, validate_messages
+from rlhf_plugins.conversation import Encoded
 from rlhf_plugins.errors import DataError
+from rlhf_plugins.messages import validate_messages
 
 U = {"role": "user", "content": "hi"}
 A = {"role": "assistant", "content": "hello"}

@@ -16,7 +16,7 @@ from rlhf_plugins.builtin.advantage_estimators_more import (GDPO, GPG, MORE_ESTI
                                                             ReinforcePlusPlus, ReinforcePlusPlusBaseline,
                                                             ReMax)
 from rlhf_plugins.errors import ConfigError, DataError
-from rlhf_plugins.protocols import AdvantageEstimator as EstimatorProtocol
+from rlhf_plugins.protocols import AdvantageEstimatorProtocol as EstimatorProtocol
 from rlhf_plugins.protocols import FAMILIES, member, missing_members
 from rlhf_plugins.sdk import AdvantageEstimator
 

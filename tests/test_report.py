@@ -68,7 +68,7 @@ def test_generation_stops_at_an_answer_line_pattern():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from helpers_tokenizers import make_tokenizer
-    from rlhf_plugins.data.synth import ANSWER_STOP_PATTERN
+    from rlhf_plugins.data.problems import ANSWER_STOP_PATTERN
     from rlhf_plugins.generation import HFGenerator
 
     tok = make_tokenizer()

@@ -226,7 +226,7 @@ def test_declared_stop_string_ends_generation(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import LlamaForCausalLM
 
-    from rlhf_plugins.stages.generation import HFGenerator, encode_prompt, end_of_turn_token_ids
+    from rlhf_plugins.generation import HFGenerator, encode_prompt, end_of_turn_token_ids
 
     tok = make_tokenizer("default")
     tok.add_special_tokens({"additional_special_tokens": [STOP]})

@@ -11,6 +11,8 @@ import pytest
 import rlhf_plugins
 from rlhf_plugins.cli.main import main
 from rlhf_plugins.data import synth
+from rlhf_plugins.data.problems import (INSTRUCTION, KINDS, SPLITS, generate_problems, make_problem,
+                                        split_of)
 from rlhf_plugins.errors import ConfigError
 
 N = 300
@@ -58,7 +60,7 @@ def arithmetic_ok(step):
 
 
 def test_course_notes_example_problem(exact):
-    p = synth.make_problem("percent", (15, 80))
+    p = make_problem("percent", (15, 80))
     assert p.question == "What is 15% of 80?"
     assert p.steps == ("15% = 0.15.", "0.15 * 80 = 12.", "The answer is 12.")
     assert p.solution == "15% = 0.15.\n\n0.15 * 80 = 12.\n\nThe answer is 12."
@@ -71,48 +73,48 @@ def test_course_notes_example_problem(exact):
 
 
 def test_deterministic_by_seed():
-    a = synth.generate_problems(N, seed=3)
-    assert a == synth.generate_problems(N, seed=3)
-    assert a != synth.generate_problems(N, seed=4)
+    a = generate_problems(N, seed=3)
+    assert a == generate_problems(N, seed=3)
+    assert a != generate_problems(N, seed=4)
     for build in synth.ROW_BUILDERS.values():
         assert build(40, 5, "train") == build(40, 5, "train")
         assert build(40, 5, "train") != build(40, 6, "train")
     # generation is sequential: the first problems do not depend on n
-    assert synth.generate_problems(50, seed=3) == a[:50]
+    assert generate_problems(50, seed=3) == a[:50]
 
 
 def test_splits_are_disjoint_and_problems_distinct():
     keys = {}
-    for split in synth.SPLITS:
+    for split in SPLITS:
         for seed in (0, 1):
-            ps = synth.generate_problems(N if split == "train" else 150, seed=seed, split=split)
+            ps = generate_problems(N if split == "train" else 150, seed=seed, split=split)
             assert all(p.split == split for p in ps)
             these = [(p.kind, p.numbers) for p in ps]
             assert len(set(these)) == len(these)
             keys.setdefault(split, set()).update(these)
-            assert all(synth.split_of(k, v) == split for k, v in these)
+            assert all(split_of(k, v) == split for k, v in these)
     assert not keys["train"] & keys["test"]
     assert not keys["train"] & keys["validation"]
     assert not keys["validation"] & keys["test"]
-    questions = {split: {synth.make_problem(k, v).question for k, v in ks} for split, ks in keys.items()}
+    questions = {split: {make_problem(k, v).question for k, v in ks} for split, ks in keys.items()}
     assert not questions["train"] & questions["test"]
 
 
 def test_every_kind_appears_and_can_be_restricted():
-    ps = synth.generate_problems(N)
-    assert {p.kind for p in ps} == set(synth.KINDS)
-    only = synth.generate_problems(30, kinds=["percent"])
+    ps = generate_problems(N)
+    assert {p.kind for p in ps} == set(KINDS)
+    only = generate_problems(30, kinds=["percent"])
     assert {p.kind for p in only} == {"percent"}
     with pytest.raises(ConfigError, match="unknown synthetic problem kind 'division'"):
-        synth.generate_problems(3, kinds=["division"])
+        generate_problems(3, kinds=["division"])
     with pytest.raises(ConfigError, match="unknown synthetic split 'dev'"):
-        synth.generate_problems(3, split="dev")
+        generate_problems(3, split="dev")
     with pytest.raises(ConfigError, match="could not find 300 distinct test problems"):
-        synth.generate_problems(300, split="test", kinds=["mul"])
+        generate_problems(300, split="test", kinds=["mul"])
 
 
 def test_correct_solutions_verify_and_every_step_is_right(exact, fmt):
-    ps = synth.generate_problems(N, seed=1)
+    ps = generate_problems(N, seed=1)
     for p in ps:
         assert Fraction(p.answer) == reference_answer(p.kind, p.numbers)
         assert p.steps[-1] == f"The answer is {p.answer}."
@@ -131,7 +133,7 @@ def test_sft_rows(exact):
     for row in rows:
         user, assistant = row["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
-        assert synth.INSTRUCTION in user["content"]
+        assert INSTRUCTION in user["content"]
         assert exact([user["content"]], [[assistant]], answer=[row["answer"]]) == [1.0]
 
 
@@ -275,7 +277,7 @@ def test_datasets_are_hf_datasets():
 
 def test_solutions_stay_short():
     # ~4 characters per token for this text: keeps prompt + solution well under ~96 tokens
-    for p in synth.generate_problems(N, seed=7):
+    for p in generate_problems(N, seed=7):
         assert len(p.prompt_text) + len(p.solution) < 300
 
 
@@ -309,3 +311,47 @@ def test_cli_table_and_errors(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path), "--n", "-1"]) == 2
     assert "--n: expected a positive integer, got -1" in capsys.readouterr().err
     assert main(["data", "synth", "--out", str(tmp_path), "--splits", "dev"]) == 2
+
+
+def test_reward_heads_get_the_rows_they_declare():
+    """A head declares its rows (sdk.SyntheticRows); data/ builds them with the task's builders."""
+    from dataclasses import dataclass
+
+    from rlhf_plugins.sdk import RewardHead, SyntheticRows
+
+    heads = rlhf_plugins.registry().reward_heads
+    n, seed = 10, 3
+    assert heads.get("prm").synthetic_rows(n, seed, "train") == synth.step_rows(n, seed, "train")
+    assert heads.get("value").synthetic_rows(n, seed, "test") == synth.outcome_rows(n, seed, "test")
+    # 4 candidates per problem: 3 problems, the first 10 of their 12 rows
+    assert heads.get("orm").synthetic_rows(n, seed, "train") == synth.outcome_rows(
+        3, seed, "train", unsupported_fraction=0.5, per_prompt=4)[:n]
+    assert heads.get("bradley_terry", loss="balanced").synthetic_rows(n, seed, "train") \
+        == synth.ranked_rows(n, seed, "train")
+    pairs = synth.preference_rows(n, seed, "train", rambling_fraction=1 / 3, unsupported_fraction=1 / 3)
+    assert heads.get("bradley_terry").synthetic_rows(n, seed, "train") == pairs
+    margin = heads.get("bradley_terry", loss="margin").synthetic_rows(n, seed, "train")
+    assert [{k: v for k, v in r.items() if k != "margin"} for r in margin] == pairs
+    assert [r["margin"] for r in margin] == [0.0 if r["rejected_kind"] == "rambling" else 1.0
+                                              for r in pairs]
+    assert {r["rejected_kind"] for r in pairs} == {"rambling", "unsupported", "error"}
+
+    @dataclass(frozen=True)
+    class NoRows(RewardHead):
+        name = "no_rows"
+
+    @dataclass(frozen=True)
+    class StepRows(RewardHead):
+        name = "step_rows"
+        label_kind = "step"
+
+        def synthetic_format(self):
+            return SyntheticRows("step", {"error_fraction": 1.0})
+
+    with pytest.raises(ConfigError, match="reward head 'no_rows' has no built-in synthetic rows"):
+        NoRows().synthetic_rows(2, 0, "train")
+    assert StepRows().synthetic_rows(4, 1, "train") == synth.step_rows(4, 1, "train", error_fraction=1.0)
+    with pytest.raises(ConfigError, match="kind must be one of"):
+        SyntheticRows("pairs")
+    with pytest.raises(ConfigError, match="a margin needs preference rows"):
+        SyntheticRows("outcome", margin=True)

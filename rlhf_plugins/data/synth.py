@@ -24,7 +24,8 @@ another, whatever the seeds.
 Dataset builders return Hugging Face ``datasets.Dataset`` objects (imported lazily); prompts
 and completions are conversational (TRL's format): ``prompt = [{"role": "user", ...}]``,
 completions ``[{"role": "assistant", ...}]``. The ``*_rows`` functions return plain lists of
-dicts (what the CLI writes as JSONL).
+dicts (what the CLI writes as JSONL). The problems themselves (`Problem`, `generate_problems`,
+the splits and the answer format) live in :mod:`rlhf_plugins.data.problems`.
 """
 
 from __future__ import annotations
@@ -36,25 +37,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..cache import atomic_write_lines, atomic_write_text
 from ..errors import ConfigError
-from .problems import (  # noqa: F401 - re-exported: the task's public names live here too
-    ANSWER_STOP_PATTERN,
-    ANSWER_TEMPLATE,
-    HELD_OUT_SPLIT,
-    INSTRUCTION,
-    KINDS,
-    Problem,
-    SPLITS,
-    STEP_SEPARATOR,
-    answer_line,
-    check_n,
-    check_split,
-    fmt_number,
-    generate_problems,
-    inject_error,
-    make_problem,
-    rng_for,
-    split_of,
-)
+from .problems import (ANSWER_TEMPLATE, STEP_SEPARATOR, Problem, check_n, check_split,
+                       generate_problems, inject_error, rng_for)
 
 
 def _assistant(steps: Sequence[str]) -> list[dict[str, str]]:

@@ -83,15 +83,3 @@ def carried_eval(incumbent_eval: Mapping[str, Any], verdict: Mapping[str, Any],
     """The held-out result after a stage whose model was not kept: the incumbent's, marked so."""
     return {**incumbent_eval, "gate": {**verdict, "incumbent": incumbent}}
 
-
-def gate_line(stage: str, gate: Mapping[str, Any]) -> str:
-    """One report line: the gate's validation numbers and what the pipeline did."""
-    rule = {"better": "more right", "not_worse": "at least as many right",
-            "significant": "more right with the interval above zero"}[gate["rule"]]
-    verdict = ("kept" if gate["kept"] else
-               f"not kept, so the pipeline goes on with the {gate['incumbent']} model (the {stage} row "
-               "repeats its test answers)")
-    return (f"Validation gate after {stage}: {gate['candidate_accuracy']:.3f} vs {gate['incumbent']}'s "
-            f"{gate['incumbent_accuracy']:.3f} on {gate['n']} validation problems, paired change "
-            f"{gate['difference']:+.3f} [{gate['ci_low']:+.3f}, {gate['ci_high']:+.3f}] "
-            f"({gate['gained']} gained, {gate['lost']} lost; kept when it gets {rule}): {verdict}.")

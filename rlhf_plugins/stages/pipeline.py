@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..cache import atomic_write_text
 from ..config import at, build_dataclass, config_hash, load_stage_config, load_yaml, suggest
 from ..errors import ConfigError, RlhfPluginsError
-from ..report import atomic_write_text, write_report
+from ..report import write_report
 from ..stage_api import StageContext, StageOutputs
 from .distributed import is_main_process, main_process_first
 from .gate import GateSettings, carried_eval, check_gate, decide
@@ -279,7 +280,7 @@ class Pipeline:
 
     def warn_requantizing(self, name: str, policy: str, quantization: Any) -> None:
         """Warn when stage `name` would load a policy an earlier stage produced in 4 bits."""
-        from .reward_export import quant_settings
+        from ..models import quant_settings
 
         quant = quant_settings(quantization)  # a section's mapping or QuantSettings, or None
         if quant is not None and quant.load_in_4bit and policy != self.base_model():

@@ -311,7 +311,7 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
     if settings.reward_adapter is not None:
         from .reward_model import attach_reward_adapter
 
-        from .reward_export import quant_settings
+        from ..models import quant_settings
         from .reward_model import read_meta
 
         recorded = quant_settings(read_meta(settings.reward_adapter).get("quantization"))

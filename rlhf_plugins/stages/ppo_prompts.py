@@ -36,7 +36,7 @@ def check_prompt_column(prompts: Sequence[Any], source: str) -> None:
     """DataError naming the 1-based row of a prompt that is neither a non-empty string nor a valid
     message list (known roles, not ending with an assistant turn), or whose form differs from the
     first row's (TRL treats the whole dataset as conversational or not from one row)."""
-    from ..conversation import validate_messages
+    from ..messages import validate_messages
     from ..guard import row_number
 
     first: str | None = None

@@ -110,7 +110,7 @@ def load_reward_scorer(settings: PPOSettings, policy: Any, model_path: str) -> t
     to the policy (a second adapter, no second base); anything else (another base, another
     quantization, a full or transformers reward model) loads as a separate model, as trained.
     """
-    from .reward_export import quant_settings
+    from ..models import quant_settings
     from .reward_model import META_FILE, attach_reward_adapter, load_reward_model, read_meta
 
     directory = Path(settings.reward_model)

@@ -326,9 +326,9 @@ def load_reward_model(artifact_dir: str | os.PathLike, *, quantization: Any = RE
     `template` overrides the chat template (a plugin name).
     """
     from .. import registry
-    from ..models import load_causal_lm, load_tokenizer, resolve_model
+    from ..models import load_causal_lm, load_tokenizer, quant_settings, resolve_model
     from .reward_export import (is_hf_reward_model_dir, load_classification_model,
-                                load_hf_reward_model, quant_settings, score_layer)
+                                load_hf_reward_model, score_layer)
 
     directory = Path(artifact_dir)
     if not (directory / META_FILE).is_file() and is_hf_reward_model_dir(directory):

@@ -213,7 +213,7 @@ def load_prompt_rows(settings: SamplingSettings) -> tuple[list[dict[str, Any]], 
 
 def check_prompt(prompt: Any, i: int, label: str) -> list[dict]:
     """A prompt as validated messages (a DataError naming the 1-based row; no final assistant turn)."""
-    from ..conversation import validate_messages
+    from ..messages import validate_messages
     from ..guard import row_number
 
     row = row_number(label, i)

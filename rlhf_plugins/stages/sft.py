@@ -28,7 +28,7 @@ from ..errors import ComponentError, ConfigError, DataError, RlhfPluginsError
 from ..guard import check_mask, guarded, located, row_place
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
 from .resume import check_run_config
-from .skeleton import STAGE_FILE  # noqa: F401 - re-exported: where a finished stage is recorded
+from ..models import STAGE_FILE  # noqa: F401 - re-exported: where a finished stage is recorded
 from .skeleton import (SYNTHETIC, build_trl_config, finish_stage, keep_float32_adapter_on_cpu,
                        load_dataset_source, load_trainable_model, resume_checkpoint,
                        stage_config)

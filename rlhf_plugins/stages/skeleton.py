@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..cache import atomic_write_json
 from ..errors import ConfigError, DataError
+from ..models import STAGE_FILE
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 #: the `dataset` value naming a stage's built-in synthetic task
 SYNTHETIC = "synthetic"
-#: what a finished stage writes next to its artifact: stage name, base model, settings
-STAGE_FILE = "rlhf_plugins_stage.json"
 #: `datasets` builders by file suffix; any other file is read as JSON lines
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 #: files that mark a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
@@ -384,24 +383,9 @@ def finish_stage(trainer: Any, output_dir: str | os.PathLike, metrics: dict[str,
     return metrics
 
 
-def trained_quantization(artifact_dir: str | os.PathLike) -> Any:
-    """The base quantization a stage's saved adapter was trained with (from its STAGE_FILE):
-    a QuantSettings, or None (full precision, or not written by one of our stages)."""
-    import json
-
-    from .reward_export import quant_settings
-
-    path = Path(artifact_dir) / STAGE_FILE
-    try:
-        settings = json.loads(path.read_text()).get("settings") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    return quant_settings(settings.get("quantization") if isinstance(settings, dict) else None)
-
-
 __all__ = [
-    "FILE_BUILDERS", "STAGE_FILE", "SYNTHETIC", "apply_overrides", "build_trl_config",
+    "FILE_BUILDERS", "SYNTHETIC", "apply_overrides", "build_trl_config",
     "finish_stage", "keep_float32_adapter_on_cpu", "last_checkpoint", "load_dataset_source",
     "load_trainable_model", "parse_override", "read_stage_source", "resource_metrics",
-    "resume_checkpoint", "stage_config", "trained_quantization",
+    "resume_checkpoint", "stage_config",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..report import atomic_write_text
+from ..cache import atomic_write_text
 from .distributed import main_process_first
 
 logger = logging.getLogger(__name__)
