@@ -20,7 +20,7 @@ from .errors import (
 from .hookspecs import hookimpl
 from .manager import registry
 from .decorators import (advantage_estimator, chat_template, load_plugin_module, masking_strategy,
-                         policy_loss, reward_function, reward_head, selection_rule)
+                         policy_loss, preference_loss, reward_function, reward_head, selection_rule)
 
 __all__ = [
     "__version__",
@@ -33,6 +33,7 @@ __all__ = [
     "selection_rule",
     "advantage_estimator",
     "policy_loss",
+    "preference_loss",
     "load_plugin_module",
     "RlhfPluginsError",
     "ConfigError",

@@ -245,3 +245,7 @@ class Registry:
     @property
     def policy_losses(self) -> Family[Any]:
         return self.families["policy_losses"]
+
+    @property
+    def preference_losses(self) -> Family[Any]:
+        return self.families["preference_losses"]
