@@ -37,8 +37,8 @@ FAMILY_LABELS = {
     "selection_rules": "selection rule",
     "advantage_estimators": "advantage estimator",
     "reward_functions": "reward function",
-    "policy_losses": "policy loss",
     "preference_losses": "preference loss",
+    "policy_losses": "policy loss",
 }
 
 #: longest original message kept in a wrapped error (a component may raise megabytes of text)

@@ -151,24 +151,6 @@ class RewardFunction(Protocol):
 
 
 @runtime_checkable
-class PolicyLossFunction(Protocol):
-    """A policy objective (family ``policy_losses``).
-
-    Required: callable as ``loss(log_probs, old_log_probs, advantages, mask, *,
-    ref_log_probs=None)`` -> an object with ``.loss`` (a scalar differentiable in
-    ``log_probs``) and ``.metrics`` (a dict of floats).
-
-    Optional (default in brackets): ``agg``: the aggregation mode the loss uses [None: it
-    aggregates on its own]. With ``token_mean`` or ``seq_mean_token_sum_norm`` the trainer
-    passes ``norm_constant=`` (TRL's token normaliser of the generation batch, or the maximum
-    completion length) unless the loss's own ``norm_constant`` is set.
-    """
-
-    def __call__(self, log_probs: Any, old_log_probs: Any, advantages: Any, mask: Any, *,
-                 ref_log_probs: Any = None) -> Any: ...
-
-
-@runtime_checkable
 class PreferenceLossFunction(Protocol):
     """A direct-alignment (DPO-style) loss on paired completions (family ``preference_losses``).
 
@@ -187,6 +169,24 @@ class PreferenceLossFunction(Protocol):
     def __call__(self, chosen_logps: Any, rejected_logps: Any, ref_chosen_logps: Any = None,
                  ref_rejected_logps: Any = None, *, chosen_lengths: Any = None,
                  rejected_lengths: Any = None) -> Any: ...
+
+
+@runtime_checkable
+class PolicyLossFunction(Protocol):
+    """A policy objective (family ``policy_losses``).
+
+    Required: callable as ``loss(log_probs, old_log_probs, advantages, mask, *,
+    ref_log_probs=None)`` -> an object with ``.loss`` (a scalar differentiable in
+    ``log_probs``) and ``.metrics`` (a dict of floats).
+
+    Optional (default in brackets): ``agg``: the aggregation mode the loss uses [None: it
+    aggregates on its own]. With ``token_mean`` or ``seq_mean_token_sum_norm`` the trainer
+    passes ``norm_constant=`` (TRL's token normaliser of the generation batch, or the maximum
+    completion length) unless the loss's own ``norm_constant`` is set.
+    """
+
+    def __call__(self, log_probs: Any, old_log_probs: Any, advantages: Any, mask: Any, *,
+                 ref_log_probs: Any = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -281,8 +281,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "advantage_estimators": {"needs_values": False, "needs_reward_components": False,
                              "needs_greedy_baseline": False, "uses_token_rewards": False},
     "reward_functions": {"check_requirements": _reward_check_requirements},
-    "policy_losses": {"agg": None},
     "preference_losses": {"reference_free": False, "needs_lengths": False},
+    "policy_losses": {"agg": None},
 }
 
 
@@ -322,10 +322,10 @@ FAMILIES: dict[str, FamilySpec] = {
                    callable_component=True, optional=tuple(DEFAULTS["advantage_estimators"])),
         FamilySpec("reward_functions", "register_reward_functions", RewardFunction,
                    callable_component=True),
-        FamilySpec("policy_losses", "register_policy_losses", PolicyLossFunction,
-                   callable_component=True),
         FamilySpec("preference_losses", "register_preference_losses", PreferenceLossFunction,
                    callable_component=True, optional=tuple(DEFAULTS["preference_losses"])),
+        FamilySpec("policy_losses", "register_policy_losses", PolicyLossFunction,
+                   callable_component=True),
     )
 }
 

@@ -243,9 +243,9 @@ class Registry:
         return self.families["reward_functions"]
 
     @property
-    def policy_losses(self) -> Family[Any]:
-        return self.families["policy_losses"]
-
-    @property
     def preference_losses(self) -> Family[Any]:
         return self.families["preference_losses"]
+
+    @property
+    def policy_losses(self) -> Family[Any]:
+        return self.families["policy_losses"]

@@ -34,8 +34,8 @@ from .options import coerce, field_hints, option, options_schema
 from .protocols import DEFAULTS, label_kind_names
 
 __all__ = ["Component", "ChatTemplate", "MaskingStrategy", "RewardHead", "SelectionRule",
-           "AdvantageEstimator", "Advantages", "RewardFunction", "PolicyLoss", "PreferenceLoss",
-           "PreferenceObjective", "option",
+           "PreferenceLoss", "PreferenceObjective",
+           "AdvantageEstimator", "Advantages", "RewardFunction", "PolicyLoss", "option",
            "Segment", "Encoded", "scaffold", "TEMPLATE_ROLE", "DEFAULT_ROLES"]
 
 

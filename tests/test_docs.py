@@ -20,6 +20,7 @@ CONCEPT_PAGES = {
     "advantage_estimators": "advantage_estimators.md",
     "reward_functions": "reward_functions.md",
     "policy_losses": "policy_losses.md",
+    "preference_losses": "preference_losses.md",
 }
 
 

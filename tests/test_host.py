@@ -56,7 +56,7 @@ def test_builtin_plugins_load_ok_with_provenance():
 
     assert {p.name for p in builtins} == set(DEFAULT_PLUGINS)
     assert {"chat_templates", "masking", "reward_heads", "selection", "advantages", "rewards",
-            "policy_losses"} <= {p.name.rsplit(".", 1)[1] for p in builtins}
+            "policy_losses", "preference_losses"} <= {p.name.rsplit(".", 1)[1] for p in builtins}
     assert all(p.status == "ok" and p.distribution == "rlhf-plugins"
                and p.version == rlhf_plugins.__version__ for p in builtins)
 
@@ -105,6 +105,7 @@ def test_unknown_component_lists_names_and_suggests(rlhf_plugin):
     ("selection_rules", Select(), "has space", "invalid component name 'has space'"),
     ("selection_rules", Select(), 12, "needs a string name"),
     ("policy_losses", object(), "not_callable", "must be callable"),
+    ("preference_losses", object(), "not_callable", "must be callable"),
     ("reward_heads", Select(), "head", "missing build_module(), encode(), collate(), compute_loss(), "
                                        "sequence_scores()"),
     ("chat_templates", Select(), "tpl", "missing render_text(), encode(), attribute 'jinja'"),

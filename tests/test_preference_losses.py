@@ -399,3 +399,12 @@ def test_installed_and_script_losses_are_listed(tmp_path):
     assert {o["name"]: o["default"] for o in squared["options"]} == {"beta": 0.1, "target": 1.0}
     assert items["script_loss"]["plugin"] == "__script__"
     assert items["script_loss"]["description"] == "A preference loss registered from a script."
+
+
+def test_concept_page_snippet_runs():
+    from test_docs import DOCS, _python_blocks
+
+    blocks = _python_blocks(DOCS / "concepts" / "preference_losses.md")
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "preference_losses.md", "exec"), {})  # noqa: S102
