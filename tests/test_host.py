@@ -56,7 +56,7 @@ def test_builtin_plugins_load_ok_with_provenance():
 
     assert {p.name for p in builtins} == set(DEFAULT_PLUGINS)
     assert {"chat_templates", "masking", "reward_heads", "selection", "advantages", "rewards",
-            "policy_losses", "preference_losses"} <= {p.name.rsplit(".", 1)[1] for p in builtins}
+            "policy_losses"} <= {p.name.rsplit(".", 1)[1] for p in builtins}
     assert all(p.status == "ok" and p.distribution == "rlhf-plugins"
                and p.version == rlhf_plugins.__version__ for p in builtins)
 
