@@ -395,7 +395,8 @@ def test_installed_and_script_losses_are_listed(tmp_path):
     items = {item["name"]: item for item in json.loads(proc.stdout)}
     assert set(NAMES) | {"squared_margin", "script_loss"} == set(items)
     squared = items["squared_margin"]
-    assert (squared["plugin"], squared["distribution"], squared["version"]) == ("dpo_extra", "dpo-extra", "0.3.0")
+    assert (squared["plugin"], squared["distribution"], squared["version"]) == \
+        ("dpo_extra", "dpo-extra", "0.3.0")
     assert {o["name"]: o["default"] for o in squared["options"]} == {"beta": 0.1, "target": 1.0}
     assert items["script_loss"]["plugin"] == "__script__"
     assert items["script_loss"]["description"] == "A preference loss registered from a script."
