@@ -19,7 +19,8 @@ from .errors import (
 from .hookspecs import hookimpl
 from .manager import registry
 from .decorators import (advantage_estimator, chat_template, load_plugin_module, masking_strategy,
-                         policy_loss, reward_function, reward_head, selection_rule, stage)
+                         policy_loss, preference_loss, reward_function, reward_head, selection_rule,
+                         stage)
 
 __all__ = [
     "__version__",
@@ -31,6 +32,7 @@ __all__ = [
     "reward_head",
     "selection_rule",
     "advantage_estimator",
+    "preference_loss",
     "policy_loss",
     "stage",
     "load_plugin_module",

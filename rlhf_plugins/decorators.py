@@ -57,6 +57,10 @@ class _ScriptPlugin:
         self._register_all("advantage_estimators", register)
 
     @hookimpl
+    def register_preference_losses(self, register):
+        self._register_all("preference_losses", register)
+
+    @hookimpl
     def register_policy_losses(self, register):
         self._register_all("policy_losses", register)
 
@@ -124,6 +128,7 @@ masking_strategy = _decorator("masking_strategies", instantiate=True)
 reward_head = _decorator("reward_heads", instantiate=True)
 selection_rule = _decorator("selection_rules", instantiate=True)
 advantage_estimator = _decorator("advantage_estimators", instantiate=True)
+preference_loss = _decorator("preference_losses", instantiate=True)
 policy_loss = _decorator("policy_losses", instantiate=False)
 stage = _decorator("stages", instantiate=True)
 

@@ -1,10 +1,10 @@
 """Guards where plugin code and user input enter: every failure is one line naming the place.
 
 - :func:`guarded` / :func:`call_component`: a component (template, masking strategy, reward
-  function, selection rule, estimator, head, policy loss) that raises inside one of its members
-  becomes a :class:`~rlhf_plugins.errors.ComponentError` naming the component, the plugin and
-  distribution that provide it, the member and the original message. Errors the component
-  raises on purpose (the project's own exceptions) pass through unchanged.
+  function, selection rule, estimator, head, policy or preference loss) that raises inside one
+  of its members becomes a :class:`~rlhf_plugins.errors.ComponentError` naming the component,
+  the plugin and distribution that provide it, the member and the original message. Errors the
+  component raises on purpose (the project's own exceptions) pass through unchanged.
 - :func:`check_mask`: a masking strategy's output is one 0/1 value per token.
 - :func:`located`: the same exception, its message prefixed with a place (file, row).
 - :func:`check_output_dir`: an output folder that is a file (or under one, or not writable) is a
@@ -37,6 +37,7 @@ FAMILY_LABELS = {
     "selection_rules": "selection rule",
     "advantage_estimators": "advantage estimator",
     "reward_functions": "reward function",
+    "preference_losses": "preference loss",
     "policy_losses": "policy loss",
     "stages": "stage",
 }

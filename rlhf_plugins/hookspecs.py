@@ -93,3 +93,15 @@ def register_policy_losses(register):
     A policy loss is callable as ``loss(log_probs, old_log_probs, advantages, mask, *,
     ref_log_probs=None)`` and returns an object with ``.loss`` (scalar) and ``.metrics``.
     """
+
+
+@hookspec
+def register_preference_losses(register):
+    """Register preference (direct-alignment) losses (Protocol
+    :class:`rlhf_plugins.protocols.PreferenceLossFunction`).
+
+    A preference loss is callable as ``loss(chosen_logps, rejected_logps, ref_chosen_logps=None,
+    ref_rejected_logps=None, *, chosen_lengths=None, rejected_lengths=None)`` on summed completion
+    log-probs ``[B]`` and returns an object with ``.losses`` (per pair, ``[B]``),
+    ``.chosen_rewards``, ``.rejected_rewards`` (``[B]``) and ``.metrics``.
+    """

@@ -33,6 +33,7 @@ DEFAULT_PLUGINS = (
     "rlhf_plugins.builtin.advantages",
     "rlhf_plugins.builtin.rewards",
     "rlhf_plugins.builtin.policy_losses",
+    "rlhf_plugins.builtin.preference_losses",
     "rlhf_plugins.builtin.trl_rewards",
     "rlhf_plugins.stages.builtin",
 )

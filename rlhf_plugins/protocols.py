@@ -153,6 +153,27 @@ class RewardFunctionProtocol(Protocol):
 
 
 @runtime_checkable
+class PreferenceLossFunction(Protocol):
+    """A direct-alignment (DPO-style) loss on paired completions (family ``preference_losses``).
+
+    Required: callable as ``loss(chosen_logps, rejected_logps, ref_chosen_logps=None,
+    ref_rejected_logps=None, *, chosen_lengths=None, rejected_lengths=None)`` on summed
+    completion log-probs ``[B]`` (lengths: completion token counts ``[B]``) -> an object with
+    ``.losses`` (the per-pair loss ``[B]``, differentiable in the policy log-probs),
+    ``.chosen_rewards`` and ``.rejected_rewards`` (``[B]``, detached) and ``.metrics`` (a dict of
+    floats).
+
+    Optional (default in brackets): ``reference_free``: the loss never reads the reference
+    log-probs, so a stage computes none [False]; ``needs_lengths``: the caller must pass
+    ``chosen_lengths``/``rejected_lengths`` [False].
+    """
+
+    def __call__(self, chosen_logps: Any, rejected_logps: Any, ref_chosen_logps: Any = None,
+                 ref_rejected_logps: Any = None, *, chosen_lengths: Any = None,
+                 rejected_lengths: Any = None) -> Any: ...
+
+
+@runtime_checkable
 class PolicyLossFunction(Protocol):
     """A policy objective (family ``policy_losses``).
 
@@ -280,6 +301,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "advantage_estimators": {"needs_values": False, "needs_reward_components": False,
                              "needs_greedy_baseline": False, "uses_token_rewards": False},
     "reward_functions": {"check_requirements": _reward_check_requirements},
+    "preference_losses": {"reference_free": False, "needs_lengths": False},
     "policy_losses": {"agg": None},
     "stages": {"consumes": _Stage.consumes, "produces": _Stage.produces,
                **{name: getattr(_Stage, name) for name in (
@@ -324,6 +346,8 @@ FAMILIES: dict[str, FamilySpec] = {
                    AdvantageEstimatorProtocol, callable_component=True, optional=tuple(DEFAULTS["advantage_estimators"])),
         FamilySpec("reward_functions", "register_reward_functions", RewardFunctionProtocol,
                    callable_component=True),
+        FamilySpec("preference_losses", "register_preference_losses", PreferenceLossFunction,
+                   callable_component=True, optional=tuple(DEFAULTS["preference_losses"])),
         FamilySpec("policy_losses", "register_policy_losses", PolicyLossFunction,
                    callable_component=True),
         FamilySpec("stages", "register_stages", PipelineStage,

@@ -258,6 +258,10 @@ class Registry:
         return self.families["reward_functions"]
 
     @property
+    def preference_losses(self) -> Family[Any]:
+        return self.families["preference_losses"]
+
+    @property
     def policy_losses(self) -> Family[Any]:
         return self.families["policy_losses"]
 

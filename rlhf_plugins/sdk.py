@@ -38,6 +38,7 @@ from .segments import TEMPLATE_ROLE, Segment, encode_segments, scaffold
 from .stage_api import Stage, StageContext, StageOutputs, StageResult, flat_metrics
 
 __all__ = ["Component", "ChatTemplate", "MaskingStrategy", "RewardHead", "SelectionRule",
+           "PreferenceLoss", "PreferenceObjective",
            "AdvantageEstimator", "Advantages", "RewardFunction", "PolicyLoss", "option",
            "Segment", "Encoded", "scaffold", "TEMPLATE_ROLE", "DEFAULT_ROLES", "SyntheticRows",
            "completion_text", "Stage", "StageContext", "StageOutputs", "StageResult", "flat_metrics"]
@@ -321,3 +322,93 @@ class PolicyLoss:
 
     loss: Any
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# --- direct alignment ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """What a preference loss returns: per-pair ``losses`` [B], detached ``chosen_rewards`` and
+    ``rejected_rewards`` [B], and float ``metrics``."""
+
+    losses: Any
+    chosen_rewards: Any
+    rejected_rewards: Any
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreferenceObjective(Component):
+    """A preference loss: implement ``pair_losses(chosen, rejected, *, chosen_lengths,
+    rejected_lengths)`` on the per-pair log-ratios (policy minus reference; the policy log-probs
+    themselves when ``reference_free``).
+
+    ``__call__`` checks the inputs, forms the log-ratios, and returns :class:`PreferenceLoss`
+    with the rewards of :meth:`rewards` (``beta`` times the log-ratio, as TRL's DPOTrainer logs
+    them) and TRL's reward metrics (``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/accuracies``, ``rewards/margins``: batch means).
+    """
+
+    family: ClassVar[str] = "preference_losses"
+    #: the loss never reads reference log-probs (a stage then computes none)
+    reference_free: ClassVar[bool] = False
+    #: the caller must pass chosen_lengths/rejected_lengths (completion token counts)
+    needs_lengths: ClassVar[bool] = False
+
+    beta: float = option(0.1, help="temperature of the implicit reward beta * log-ratio (> 0; "
+                                    "TRL's DPOConfig.beta)")
+
+    def validate_options(self) -> None:
+        """`beta` is a finite number > 0."""
+        if isinstance(self.beta, bool) or not (isinstance(self.beta, (int, float))
+                                               and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+
+    def pair_losses(self, chosen: Any, rejected: Any, *, chosen_lengths: Any = None,
+                    rejected_lengths: Any = None) -> Any:
+        """The per-pair loss [B] from the chosen and rejected log-ratios [B]."""
+        raise NotImplementedError(f"preference loss {self.name!r} implements no pair_losses()")
+
+    def rewards(self, chosen: Any, rejected: Any, *, chosen_lengths: Any = None,
+                rejected_lengths: Any = None) -> tuple[Any, Any]:
+        """The detached implicit rewards of the chosen and rejected completions (beta * log-ratio)."""
+        return self.beta * chosen.detach(), self.beta * rejected.detach()
+
+    def __call__(self, chosen_logps: Any, rejected_logps: Any, ref_chosen_logps: Any = None,
+                 ref_rejected_logps: Any = None, *, chosen_lengths: Any = None,
+                 rejected_lengths: Any = None) -> PreferenceLoss:
+        """Per-pair losses, rewards and metrics for summed completion log-probs [B]."""
+        _check_pair_inputs(self, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                           chosen_lengths, rejected_lengths)
+        if self.reference_free:
+            chosen, rejected = chosen_logps, rejected_logps
+        else:
+            chosen, rejected = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+        lengths = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+        losses = self.pair_losses(chosen, rejected, **lengths)
+        chosen_rewards, rejected_rewards = self.rewards(chosen, rejected, **lengths)
+        metrics = {"rewards/chosen": chosen_rewards.mean().item(),
+                   "rewards/rejected": rejected_rewards.mean().item(),
+                   "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                   "rewards/margins": (chosen_rewards - rejected_rewards).mean().item()}
+        return PreferenceLoss(losses, chosen_rewards, rejected_rewards, metrics)
+
+
+def _check_pair_inputs(loss: PreferenceObjective, *tensors: Any) -> None:
+    """ConfigError naming `loss` when a needed input is missing or the shapes are not all [B]."""
+    names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+             "chosen_lengths", "rejected_lengths")
+    needed = names[:2] + (() if loss.reference_free else names[2:4]) \
+        + (names[4:] if loss.needs_lengths else ())
+    given = dict(zip(names, tensors))
+    missing = [n for n in needed if given[n] is None]
+    if missing:
+        why = "" if not set(missing) & set(names[2:4]) else " (it is not reference_free)"
+        raise ConfigError(f"{loss._label()}: needs {', '.join(missing)}{why}")
+    shape = getattr(given["chosen_logps"], "shape", None)
+    for n in needed:
+        got = getattr(given[n], "shape", None)
+        if got is None or len(got) != 1 or got != shape:
+            seen = tuple(got) if got is not None else type(given[n]).__name__
+            raise ConfigError(f"{loss._label()}: {n} must be a tensor of shape [B] matching "
+                              f"chosen_logps, got {seen}")

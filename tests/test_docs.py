@@ -21,6 +21,7 @@ CONCEPT_PAGES = {
     "reward_functions": "reward_functions.md",
     "policy_losses": "policy_losses.md",
     "stages": "stages.md",
+    "preference_losses": "preference_losses.md",
 }
 
 

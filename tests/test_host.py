@@ -105,6 +105,7 @@ def test_unknown_component_lists_names_and_suggests(rlhf_plugin):
     ("selection_rules", Select(), "has space", "invalid component name 'has space'"),
     ("selection_rules", Select(), 12, "needs a string name"),
     ("policy_losses", object(), "not_callable", "must be callable"),
+    ("preference_losses", object(), "not_callable", "must be callable"),
     ("reward_heads", Select(), "head", "missing build_module(), encode(), collate(), compute_loss(), "
                                        "sequence_scores()"),
     ("chat_templates", Select(), "tpl", "missing render_text(), encode(), attribute 'jinja'"),
