@@ -47,13 +47,13 @@ def draw_series(ax: Any, steps: list[float], values: list[float]) -> None:
     """One curve on `ax`: a line with its running mean, or (fewer than MIN_LINE_POINTS points)
     unconnected points, each annotated with its value."""
     if len(values) < MIN_LINE_POINTS:
-        ax.plot(steps, values, linestyle="none", marker="o", color="#1f4e96", ms=4)
+        ax.plot(steps, values, linestyle="none", marker="o", color="#1f4e96", ms=4,
+                label=f"{len(values)} logged point{'s' if len(values) != 1 else ''} (no line)")
         for x, y in zip(steps, values):
             ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 5),
                         ha="center", fontsize=7)
         ax.margins(x=0.25, y=0.3)
-        ax.text(0.02, 0.02, f"{len(values)} logged point{'s' if len(values) != 1 else ''}",
-                transform=ax.transAxes, fontsize=6, color="#555555")
+        ax.legend(fontsize=6, loc="best", frameon=False)
         return
     ax.plot(steps, values, color="#9db4d6", marker="." if len(steps) < 30 else None, lw=1)
     window = max(2, len(values) // 5)
@@ -139,16 +139,17 @@ def accuracy_figure(evals: Mapping[str, Mapping[str, Any]]) -> Any:
     labels = [model_label(n, evals[n]).replace("; ", ";\n") for n in names]
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
     bars = ax.bar(range(len(names)), acc, color="#4c72b0", yerr=errs, capsize=4, ecolor="#333333")
-    for bar, value, name in zip(bars, acc, names):
+    for bar, value, name, up in zip(bars, acc, names, errs[1]):
         if _not_kept(evals[name]):
             bar.set_facecolor("#c5d0e3")
             bar.set_hatch("//")
-        ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.2f}", ha="center", va="bottom")
+        ax.text(bar.get_x() + bar.get_width() / 2, value + up + 0.01, f"{value:.2f}", ha="center",
+                va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), labels, fontsize=7)
     if any(_not_kept(evals[n]) for n in names):
         ax.legend(handles=[Patch(facecolor="#c5d0e3", hatch="//", label="not kept by the gate")],
                   fontsize=7, loc="upper left", frameon=False)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel("held-out accuracy")
     ax.set_xlabel(textwrap.fill(accuracy_caption(evals), 70), fontsize=7)
     fig.tight_layout()
@@ -284,7 +285,7 @@ def reward_model_line(stages: Mapping[str, Any]) -> str:
         return (f"Reward model ({name}) held-out pairwise accuracy on {n} pairs: {float(before):.3f} "
                 f"[{lo_b:.3f}, {hi_b:.3f}]{pair_counts(m, 'heldout_before')} before training{tied} -> "
                 f"{float(after):.3f} [{lo_a:.3f}, {hi_a:.3f}]{pair_counts(m, 'heldout')} after "
-                f"({verdict} its pre-training value; Wilson 95% intervals, a tied pair counts half).")
+                f"({verdict} its pre-training value). Wilson 95% intervals; a tied pair counts half.")
     return ""
 
 
@@ -297,13 +298,13 @@ PRODUCED_COUNTS = {"selected": "selected samples", "pairs": "pairs", "train_pair
 def produced_nothing(stage: Mapping[str, Any]) -> list[str]:
     """What a stage's count metrics say it produced none of (`0 selected samples`); [] when fine."""
     metrics = stage.get("metrics") or {}
-    return [f"0 {PRODUCED_COUNTS[key.rsplit('.', 1)[-1]]} ({key})" for key, value in metrics.items()
+    return [f"0 {PRODUCED_COUNTS[key.rsplit('.', 1)[-1]]} (`{key}`)" for key, value in metrics.items()
             if key.rsplit(".", 1)[-1] in PRODUCED_COUNTS and value == 0 and not isinstance(value, bool)]
 
 
 def empty_stage_warnings(stages: Mapping[str, Any]) -> list[str]:
     """One line per stage that produced nothing usable, for the top of the report."""
-    return [f"{name} produced nothing usable: {', '.join(empty)} (its metrics are under Stages)."
+    return [f"{name} produced nothing usable: {', '.join(empty)}."
             for name, stage in stages.items() if (empty := produced_nothing(stage))]
 
 
@@ -314,7 +315,7 @@ def stage_status(name: str, stage: Mapping[str, Any], evals: Mapping[str, Mappin
     if _not_kept(result):
         status += f"; model not kept (the pipeline went on with {result['gate'].get('incumbent')}'s model)"
     empty = produced_nothing(stage)
-    return f"**warning:** {status}, produced nothing usable ({', '.join(empty)})" if empty else status
+    return f"**warning:** {status}, produced nothing usable: {', '.join(empty)}" if empty else status
 
 
 def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path:
