@@ -189,19 +189,14 @@ def _raw_trainer_metric(key: str) -> bool:
     return key.split(".")[-1] in RAW_TRAINER_METRICS
 
 
-def _held_by(name: str, result: Mapping[str, Any], not_kept: str) -> str:
-    """`name`, or `not_kept` filled in when a validation gate did not keep the stage's model."""
-    gate = result.get("gate") or {}
-    return name if gate.get("kept", True) else not_kept.format(name=name, incumbent=gate.get("incumbent"))
-
-
 #: what a stage's rows and plots say when the gate did not keep its model: the model they are of
 NOT_KEPT_LABEL = "{incumbent}'s model; {name} not kept"
 
 
 def model_label(name: str, result: Mapping[str, Any]) -> str:
     """The model a stage's held-out result is of: `name`, or (not kept by the gate) the incumbent's."""
-    return _held_by(name, result, NOT_KEPT_LABEL)
+    gate = result.get("gate") or {}
+    return name if gate.get("kept", True) else NOT_KEPT_LABEL.format(name=name, incumbent=gate.get("incumbent"))
 
 
 def correct_count(result: Mapping[str, Any]) -> float:
