@@ -80,6 +80,10 @@ def load_config_plugins(plugins: Any, path: Path) -> None:
 
     for spec in plugins:
         local = (path.parent / spec) if spec.endswith(".py") else None
+        if local is not None and not local.is_file() and not Path(spec).is_file():
+            relative = "" if Path(spec).is_absolute() else ", relative to the config file"
+            raise ConfigError(f"{path}: plugins: {spec}: file not found (looked for "
+                              f"{local.resolve()}{relative})")
         try:
             load_plugin_module(str(local) if local is not None and local.is_file() else spec)
         except ConfigError as exc:

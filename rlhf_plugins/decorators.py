@@ -141,7 +141,7 @@ def load_plugin_module(spec: str) -> Any:
     try:
         if spec.endswith(".py") or path.is_file():
             if not path.is_file():
-                raise ConfigError(f"--plugin {spec}: file not found")
+                raise ConfigError(f"--plugin {spec}: file not found (looked for {path.resolve()})")
             mod_name = f"rlhf_plugins_user_{abs(hash(str(path.resolve()))):x}"
             if mod_name in sys.modules:
                 return sys.modules[mod_name]

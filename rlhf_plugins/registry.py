@@ -153,7 +153,8 @@ class Family(Generic[T]):
         hint = f" Did you mean {close[0]!r}?" if close else ""
         available = ", ".join(names) if names else "(none)"
         return (f"unknown {self.name} component {name!r}.{hint} Available: {available}. "
-                "A plugin package may provide it: install it, then check `rlhf-plugins plugins`.")
+                "A plugin package may provide it: install it, then check `rlhf-plugins plugins`; "
+                "or load your own module with `--plugin FILE_OR_MODULE` or a config's `plugins:` list.")
 
     def names(self) -> list[str]:
         """Sorted component names."""

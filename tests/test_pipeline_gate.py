@@ -81,7 +81,7 @@ def test_a_stage_that_does_not_beat_its_start_on_validation_is_not_kept(tmp_path
     summary = json.loads((out / "rejection_sampling" / "summary.json").read_text())
     assert summary["policy"] == str(tiny_dir)
     text = report.read_text()
-    assert "| sft (not kept: base's model) |" in text
+    assert "| base's model; sft not kept |" in text
     assert "Validation gate after sft: 0.000 vs base's 0.000 on 6 validation problems" in text
     assert "not kept" in text and (out / "evals" / "gate" / "sft.json").is_file()
 

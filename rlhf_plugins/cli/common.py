@@ -1,6 +1,7 @@
 """Small helpers shared by command modules (light imports only)."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any, Sequence
@@ -13,16 +14,43 @@ def print_json(data: Any) -> None:
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print a table with rich (plain text when stdout is not a terminal)."""
+    """Print a table with rich (plain text when stdout is not a terminal); every string is shown
+    as it is (escaped: rich would take `[math]` in "rlhf-plugins[math]" for markup and drop it)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False)
+    table = Table(title=escape(title), show_lines=False)
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(escape(column), overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*("" if v is None else escape(str(v)) for v in row))
     Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160).print(table)
+
+
+#: where `-p/--plugin` given after a command (at nesting depth N) is parsed to: `PLUGINS_AFTER + N`
+#: (argparse gives each subcommand a fresh namespace, so one shared dest would drop earlier values)
+PLUGINS_AFTER = "plugins_after_command_"
+
+
+def add_plugin_option(parser: argparse.ArgumentParser, depth: int = 0) -> None:
+    """The repeatable ``-p/--plugin MODULE_OR_PATH`` option: on the top-level parser (depth 0)
+    and, recursively, on every command under it, so it may come before or after the command."""
+    parser.add_argument("-p", "--plugin", action="append", metavar="MODULE_OR_PATH",
+                        dest="plugin" if depth == 0 else f"{PLUGINS_AFTER}{depth}",
+                        default=[] if depth == 0 else argparse.SUPPRESS,
+                        help="import a module or .py file that registers components (repeatable; "
+                             "before or after the command)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(p): p for p in action.choices.values()}.values():  # aliases once
+                add_plugin_option(sub, depth + 1)
+
+
+def plugin_specs(args: argparse.Namespace) -> list[str]:
+    """Every ``--plugin`` value, in order: those before the command, then those after it."""
+    after = sorted(key for key in vars(args) if key.startswith(PLUGINS_AFTER))
+    return [*getattr(args, "plugin", []), *(spec for key in after for spec in getattr(args, key))]
 
 
 SET_EXAMPLE = "--set max_steps=10 --set lora.r=8"

@@ -12,6 +12,7 @@ from typing import Iterator, Sequence
 from .. import __version__
 from ..errors import RlhfPluginsError
 from ..guard import one_line
+from .common import add_plugin_option, plugin_specs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rlhf-plugins {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug)")
-    parser.add_argument("-p", "--plugin", action="append", default=[], metavar="MODULE_OR_PATH",
-                        help="import a module or .py file that registers components (repeatable)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     package = importlib.import_module(__package__)
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
@@ -34,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         add = getattr(module, "add_parser", None)
         if add is not None:
             add(subparsers)
+    add_plugin_option(parser)  # after the commands: it adds itself to each of them too
     return parser
 
 
@@ -83,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.plugin = plugin_specs(args)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
