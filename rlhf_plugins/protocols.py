@@ -121,20 +121,23 @@ class AdvantageEstimatorProtocol(Protocol):
     """Turns rewards (and values) into advantages (family ``advantage_estimators``).
 
     Required: callable as ``est(rewards, *, num_generations=1, mask=None, values=None,
-    gamma=1.0, lam=0.95)``, returning an object with ``.advantages`` ([B] or [B, T]) and
-    ``.returns`` ([B, T] or None).
+    gamma=1.0, lam=0.95, **extra)``, returning an object with ``.advantages`` ([B] or [B, T])
+    and ``.returns`` ([B, T] or None); ``extra`` holds what the capabilities below ask for.
+    The trainer checks those shapes at every call (:mod:`rlhf_plugins.advantage_contract`):
+    anything else is a ComponentError naming the plugin.
 
     Optional (default in brackets): ``needs_values``: a critic must supply ``values`` [False];
     ``needs_reward_components``: the trainer passes ``reward_components`` ([B, F]) and
     ``reward_weights`` ([F]) [False]; ``needs_greedy_baseline``: the trainer passes
     ``baseline_rewards`` ([B], the reward of a greedy completion per prompt) [False];
-    ``uses_token_rewards``: the estimator credits [B, T] token rewards (dense step rewards,
-    KL shaping) at their own tokens, as GAE and REINFORCE++ do; a sequence-level estimator
-    gets them too and sums each row (the trainer logs that once) [False].
+    ``uses_token_rewards``: the estimator gets [B, T] token rewards (dense step rewards, KL
+    shaping) as they are and credits them at their own tokens, as GAE and REINFORCE++ do; an
+    estimator without it always gets [B] rewards (each row's token rewards summed over its real
+    tokens) [False].
     """
 
     def __call__(self, rewards: Any, *, num_generations: int = 1, mask: Any = None,
-                 values: Any = None, gamma: float = 1.0, lam: float = 0.95) -> Any: ...
+                 values: Any = None, gamma: float = 1.0, lam: float = 0.95, **extra: Any) -> Any: ...
 
 
 @runtime_checkable

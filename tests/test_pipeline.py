@@ -45,6 +45,28 @@ def tiny_config(model: Path, out: Path, **overrides) -> dict:
     return config
 
 
+def check_accuracies_against_per_problem_files(out: Path, evals: dict, eval_split: str = "test") -> None:
+    """Each stage's accuracy is the fraction of the held-out problems it answered right,
+    recomputed from its per-problem file (`evals/<label>.json`: one `correct` flag per problem)
+    over the problems of the eval data file, in that file's order."""
+    problems = [json.loads(line) for line in (out / "data" / f"rl_{eval_split}.jsonl").read_text().splitlines()
+                if line.strip()]
+    assert problems
+    for label, result in evals.items():
+        per_problem = json.loads((out / "evals" / f"{label}.json").read_text())["result"]
+        correct = per_problem["correct"]
+        assert len(correct) == len(problems) == result["n"], label
+        assert per_problem["uids"] == [p["uid"] for p in problems], label
+        assert all(isinstance(c, bool) for c in correct), label
+        assert result["accuracy"] == pytest.approx(sum(correct) / len(correct), abs=1e-12), label
+        kinds: dict[str, list[bool]] = {}
+        for problem, c in zip(problems, correct):
+            kinds.setdefault(problem["kind"], []).append(c)
+        assert result["accuracy_by_kind"] == pytest.approx({k: sum(v) / len(v) for k, v in kinds.items()}), label
+        for i, (problem, sample) in enumerate(zip(problems, result["samples"])):
+            assert sample["answer"] == problem["answer"] and sample["correct"] == correct[i], label
+
+
 def run_pipeline(config: dict):
     from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
 
@@ -69,6 +91,7 @@ def test_every_stage_runs_then_unchanged_stages_are_skipped(tmp_path, tiny_dir):
     for stage in ("sft", "reward_model", "rejection_sampling", "ppo"):
         assert f"| {stage} |" in text
     assert (out / "accuracy.png").is_file()
+    check_accuracies_against_per_problem_files(out, summary["evals"])
 
     # unchanged config: every stage is skipped; a changed PPO section reruns PPO alone
     again, _ = run_pipeline(config)
@@ -155,8 +178,8 @@ def test_smoke_pipeline_cli_on_the_embedded_model(tmp_path):
     assert summary["smoke"] is True
     assert list(summary["stages"]) == ["sft", "reward_model", "rejection_sampling", "ppo"]
     assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "ppo"}
-    for label, result in summary["evals"].items():
-        assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0, label
+    assert all(result["n"] == 8 for result in summary["evals"].values())
+    check_accuracies_against_per_problem_files(out, summary["evals"])
     print(f"smoke pipeline: {time.time() - started:.0f}s, accuracy "
           + ", ".join(f"{k}={v['accuracy']:.3f}" for k, v in summary["evals"].items()))
 

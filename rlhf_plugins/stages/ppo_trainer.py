@@ -56,8 +56,8 @@ import torch
 from torch import nn
 from trl import GRPOConfig, GRPOTrainer
 
+from ..advantage_contract import call_estimator
 from ..errors import ConfigError
-from ..guard import guarded
 from ..losses import kl_estimate, masked_mean, value_loss
 from ..protocols import member
 from .kl import AdaptiveKLController, make_kl_controller
@@ -377,9 +377,8 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
 
         device = mask.device
         if keep is None or bool(keep.all()):
-            with guarded(self.estimator, "advantage_estimators", "__call__()"):
-                result = self.estimator(rewards, num_generations=num_generations, mask=mask,
-                                        values=values, gamma=self.gamma, lam=self.lam, **extra)
+            result = call_estimator(self.estimator, rewards, num_generations=num_generations, mask=mask,
+                                    values=values, gamma=self.gamma, lam=self.lam, **extra)
             advantages = result.advantages.to(device=device, dtype=torch.float32)
             if self.whiten_advantages:
                 advantages = _whiten(advantages, mask if advantages.dim() == 2 else None)
@@ -392,10 +391,9 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
                 returns = torch.zeros(mask.shape, dtype=torch.float32, device=device)
             return Advantages(advantages, returns), advantages
         sub = {k: (v if k == "reward_weights" else v[rows]) for k, v in extra.items()}
-        with guarded(self.estimator, "advantage_estimators", "__call__()"):
-            result = self.estimator(rewards[rows], num_generations=num_generations, mask=mask[rows],
-                                    values=None if values is None else values[rows],
-                                    gamma=self.gamma, lam=self.lam, **sub)
+        result = call_estimator(self.estimator, rewards[rows], num_generations=num_generations,
+                                mask=mask[rows], values=None if values is None else values[rows],
+                                gamma=self.gamma, lam=self.lam, **sub)
         kept = result.advantages.to(device=device, dtype=torch.float32)
         if self.whiten_advantages:
             kept = _whiten(kept, mask[rows] if kept.dim() == 2 else None)
