@@ -358,27 +358,57 @@ class Pipeline:
         policy = "<policy of the previous stage>"
         self.paths = {key: f"<{key} data>" for key in DATA_FILES}
         stages = registered_stages()
-        # first every section without importing TRL (fields, types, plugins: seconds), then the
-        # full checks (the real TRL configs)
+        # every section parsed once, without importing TRL (fields, types, plugins: seconds) and
+        # kept for the run; then the full checks (the real TRL configs)
+        self.parsed = {}
         for name in self.s.stages:
             ctx = self.context(name, policy, validating=True)
-            _, settings, _ = self.stage_config(name, ctx, static=True)
+            _, settings, trl_kwargs = self.stage_config(name, ctx, static=True)
             model = getattr(settings, "model", None)
             if model is not None and model != policy:  # a section naming its own model
                 check_model_ref(model, f"{self.where(name)}.model")
             _located_check(self.where(name), member(stages[name], "stages", "quick_check"), settings)
+            self.parsed[name] = (ctx, settings, trl_kwargs)
         with tempfile.TemporaryDirectory() as scratch:
-            for name in self.s.stages:
-                ctx = self.context(name, policy, validating=True)
-                _, settings, trl_kwargs = self.stage_config(name, ctx)
+            for name, (_, settings, trl_kwargs) in self.parsed.items():
                 _located_check(self.where(name), member(stages[name], "stages", "check"), settings,
                                trl_kwargs, Path(scratch) / name)
+
+    def bind(self, name: str, ctx: StageContext) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """(merged section, settings, TRL kwargs) of stage `name` as parsed by `validate`, with
+        what the earlier stages produced (`ctx`) in place of the placeholders it was checked with.
+
+        Only the defaults that differ between the placeholder context and `ctx` (the incoming
+        policy, the reward model, data written from earlier stages) are set; the section is not
+        parsed again.
+        """
+        from ..protocols import member
+
+        stage = registered_stages()[name]
+        checked_ctx, settings, trl_kwargs = self.parsed[name]
+        member(stage, "stages", "prepare")(ctx)
+        section = self.s.section(name)
+        checked = deep_merge(member(stage, "stages", "defaults")(checked_ctx), section)
+        data = deep_merge(member(stage, "stages", "defaults")(ctx), section)
+        settings, trl_kwargs = copy.copy(settings), dict(trl_kwargs)
+        for key, value in data.items():
+            if key in checked and checked[key] == value:
+                continue
+            if key in trl_kwargs or not hasattr(settings, key):
+                trl_kwargs[key] = value
+            else:
+                setattr(settings, key, value)
+        quantized = member(stage, "stages", "policy_quantization")(settings)
+        if quantized is not None:
+            section_name, quantization = quantized
+            self.warn_requantizing(section_name, ctx.policy, quantization)
+        return data, settings, trl_kwargs
 
     def run_stage(self, name: str, policy: str, upstream: str | None) -> StageRecord:
         """Stage `name` on `policy`: skipped when its output is up to date, else run and recorded."""
         stage = registered_stages()[name]
         ctx = self.context(name, policy)
-        data, settings, trl_kwargs = self.stage_config(name, ctx)
+        data, settings, trl_kwargs = self.bind(name, ctx)
 
         def body(stage_dir: Path) -> StageRecord:
             result = stage.run(settings, trl_kwargs, stage_dir, ctx)
