@@ -259,7 +259,7 @@ def test_each_section_is_parsed_once_and_bound_to_what_earlier_stages_produced(t
     for name in ("reward_model", "rejection_sampling", "ppo"):
         ctx = pipeline.context(name, str(tmp_path / "sft" / "merged"))
         bound = pipeline.bind(name, ctx)
-        fresh = pipeline.stage_config(name, ctx)
+        fresh = pipeline.parse_section(name, ctx)
         assert bound == fresh, name
         assert bound[1].model == str(tmp_path / "sft" / "merged")
         if name != "reward_model":
