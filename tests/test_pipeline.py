@@ -258,3 +258,33 @@ def test_eval_split_validation_evaluates_on_validation_problems(tmp_path):
     assert not set(val) & set(uids(paths["validation"]["rl"]))
     pairs = [json.loads(line) for line in Path(paths["validation"]["preference_eval"]).read_text().splitlines()]
     assert len(pairs) == 12 and Path(paths["validation"]["preference_eval"]).name == "preference_validation.jsonl"
+
+
+def test_each_section_is_parsed_once_and_bound_to_what_earlier_stages_produced(tmp_path, tiny_dir, monkeypatch):
+    """`validate` parses every section once (kept for the run); `bind` fills in the earlier
+    stages' outputs and gives exactly what a fresh parse with those outputs gives."""
+    import rlhf_plugins.stages.pipeline as pipeline_module
+    from rlhf_plugins.stages.pipeline import Pipeline, StageRecord, load_pipeline_config
+
+    calls: list[str] = []
+    real = pipeline_module.load_stage_config
+    monkeypatch.setattr(pipeline_module, "load_stage_config",
+                        lambda data, ours, trl_cls, where: calls.append(where) or real(data, ours, trl_cls, where=where))
+    pipeline = Pipeline(load_pipeline_config(tiny_config(tiny_dir, tmp_path / "run")), config_label="test")
+    pipeline.validate()
+    assert calls == [f"test: {name}" for name in ("sft", "reward_model", "rejection_sampling", "ppo")]
+    monkeypatch.setattr(pipeline_module, "load_stage_config", real)
+
+    pipeline.paths = pipeline.write_data()
+    pipeline.records["sft"] = StageRecord("sft", "h1", {"policy": str(tmp_path / "sft" / "merged")})
+    pipeline.records["reward_model"] = StageRecord("reward_model", "h2", {"reward_model": str(tmp_path / "rm"),
+                                                                          "evaluate": False})
+    for name in ("reward_model", "rejection_sampling", "ppo"):
+        ctx = pipeline.context(name, str(tmp_path / "sft" / "merged"))
+        bound = pipeline.bind(name, ctx)
+        fresh = pipeline.parse_section(name, ctx)
+        assert bound == fresh, name
+        assert bound[1].model == str(tmp_path / "sft" / "merged")
+        if name != "reward_model":
+            assert bound[1].reward_model == str(tmp_path / "rm")   # placeholder None when checked
+        assert pipeline.parsed[name][1].model == "<policy of the previous stage>"  # kept as checked
