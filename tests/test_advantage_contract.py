@@ -197,10 +197,10 @@ def _trainer(tiny_dir, rows, tmp_path, reward_funcs, trl=None, **kwargs):
     from rlhf_plugins.stages.ppo import build_grpo_config
     from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
 
-    args = build_grpo_config(_trl_kwargs(**(trl or {})), tmp_path / "out")
+    args = build_grpo_config(_trl_kwargs(**(trl or {})), tmp_path / "out",
+                             advantage_estimator=docs_mean_baseline()(), **kwargs)
     return PolicyOptimizationTrainer(load_causal_lm(tiny_dir), reward_funcs, args, train_dataset=rows,
-                                     processing_class=_tokenizer(tiny_dir),
-                                     advantage_estimator=docs_mean_baseline()(), **kwargs)
+                                     processing_class=_tokenizer(tiny_dir))
 
 
 def _completion_logps(model, out) -> torch.Tensor:
