@@ -226,6 +226,12 @@ class FamilySpec:
     optional: tuple[str, ...] = ()
     #: attributes whose value must be one of the given choices
     choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: how messages name one component ("chat template")
+    label: str = ""
+    #: the script decorator registering one (`rlhf_plugins.chat_template`)
+    decorator: str = ""
+    #: whether the decorator instantiates a decorated class with its default options
+    instantiate: bool = True
 
 
 LABEL_KINDS = ("preference", "outcome", "step", "value")
@@ -336,26 +342,33 @@ FAMILIES: dict[str, FamilySpec] = {
     for spec in (
         FamilySpec("chat_templates", "register_chat_templates", ChatTemplateProtocol,
                    methods=("render_text", "encode"), attributes=("jinja",),
-                   optional=tuple(DEFAULTS["chat_templates"])),
+                   optional=tuple(DEFAULTS["chat_templates"]),
+                   label="chat template", decorator="chat_template"),
         FamilySpec("masking_strategies", "register_masking_strategies", MaskingStrategyProtocol,
-                   methods=("mask",)),
+                   methods=("mask",), label="masking strategy", decorator="masking_strategy"),
         FamilySpec("reward_heads", "register_reward_heads", RewardHeadProtocol,
                    methods=("build_module", "encode", "collate", "compute_loss", "sequence_scores"),
                    optional=tuple(DEFAULTS["reward_heads"]),
-                   choices=(("label_kind", LABEL_KINDS),)),
+                   choices=(("label_kind", LABEL_KINDS),),
+                   label="reward head", decorator="reward_head"),
         FamilySpec("selection_rules", "register_selection_rules", SelectionRuleProtocol,
-                   methods=("select",)),
+                   methods=("select",), label="selection rule", decorator="selection_rule"),
         FamilySpec("advantage_estimators", "register_advantage_estimators",
-                   AdvantageEstimatorProtocol, callable_component=True, optional=tuple(DEFAULTS["advantage_estimators"])),
+                   AdvantageEstimatorProtocol, callable_component=True,
+                   optional=tuple(DEFAULTS["advantage_estimators"]),
+                   label="advantage estimator", decorator="advantage_estimator"),
         FamilySpec("reward_functions", "register_reward_functions", RewardFunctionProtocol,
-                   callable_component=True),
+                   callable_component=True, label="reward function", decorator="reward_function",
+                   instantiate=False),
         FamilySpec("preference_losses", "register_preference_losses", PreferenceLossFunction,
-                   callable_component=True, optional=tuple(DEFAULTS["preference_losses"])),
+                   callable_component=True, optional=tuple(DEFAULTS["preference_losses"]),
+                   label="preference loss", decorator="preference_loss"),
         FamilySpec("policy_losses", "register_policy_losses", PolicyLossFunction,
-                   callable_component=True),
+                   callable_component=True, label="policy loss", decorator="policy_loss",
+                   instantiate=False),
         FamilySpec("stages", "register_stages", PipelineStage,
                    methods=("settings_class", "run"), attributes=("name",),
-                   optional=tuple(DEFAULTS["stages"])),
+                   optional=tuple(DEFAULTS["stages"]), label="stage", decorator="stage"),
     )
 }
 
