@@ -21,7 +21,7 @@ import torch
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-__all__ = ["MaskedPreferenceCollator", "PluginDPOTrainer", "completion_logps"]
+__all__ = ["MaskedPreferenceCollator", "PluginDPOTrainer", "completion_logps", "reference_is_base"]
 
 #: batch keys that are not model inputs
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -51,6 +51,17 @@ def completion_logps(per_token_logps: torch.Tensor, shift_mask: torch.Tensor) ->
     return (per_token_logps * shift_mask).sum(dim=1)
 
 
+def reference_is_base(trainer: Any) -> None:
+    """A fresh LoRA adapter's reference is the base (the adapter disabled). TRL 1.16 copies a
+    PeftModel's adapter into a frozen `ref` adapter (right for an adapter trained before: the
+    reference is where training starts); for a fresh adapter that copy is the base at the cost
+    of a second LoRA, so it is dropped and TRL's `use_adapter(None)` disables the adapter."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+
+
 class PluginDPOTrainer(DPOTrainer):
     """DPOTrainer whose loss is a weighted sum of `preference_losses` components."""
 
@@ -70,18 +81,9 @@ class PluginDPOTrainer(DPOTrainer):
                 pad_to_multiple_of=config.pad_to_multiple_of)
         super().__init__(**kwargs)
         if fresh_adapter:
-            self._reference_is_base()
+            reference_is_base(self)
         if self.reference_free and self.ref_model is not None:
             self.ref_model = None  # a reference-free loss never reads it
-
-    def _reference_is_base(self) -> None:
-        """A fresh LoRA adapter's reference is the base (the adapter disabled): TRL 1.16 copies a
-        PeftModel's adapter into a frozen `ref` adapter, which for a fresh adapter is the same
-        function at the cost of a second LoRA; drop it so `use_adapter(None)` disables adapters."""
-        model = self.accelerator.unwrap_model(self.model)
-        if "ref" in getattr(model, "peft_config", {}):
-            model.delete_adapter("ref")
-            model.set_adapter("default")
 
     # data: rows arrive encoded -------------------------------------------------------------
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:

@@ -1,0 +1,90 @@
+"""The `kto` stage: build TRL's KTOConfig, encode the unpaired rows, train, evaluate, save."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+from ..dpo.data import load_preference_rows
+from ..dpo.run import (DirectResult, PreparedDirect, encoded_splits, train_and_save,
+                       trainable_model)
+from ..skeleton import build_trl_config, keep_float32_adapter_on_cpu, stage_config
+from .settings import KTO_METRICS_FILE, KTO_REJECTED_TRL_FIELDS, KTOSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_kto_config", "kto_from_config", "prepare_kto", "run_kto"]
+
+#: TRL's KTO evaluation metrics -> the names in kto_metrics.json (`_before` for the first pass)
+KTO_EVAL_KEYS = {"eval_loss": "eval_loss", "eval_rewards/margins": "eval_reward_margin",
+                 "eval_rewards/chosen": "eval_reward_desirable",
+                 "eval_rewards/rejected": "eval_reward_undesirable", "eval_kl": "eval_kl"}
+KTO_TRAIN_KEYS = {"rewards/margins": "train_reward_margin", "rewards/chosen": "train_reward_desirable",
+                  "rewards/rejected": "train_reward_undesirable", "kl": "train_kl"}
+
+
+def build_kto_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLike) -> Any:
+    """TRL's `KTOConfig` from the YAML's TRL fields, with CPU-friendly defaults."""
+    from trl import KTOConfig
+
+    return build_trl_config(KTOConfig, trl_kwargs, output_dir, label="KTO",
+                            rejected=KTO_REJECTED_TRL_FIELDS)
+
+
+def _load_rows(settings: KTOSettings, dataset: str | None = None,
+               split: str | None = None) -> tuple[Any, str]:
+    from .data import synthetic_unpaired_rows
+
+    return load_preference_rows(settings, dataset, split, synthetic=synthetic_unpaired_rows)
+
+
+def prepare_kto(settings: KTOSettings, trl_kwargs: Mapping[str, Any] | None,
+                output_dir: str | os.PathLike) -> PreparedDirect:
+    """Check the config, encode the rows and build the trainer (errors before any model loads)."""
+    from ...models import load_tokenizer, resolve_model
+    from ..sft import get_components
+    from .data import encode_unpaired
+
+    args = build_kto_config(dict(trl_kwargs or {}), output_dir)
+    template, masking = get_components(settings.template, settings.masking)
+    model_path = resolve_model(settings.model)
+    tokenizer = load_tokenizer(model_path)
+    train, evaluation, source, dropped = encoded_splits(settings, tokenizer, template, masking, args,
+                                                        _load_rows, encode_unpaired)
+    logger.info("KTO data: %d train / %d eval rows from %s", len(train),
+                0 if evaluation is None else len(evaluation), source)
+    if template.jinja:
+        tokenizer.chat_template = template.jinja
+    model, fresh = trainable_model(settings, model_path, args)
+    from .trainer import PluginKTOTrainer
+
+    trainer = PluginKTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                               processing_class=tokenizer, fresh_adapter=fresh)
+    keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
+    return PreparedDirect(trainer, tokenizer, template, masking, model_path, train, evaluation,
+                          source, dropped)
+
+
+def run_kto(settings: KTOSettings, trl_kwargs: Mapping[str, Any] | None = None,
+            output_dir: str | os.PathLike = "outputs/kto") -> DirectResult:
+    """Train with TRL's KTOTrainer; save the model/adapter + tokenizer + metrics."""
+    started = time.time()
+    prepared = prepare_kto(settings, trl_kwargs, output_dir)
+    labels = prepared.train_dataset["label"]
+    metrics: dict[str, Any] = {
+        "train_rows": len(labels), "desirable_rows": int(sum(labels)),
+        "dropped_rows": prepared.dropped_rows,
+        "eval_rows": 0 if prepared.eval_dataset is None else len(prepared.eval_dataset)}
+    return train_and_save(prepared, settings, trl_kwargs, output_dir, stage="kto",
+                          metrics_file=KTO_METRICS_FILE, metrics=metrics, eval_keys=KTO_EVAL_KEYS,
+                          train_keys=KTO_TRAIN_KEYS, started=started)
+
+
+def kto_from_config(source: str | os.PathLike | Mapping[str, Any],
+                    output_dir: str | os.PathLike | None = None,
+                    overrides: Sequence[str] | Mapping[str, Any] | None = None) -> DirectResult:
+    """Run KTO from a YAML path or mapping (the Python twin of `rlhf-plugins kto --config`)."""
+    from trl import KTOConfig
+
+    return run_kto(*stage_config(source, overrides, output_dir, KTOSettings, KTOConfig))
