@@ -115,7 +115,8 @@ def trained_within(row: Mapping[str, Any], keys: Sequence[str], max_length: int 
     return room > 0 and all(any(row[f"{k}_mask"][:room]) for k in keys)
 
 
-def encode_pairs(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any, masking: Any,
+def encode_pairs(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any = "chatml",
+                 masking: Any = "all_assistant_turns",
                  *, where: str = "dataset", max_length: int | None = None) -> tuple["Dataset", int]:
     """Preference rows -> a Dataset of `prompt_ids`, `chosen_ids`, `rejected_ids`,
     `chosen_mask`, `rejected_mask`, and how many rows were dropped because truncation to

@@ -47,7 +47,8 @@ def unpaired_messages(row: Mapping[str, Any]) -> list[tuple[list[dict], list[dic
              as_messages(row["completion"], "assistant", "completion"), _label(row["label"]))]
 
 
-def encode_unpaired(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any, masking: Any,
+def encode_unpaired(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any = "chatml",
+                    masking: Any = "all_assistant_turns",
                     *, where: str = "dataset", max_length: int | None = None) -> tuple["Dataset", int]:
     """Rows -> a Dataset of `prompt_ids`, `completion_ids`, `completion_mask`, `label`, and how
     many were dropped (no trained token within `max_length`)."""
