@@ -17,7 +17,7 @@ one user turn, one assistant turn) or conversational (message lists); unpaired r
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from ...errors import ComponentError, DataError, RlhfPluginsError
 from ...guard import check_mask, guarded, located, row_place
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["completion_features", "encode_pairs", "load_preference_rows", "pair_messages",
+__all__ = ["completion_features", "encode_pairs", "encode_rows", "load_preference_rows", "pair_messages",
            "split_prompt", "trained_within"]
 
 
@@ -115,13 +115,13 @@ def trained_within(row: Mapping[str, Any], keys: Sequence[str], max_length: int 
     return room > 0 and all(any(row[f"{k}_mask"][:room]) for k in keys)
 
 
-def encode_pairs(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any = "chatml",
-                 masking: Any = "all_assistant_turns",
-                 *, where: str = "dataset", max_length: int | None = None) -> tuple["Dataset", int]:
-    """Preference rows -> a Dataset of `prompt_ids`, `chosen_ids`, `rejected_ids`,
-    `chosen_mask`, `rejected_mask`, and how many rows were dropped because truncation to
-    `max_length` left a completion nothing to train."""
-    tpl, msk = get_components(template, masking)
+def encode_rows(rows: Iterable[Mapping[str, Any]], encode_row: Callable[[Mapping[str, Any]], list],
+                keys: Sequence[str], *, where: str, max_length: int | None) -> tuple["Dataset", int]:
+    """`encode_row(row)` (-> encoded rows) over `rows`, a bad row's error naming it; the rows whose
+    completions (`keys`) keep no trained token within `max_length` are dropped and counted.
+    DataError when none is left."""
+    from datasets import Dataset
+
     out: list[dict[str, Any]] = []
     dropped = 0
     for index, row in enumerate(rows):
@@ -129,34 +129,39 @@ def encode_pairs(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: An
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected a mapping, got {type(row).__name__}")
-            prompt, chosen, rejected = pair_messages(row)
-            c_ids, c_mask = completion_features(prompt, chosen, tokenizer, tpl, msk)
-            r_ids, r_mask = completion_features(prompt, rejected, tokenizer, tpl, msk)
+            encoded = encode_row(row)
         except ComponentError as exc:  # a plugin's failure, not a bad row: keep its class
             raise located(exc, place) from exc.__cause__
         except RlhfPluginsError as exc:
             raise DataError(f"{place}: {exc}") from None
         except (ValueError, TypeError, KeyError) as exc:
             raise DataError(f"{place}: {type(exc).__name__}: {exc}") from None
-        cut = split_prompt([c_ids, r_ids], [c_mask, r_mask])
-        encoded = {"prompt_ids": c_ids[:cut], "chosen_ids": c_ids[cut:], "rejected_ids": r_ids[cut:],
-                   "chosen_mask": c_mask[cut:], "rejected_mask": r_mask[cut:]}
-        if not trained_within(encoded, ("chosen", "rejected"), max_length):
-            dropped += 1
-            continue
-        out.append(encoded)
-    return _dataset(out, where, dropped, max_length), dropped
-
-
-def _dataset(rows: list[dict[str, Any]], where: str, dropped: int, max_length: int | None) -> "Dataset":
-    """The encoded rows as a Dataset; DataError when none is left."""
-    from datasets import Dataset
-
-    if not rows:
+        kept = [e for e in encoded if trained_within(e, keys, max_length)]
+        dropped += len(encoded) - len(kept)
+        out.extend(kept)
+    if not out:
         why = f" with a trained token within max_length={max_length}" if dropped else ""
         raise DataError(f"{where}: no rows{why}")
     if dropped:
         logger.warning("%s: %d row(s) have a completion with no trained token within max_length=%s "
                        "and are dropped", where, dropped, max_length)
-    return Dataset.from_list(rows)
+    return Dataset.from_list(out), dropped
 
+
+def encode_pairs(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any = "chatml",
+                 masking: Any = "all_assistant_turns",
+                 *, where: str = "dataset", max_length: int | None = None) -> tuple["Dataset", int]:
+    """Preference rows -> a Dataset of `prompt_ids`, `chosen_ids`, `rejected_ids`,
+    `chosen_mask`, `rejected_mask`, and how many rows were dropped because truncation to
+    `max_length` left a completion nothing to train."""
+    tpl, msk = get_components(template, masking)
+
+    def encode(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        prompt, chosen, rejected = pair_messages(row)
+        c_ids, c_mask = completion_features(prompt, chosen, tokenizer, tpl, msk)
+        r_ids, r_mask = completion_features(prompt, rejected, tokenizer, tpl, msk)
+        cut = split_prompt([c_ids, r_ids], [c_mask, r_mask])
+        return [{"prompt_ids": c_ids[:cut], "chosen_ids": c_ids[cut:], "rejected_ids": r_ids[cut:],
+                 "chosen_mask": c_mask[cut:], "rejected_mask": r_mask[cut:]}]
+
+    return encode_rows(rows, encode, ("chosen", "rejected"), where=where, max_length=max_length)

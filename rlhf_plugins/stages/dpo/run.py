@@ -10,20 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ...errors import ConfigError
 from ..resume import check_run_config
+from ..sft import PreparedSFT, SFTResult
 from ..skeleton import (build_trl_config, finish_stage, keep_float32_adapter_on_cpu,
                         load_trainable_model, resume_checkpoint, stage_config)
 from .settings import DPO_METRICS_FILE, DPO_REJECTED_TRL_FIELDS, DPOSettings, resolve_losses
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DirectResult", "PreparedDirect", "build_dpo_config", "dpo_from_config", "prepare_dpo",
-           "run_dpo", "train_and_save"]
+__all__ = ["build_dpo_config", "dpo_from_config", "prepare_dpo",
+           "prepare_direct", "run_dpo", "train_and_save"]
 
 #: TRL field values that mean "not used" (a rejected field given with one of them is accepted)
 _UNUSED = (None, False, 0, 0.0, "reverse_kl")
@@ -47,32 +47,6 @@ def build_dpo_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLik
             raise ConfigError("precompute_ref_log_probs: the loss is reference_free; there are no "
                               "reference log-probs to precompute")
     return args
-
-
-@dataclass
-class PreparedDirect:
-    """Everything a direct-alignment stage trains with (exposed for tests)."""
-
-    trainer: Any
-    tokenizer: Any
-    template: Any
-    masking: Any
-    model_path: str
-    train_dataset: Any
-    eval_dataset: Any
-    source: str
-    #: rows removed because truncation to `max_length` left a completion nothing to train
-    dropped_rows: int = 0
-
-
-@dataclass
-class DirectResult:
-    """What a direct-alignment stage produced: where the model is, and its metrics."""
-
-    output_dir: Path
-    metrics: dict[str, Any]
-    adapter: bool
-    merged_dir: Path | None = None
 
 
 def load_eval_rows(settings: Any, load: Callable[..., tuple[Any, str]]) -> tuple[Any, str] | None:
@@ -106,45 +80,46 @@ def encoded_splits(settings: Any, tokenizer: Any, template: Any, masking: Any, a
     return train, evaluation, source, dropped
 
 
-def trainable_model(settings: Any, model_path: str, args: Any) -> tuple[Any, bool]:
-    """(the model to train, whether its LoRA adapter is fresh: its reference is the base)."""
-    from ...models import is_adapter_dir
-
-    model = load_trainable_model(model_path, settings.lora, settings.quantization,
-                                 gradient_checkpointing=bool(args.gradient_checkpointing),
-                                 seed=args.seed)
-    return model, settings.lora is not None and not is_adapter_dir(model_path)
-
-
-def prepare_dpo(settings: DPOSettings, trl_kwargs: Mapping[str, Any] | None,
-                output_dir: str | os.PathLike) -> PreparedDirect:
-    """Check the config and loss, encode the pairs and build the trainer (errors before any
-    model loads)."""
-    from ...models import load_tokenizer, resolve_model
+def prepare_direct(settings: Any, args: Any, load: Callable[..., tuple[Any, str]],
+                   encode: Callable[..., tuple[Any, int]], trainer_class: Callable[..., Any],
+                   label: str, **trainer_kwargs: Any) -> PreparedSFT:
+    """Encode the rows (`load`, `encode`) and build `trainer_class` on the model to train; a fresh
+    LoRA adapter's reference is the base (the trainer gets `fresh_adapter=True`)."""
+    from ...models import is_adapter_dir, load_tokenizer, resolve_model
     from ..sft import get_components
-    from .data import encode_pairs, load_preference_rows
 
-    trl_kwargs = dict(trl_kwargs or {})
-    args = build_dpo_config(trl_kwargs, output_dir, settings)
-    losses = resolve_losses(settings, trl_kwargs.get("beta"))
     template, masking = get_components(settings.template, settings.masking)
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
     train, evaluation, source, dropped = encoded_splits(settings, tokenizer, template, masking, args,
-                                                        load_preference_rows, encode_pairs)
-    logger.info("DPO data: %d train / %d eval pairs from %s", len(train),
+                                                        load, encode)
+    logger.info("%s data: %d train / %d eval rows from %s", label, len(train),
                 0 if evaluation is None else len(evaluation), source)
     if template.jinja:  # the saved tokenizer carries the template it was trained with
         tokenizer.chat_template = template.jinja
-    model, fresh = trainable_model(settings, model_path, args)
+    model = load_trainable_model(model_path, settings.lora, settings.quantization,
+                                 gradient_checkpointing=bool(args.gradient_checkpointing),
+                                 seed=args.seed)
+    fresh = settings.lora is not None and not is_adapter_dir(model_path)
+    trainer = trainer_class(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                            processing_class=tokenizer, fresh_adapter=fresh, **trainer_kwargs)
+    keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
+    return PreparedSFT(trainer, tokenizer, template, masking, model_path, train, evaluation,
+                          source, dropped)
+
+
+def prepare_dpo(settings: DPOSettings, trl_kwargs: Mapping[str, Any] | None,
+                output_dir: str | os.PathLike) -> PreparedSFT:
+    """Check the config and loss, encode the pairs and build the trainer (errors before any
+    model loads)."""
+    from .data import encode_pairs, load_preference_rows
     from .trainer import PluginDPOTrainer
 
-    trainer = PluginDPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                               processing_class=tokenizer, losses=losses,
-                               rpo_alpha=settings.rpo_alpha, fresh_adapter=fresh)
-    keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
-    return PreparedDirect(trainer, tokenizer, template, masking, model_path, train, evaluation,
-                          source, dropped)
+    trl_kwargs = dict(trl_kwargs or {})
+    args = build_dpo_config(trl_kwargs, output_dir, settings)
+    return prepare_direct(settings, args, load_preference_rows, encode_pairs, PluginDPOTrainer,
+                          "DPO", losses=resolve_losses(settings, trl_kwargs.get("beta")),
+                          rpo_alpha=settings.rpo_alpha)
 
 
 def _eval_metrics(out: Mapping[str, Any], suffix: str, keys: Mapping[str, str]) -> dict[str, Any]:
@@ -161,10 +136,10 @@ def _last_logged(history: Sequence[Mapping[str, Any]], keys: Mapping[str, str]) 
     return out
 
 
-def train_and_save(prepared: PreparedDirect, settings: Any, trl_kwargs: Mapping[str, Any] | None,
+def train_and_save(prepared: PreparedSFT, settings: Any, trl_kwargs: Mapping[str, Any] | None,
                    output_dir: str | os.PathLike, *, stage: str, metrics_file: str,
                    metrics: dict[str, Any], eval_keys: Mapping[str, str],
-                   train_keys: Mapping[str, str], started: float, **record: Any) -> DirectResult:
+                   train_keys: Mapping[str, str], started: float, **record: Any) -> SFTResult:
     """Resume, evaluate before, train, evaluate after, save (+ merge), write metrics and record."""
     from ...models import base_model_of, is_adapter_dir
     from ..sft import merge_adapter
@@ -196,7 +171,7 @@ def train_and_save(prepared: PreparedDirect, settings: Any, trl_kwargs: Mapping[
                  settings=settings, base_model=base_model, adapter=adapter,
                  merged=str(merged_dir) if merged_dir else None, template=settings.template,
                  masking=settings.masking, dataset=prepared.source, **record)
-    return DirectResult(out, metrics, adapter, merged_dir)
+    return SFTResult(out, metrics, adapter, merged_dir)
 
 
 #: TRL's DPO evaluation metrics -> the names in dpo_metrics.json (`_before` for the first pass)
@@ -210,7 +185,7 @@ DPO_TRAIN_KEYS = {"rewards/accuracies": "train_reward_accuracy",
 
 
 def run_dpo(settings: DPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
-            output_dir: str | os.PathLike = "outputs/dpo") -> DirectResult:
+            output_dir: str | os.PathLike = "outputs/dpo") -> SFTResult:
     """Train with the plugin-loss DPOTrainer; save the model/adapter + tokenizer + metrics."""
     started = time.time()
     prepared = prepare_dpo(settings, trl_kwargs, output_dir)
@@ -227,7 +202,7 @@ def run_dpo(settings: DPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
 
 def dpo_from_config(source: str | os.PathLike | Mapping[str, Any],
                     output_dir: str | os.PathLike | None = None,
-                    overrides: Sequence[str] | Mapping[str, Any] | None = None) -> DirectResult:
+                    overrides: Sequence[str] | Mapping[str, Any] | None = None) -> SFTResult:
     """Run DPO from a YAML path or mapping (the Python twin of `rlhf-plugins dpo --config`)."""
     from trl import DPOConfig
 

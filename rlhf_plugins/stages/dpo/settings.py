@@ -1,20 +1,17 @@
 """Settings of the direct-alignment stages (`dpo`, `kto`): light, no torch/TRL at import.
 
-`DirectSettings` holds what both stages share (model, data, template, masking, LoRA/QLoRA,
-evaluation, merge, resume); :class:`DPOSettings` adds the loss, chosen from the
+`DirectSettings` holds what both stages share (the SFT stage's model, data, template, masking,
+LoRA/QLoRA, evaluation, merge and resume fields); :class:`DPOSettings` adds the loss, chosen from the
 `preference_losses` family by name (a third-party loss plugs in like a built-in).
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ...config import check_strings
 from ...errors import ConfigError
-from ...models import LoraSettings, QuantSettings, resolve_adapter_settings
-from ..skeleton import SYNTHETIC
+from ..sft import SFTSettings
 
 __all__ = ["DPOSettings", "DirectSettings", "DPO_METRICS_FILE", "DPO_REJECTED_TRL_FIELDS",
            "LossSpec"]
@@ -35,59 +32,20 @@ DPO_REJECTED_TRL_FIELDS = {
 
 
 @dataclass
-class DirectSettings:
-    """What the `dpo` and `kto` stages share (the rest are TRL config fields)."""
+class DirectSettings(SFTSettings):
+    """What the `dpo` and `kto` stages share (the rest are TRL config fields): the SFT stage's
+    model, data, template, masking, LoRA/QLoRA, evaluation, merge and resume fields, read the
+    same way (`dataset: synthetic` is the task's preference pairs; `messages_field` does not
+    apply: rows are TRL preference rows)."""
 
-    #: HF model directory, hub id, saved LoRA adapter, or None / "default" for the embedded model
-    model: str | None = None
-    #: JSON/JSONL/CSV/Parquet file, saved HF dataset directory, `load_dataset` name or hub id,
-    #: or "synthetic" (the task's preference pairs)
-    dataset: str = SYNTHETIC
-    dataset_split: str = "train"
-    #: `load_dataset` configuration name (hub/script datasets only)
-    dataset_config: str | None = None
-    #: keep at most this many rows (synthetic: how many problems; default 256)
-    num_examples: int | None = None
-    #: seed of the synthetic task
-    dataset_seed: int = 0
-    #: evaluation rows from another source (same forms as `dataset`)
-    eval_dataset: str | None = None
-    #: the split of `eval_dataset` (default `dataset_split`), or of `dataset` for a held-out split
-    eval_split: str | None = None
-    #: hold out this fraction (0-1) or this many rows for evaluation (without eval_dataset/split)
-    eval_fraction: float = 0.0
-    eval_size: int | None = None
-    #: evaluate the held-out rows before training too (metrics `*_before`)
-    eval_before: bool = True
-    template: str = "chatml"
-    #: picks the trained tokens of the completion; the prompt is never trained
-    masking: str = "all_assistant_turns"
-    lora: LoraSettings | None = None
-    #: the same as `lora`; give one of the two
-    peft: LoraSettings | None = None
-    #: 4-bit base weights (QLoRA; needs `lora`)
-    quantization: QuantSettings | None = None
-    #: also save the base with the adapter merged in, under `<output_dir>/merged`
-    merge: bool = False
-    #: resume from the last checkpoint in the output directory when there is one
-    resume: bool = True
     #: graded samples of an earlier stage (pipeline): a sample passes at this reward or above
     min_reward: float = 0.5
 
     def __post_init__(self) -> None:
-        self.lora, self.quantization = resolve_adapter_settings(self.lora, self.peft,
-                                                                self.quantization)
-        self.peft = None
-        check_strings(self, ("dataset", "template", "masking", "dataset_split"))
-        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
-            raise ConfigError(f"model: expected a string, got {self.model!r}")
-        if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction: expected a number in [0, 1), got {self.eval_fraction!r}")
-        for name in ("eval_size", "num_examples"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 1):
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        super().__post_init__()
+        if self.messages_field != "messages":
+            raise ConfigError("messages_field: not used by this stage (rows are prompt/chosen/"
+                              "rejected or prompt/completion/label)")
         _check_number(self.min_reward, "min_reward")
 
 

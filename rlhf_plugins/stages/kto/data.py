@@ -12,9 +12,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ...errors import ComponentError, DataError, RlhfPluginsError
-from ...guard import located, row_place
-from ..dpo.data import _dataset, completion_features, pair_messages, split_prompt, trained_within
+from ...errors import DataError
+from ..dpo.data import completion_features, encode_rows, pair_messages, split_prompt
 from ..sft import get_components
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,30 +52,17 @@ def encode_unpaired(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template:
     """Rows -> a Dataset of `prompt_ids`, `completion_ids`, `completion_mask`, `label`, and how
     many were dropped (no trained token within `max_length`)."""
     tpl, msk = get_components(template, masking)
-    out: list[dict[str, Any]] = []
-    dropped = 0
-    for index, row in enumerate(rows):
-        place = row_place(where, index)
-        try:
-            if not isinstance(row, Mapping):
-                raise DataError(f"expected a mapping, got {type(row).__name__}")
-            items = [(completion_features(p, c, tokenizer, tpl, msk), label)
-                     for p, c, label in unpaired_messages(row)]
-        except ComponentError as exc:
-            raise located(exc, place) from exc.__cause__
-        except RlhfPluginsError as exc:
-            raise DataError(f"{place}: {exc}") from None
-        except (ValueError, TypeError, KeyError) as exc:
-            raise DataError(f"{place}: {type(exc).__name__}: {exc}") from None
-        for (ids, mask), label in items:
+
+    def encode(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for prompt, completion, label in unpaired_messages(row):
+            ids, mask = completion_features(prompt, completion, tokenizer, tpl, msk)
             cut = split_prompt([ids], [mask])
-            encoded = {"prompt_ids": ids[:cut], "completion_ids": ids[cut:],
-                       "completion_mask": mask[cut:], "label": label}
-            if trained_within(encoded, ("completion",), max_length):
-                out.append(encoded)
-            else:
-                dropped += 1
-    return _dataset(out, where, dropped, max_length), dropped
+            out.append({"prompt_ids": ids[:cut], "completion_ids": ids[cut:],
+                        "completion_mask": mask[cut:], "label": label})
+        return out
+
+    return encode_rows(rows, encode, ("completion",), where=where, max_length=max_length)
 
 
 def synthetic_unpaired_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:

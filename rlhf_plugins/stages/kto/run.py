@@ -1,18 +1,15 @@
 """The `kto` stage: build TRL's KTOConfig, encode the unpaired rows, train, evaluate, save."""
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any, Mapping, Sequence
 
 from ..dpo.data import load_preference_rows
-from ..dpo.run import (DirectResult, PreparedDirect, encoded_splits, train_and_save,
-                       trainable_model)
-from ..skeleton import build_trl_config, keep_float32_adapter_on_cpu, stage_config
+from ..dpo.run import prepare_direct, train_and_save
+from ..sft import PreparedSFT, SFTResult
+from ..skeleton import build_trl_config, stage_config
 from .settings import KTO_METRICS_FILE, KTO_REJECTED_TRL_FIELDS, KTOSettings
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["build_kto_config", "kto_from_config", "prepare_kto", "run_kto"]
 
@@ -40,34 +37,17 @@ def _load_rows(settings: KTOSettings, dataset: str | None = None,
 
 
 def prepare_kto(settings: KTOSettings, trl_kwargs: Mapping[str, Any] | None,
-                output_dir: str | os.PathLike) -> PreparedDirect:
+                output_dir: str | os.PathLike) -> PreparedSFT:
     """Check the config, encode the rows and build the trainer (errors before any model loads)."""
-    from ...models import load_tokenizer, resolve_model
-    from ..sft import get_components
     from .data import encode_unpaired
-
-    args = build_kto_config(dict(trl_kwargs or {}), output_dir)
-    template, masking = get_components(settings.template, settings.masking)
-    model_path = resolve_model(settings.model)
-    tokenizer = load_tokenizer(model_path)
-    train, evaluation, source, dropped = encoded_splits(settings, tokenizer, template, masking, args,
-                                                        _load_rows, encode_unpaired)
-    logger.info("KTO data: %d train / %d eval rows from %s", len(train),
-                0 if evaluation is None else len(evaluation), source)
-    if template.jinja:
-        tokenizer.chat_template = template.jinja
-    model, fresh = trainable_model(settings, model_path, args)
     from .trainer import PluginKTOTrainer
 
-    trainer = PluginKTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                               processing_class=tokenizer, fresh_adapter=fresh)
-    keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
-    return PreparedDirect(trainer, tokenizer, template, masking, model_path, train, evaluation,
-                          source, dropped)
+    args = build_kto_config(dict(trl_kwargs or {}), output_dir)
+    return prepare_direct(settings, args, _load_rows, encode_unpaired, PluginKTOTrainer, "KTO")
 
 
 def run_kto(settings: KTOSettings, trl_kwargs: Mapping[str, Any] | None = None,
-            output_dir: str | os.PathLike = "outputs/kto") -> DirectResult:
+            output_dir: str | os.PathLike = "outputs/kto") -> SFTResult:
     """Train with TRL's KTOTrainer; save the model/adapter + tokenizer + metrics."""
     started = time.time()
     prepared = prepare_kto(settings, trl_kwargs, output_dir)
@@ -83,7 +63,7 @@ def run_kto(settings: KTOSettings, trl_kwargs: Mapping[str, Any] | None = None,
 
 def kto_from_config(source: str | os.PathLike | Mapping[str, Any],
                     output_dir: str | os.PathLike | None = None,
-                    overrides: Sequence[str] | Mapping[str, Any] | None = None) -> DirectResult:
+                    overrides: Sequence[str] | Mapping[str, Any] | None = None) -> SFTResult:
     """Run KTO from a YAML path or mapping (the Python twin of `rlhf-plugins kto --config`)."""
     from trl import KTOConfig
 
