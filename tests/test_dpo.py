@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import pytest
 
 from helpers_bad_inputs import run_main, write_jsonl, write_yaml
+from helpers_direct import completion_logps, hand_batch, token_ids
 from helpers_models import make_tiny_model_dir
 from rlhf_plugins import registry
 from rlhf_plugins.errors import ConfigError, DataError
@@ -31,7 +32,6 @@ PAIRS = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
           "rejected": [{"role": "assistant", "content": f"It is {i + 7}, I think."}]}
          for i in range(8)]
 
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("dpo-model"), hidden_size=64,
@@ -44,9 +44,6 @@ def tokenizer(tiny_dir):
 
     return load_tokenizer(tiny_dir)
 
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # --- encoding: the mask, checked against a hand-built expectation ---------------------------------
@@ -63,14 +60,14 @@ def test_pair_masks_train_each_completion_and_its_eot_never_the_prompt(tokenizer
     got = ds[0]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    nl = _ids(tokenizer, "\n")
+    nl = token_ids(tokenizer, "\n")
     # written out by hand: ChatML, special tokens as single ids
-    prompt = ([start] + _ids(tokenizer, "user\nHi") + [end] + nl + [start]
-              + _ids(tokenizer, "assistant\nHello") + [end] + nl + [start]
-              + _ids(tokenizer, "user\nSum?") + [end] + nl + [start] + _ids(tokenizer, "assistant\n"))
+    prompt = ([start] + token_ids(tokenizer, "user\nHi") + [end] + nl + [start]
+              + token_ids(tokenizer, "assistant\nHello") + [end] + nl + [start]
+              + token_ids(tokenizer, "user\nSum?") + [end] + nl + [start] + token_ids(tokenizer, "assistant\n"))
     assert dropped == 0 and got["prompt_ids"] == prompt
     for key, text in (("chosen", "Four"), ("rejected", "Five")):
-        content = _ids(tokenizer, text)
+        content = token_ids(tokenizer, text)
         assert got[f"{key}_ids"] == content + [end] + nl
         assert got[f"{key}_mask"] == [1] * len(content) + [1, 0]  # EOT trained, trailing \n not
 
@@ -142,24 +139,6 @@ def test_bad_rows_name_the_row(tmp_path, tokenizer):
 
 # --- the loss the trainer optimises ---------------------------------------------------------------
 
-def _completion_logps(model, input_ids, attention_mask, mask):
-    """Summed log-probs of the masked tokens: a plain forward + log_softmax (not TRL's head)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    logps = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None])[..., 0]
-    return (logps * mask[:, 1:]).sum(-1), logps
-
-
-def _hand_batch(rows, pad: int):
-    """input ids / attention / completion mask [chosen..., rejected...] built from the columns."""
-    seqs = [(r["prompt_ids"] + r[f"{k}_ids"], [0] * len(r["prompt_ids"]) + r[f"{k}_mask"])
-            for k in ("chosen", "rejected") for r in rows]
-    width = max(len(s) for s, _ in seqs)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in seqs])
-    att = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in seqs])
-    mask = torch.tensor([m + [0] * (width - len(m)) for _, m in seqs])
-    return ids, att, mask
-
-
 @pytest.mark.parametrize("loss, options, rpo_alpha", [
     ("sigmoid", {"beta": 0.5}, 0.0),
     ("ipo", {"beta": 0.3}, 0.0),
@@ -187,10 +166,10 @@ def test_trainer_loss_is_the_component_on_the_same_logps(tmp_path, tiny_dir, los
     model.eval()
     with torch.no_grad():
         got = trainer.compute_loss(model, batch)
-        ids, att, mask = _hand_batch(rows, prepared.tokenizer.pad_token_id)
-        logps, per_token = _completion_logps(model, ids, att, mask)
+        ids, att, mask = hand_batch(rows, ("chosen", "rejected"), prepared.tokenizer.pad_token_id)
+        logps, per_token = completion_logps(model, ids, att, mask)
         with model.disable_adapter():
-            ref, _ = _completion_logps(model, ids, att, mask)
+            ref, _ = completion_logps(model, ids, att, mask)
     chosen, rejected = logps.chunk(2)
     ref_chosen, ref_rejected = ref.chunk(2)
     lengths = mask[:, 1:].sum(-1).float().chunk(2)
@@ -233,9 +212,9 @@ def test_precompute_ref_log_probs_are_the_base_models(tmp_path, tiny_dir):
     rows = [{k: ds[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_mask",
                                     "rejected_mask")} for i in range(len(ds))]
     base = load_causal_lm(str(tiny_dir)).eval()
-    ids, att, mask = _hand_batch(rows, prepared.tokenizer.pad_token_id)
+    ids, att, mask = hand_batch(rows, ("chosen", "rejected"), prepared.tokenizer.pad_token_id)
     with torch.no_grad():
-        ref, _ = _completion_logps(base, ids, att, mask)
+        ref, _ = completion_logps(base, ids, att, mask)
     chosen, rejected = ref.chunk(2)
     assert ds["ref_chosen_logps"] == pytest.approx(chosen.tolist(), rel=1e-4)
     assert ds["ref_rejected_logps"] == pytest.approx(rejected.tolist(), rel=1e-4)
@@ -359,10 +338,10 @@ def test_qlora_dpo_reference_is_the_4bit_base_with_the_adapter_disabled(tmp_path
     trainer.model.eval()
     with torch.no_grad():
         f = trainer.policy_and_reference_logps(trainer.model, batch)
-        ids, att, mask = _hand_batch([prepared.train_dataset[i] for i in range(2)],
-                                     prepared.tokenizer.pad_token_id)
+        ids, att, mask = hand_batch([prepared.train_dataset[i] for i in range(2)],
+                                    ("chosen", "rejected"), prepared.tokenizer.pad_token_id)
         with trainer.model.disable_adapter():
-            ref, _ = _completion_logps(trainer.model, ids, att, mask)
+            ref, _ = completion_logps(trainer.model, ids, att, mask)
     assert torch.cat(f["ref"]).tolist() == pytest.approx(ref.tolist(), rel=1e-3)
 
 

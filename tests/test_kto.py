@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers_bad_inputs import run_main, write_jsonl, write_yaml
+from helpers_direct import completion_logps, hand_batch, token_ids
 from helpers_models import make_tiny_model_dir
 from rlhf_plugins import registry
 from rlhf_plugins.stages.kto.data import encode_unpaired, labelled_samples
@@ -25,7 +26,6 @@ ROWS = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
          "completion": [{"role": "assistant", "content": f"The answer is {i + 1 + (i % 2) * 5}."}],
          "label": i % 2 == 0} for i in range(8)]
 
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("kto-model"), hidden_size=64,
@@ -39,39 +39,21 @@ def tokenizer(tiny_dir):
     return load_tokenizer(tiny_dir)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
 
 def test_unpaired_row_mask_by_hand_and_pairs_are_unpaired(tokenizer):
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    nl = _ids(tokenizer, "\n")
+    nl = token_ids(tokenizer, "\n")
     rows = [{"prompt": "Sum?", "completion": "Four", "label": True},
             {"prompt": "Sum?", "chosen": "Four", "rejected": "Five"}]
     ds, dropped = encode_unpaired(rows, tokenizer, "chatml", "final_turn")
-    prompt = [start] + _ids(tokenizer, "user\nSum?") + [end] + nl + [start] + _ids(tokenizer, "assistant\n")
+    prompt = [start] + token_ids(tokenizer, "user\nSum?") + [end] + nl + [start] + token_ids(tokenizer, "assistant\n")
     assert dropped == 0 and len(ds) == 3
     for row, text, label in zip(ds, ("Four", "Four", "Five"), (True, True, False)):
-        content = _ids(tokenizer, text)
+        content = token_ids(tokenizer, text)
         assert row["prompt_ids"] == prompt and row["label"] is label
         assert row["completion_ids"] == content + [end] + nl
         assert row["completion_mask"] == [1] * len(content) + [1, 0]  # EOT trained, \n not
-
-
-def _logps(model, ids, att, mask):
-    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
-    logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-    return (logps * mask[:, 1:]).sum(-1)
-
-
-def _hand_batch(rows, key: str, pad: int):
-    seqs = [(r["prompt_ids"] + r[f"{key}_ids"], [0] * len(r["prompt_ids"]) + r[f"{key}_mask"])
-            for r in rows]
-    width = max(len(s) for s, _ in seqs)
-    return (torch.tensor([s + [pad] * (width - len(s)) for s, _ in seqs]),
-            torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in seqs]),
-            torch.tensor([m + [0] * (width - len(m)) for _, m in seqs]))
 
 
 def test_trl_kto_loss_runs_on_our_masks(tmp_path, tiny_dir):
@@ -98,12 +80,12 @@ def test_trl_kto_loss_runs_on_our_masks(tmp_path, tiny_dir):
     pad = prepared.tokenizer.pad_token_id
     with torch.no_grad():
         got = trainer.compute_loss(model, batch).item()
-        main, kl_batch = _hand_batch(rows, "completion", pad), _hand_batch(rows, "KL_completion", pad)
+        main, kl_batch = hand_batch(rows, ["completion"], pad), hand_batch(rows, ["KL_completion"], pad)
         assert torch.equal(batch["completion_mask"], main[2])
         assert torch.equal(batch["KL_completion_mask"], kl_batch[2])
-        logps, kl_logps = _logps(model, *main), _logps(model, *kl_batch)
+        logps, kl_logps = completion_logps(model, *main)[0], completion_logps(model, *kl_batch)[0]
         with model.disable_adapter():
-            ref, ref_kl = _logps(model, *main), _logps(model, *kl_batch)
+            ref, ref_kl = completion_logps(model, *main)[0], completion_logps(model, *kl_batch)[0]
     kl = (kl_logps - ref_kl).mean().clamp(min=0)
     labels = torch.tensor([r["label"] for r in rows])
     ratio = logps - ref
