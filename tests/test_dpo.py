@@ -375,17 +375,20 @@ def test_dpo_prepare_pairs_graded_samples(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_sft_rejection_sampling_dpo(tmp_path):
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_pipeline_sft_rejection_sampling_then_direct_alignment(tmp_path, stage):
     from test_pipeline import FAST, run_pipeline, tiny_config
 
     model = make_tiny_model_dir(tmp_path / "m")
-    config = tiny_config(model, tmp_path / "run", stages=["sft", "rejection_sampling", "dpo"],
-                         dpo={"max_steps": 2, "per_device_train_batch_size": 2, "rpo_alpha": 0.5,
-                              "num_examples": 8, **FAST})
-    _, report = run_pipeline(config)
+    section = {"max_steps": 2, "per_device_train_batch_size": 2, "num_examples": 8, **FAST}
+    if stage == "dpo":
+        section["rpo_alpha"] = 0.5
+    config = tiny_config(model, tmp_path / "run", stages=["sft", "rejection_sampling", stage],
+                         **{stage: section})
+    run_pipeline(config)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert list(summary["stages"]) == ["sft", "rejection_sampling", "dpo"]
-    assert "dpo" in summary["evals"]
-    dpo = summary["stages"]["dpo"]
-    assert dpo["metrics"]["global_step"] == 2 and dpo["components"]["loss"] == ["sigmoid"]
-    assert dpo["outputs"]["policy"].endswith("merged")
+    assert list(summary["stages"]) == ["sft", "rejection_sampling", stage]
+    assert stage in summary["evals"]  # the pipeline evaluated the stage's policy
+    record = summary["stages"][stage]
+    assert record["metrics"]["global_step"] == 2 and record["components"]["template"] == "chatml"
+    assert record["outputs"]["policy"].endswith("merged")
