@@ -372,6 +372,9 @@ def test_dpo_prepare_pairs_graded_samples(tmp_path):
     for r in train + held:
         assert r["chosen_reward"] == 1.0 and r["rejected_reward"] == 0.0
     assert defaults["merge"] is True and defaults["model"] == "m"
+    # a section naming its own dataset gets neither the pairs nor the task's evaluation rows
+    ctx.section = {"dataset": "mine.jsonl"}
+    assert not {"dataset", "eval_dataset"} & set(stage.defaults(ctx))
 
 
 @pytest.mark.slow

@@ -32,9 +32,13 @@ def trl_config_class(name: str, module: str, static: bool) -> type:
 
 def direct_defaults(ctx: StageContext) -> dict[str, Any]:
     """A direct-alignment stage's defaults: the shared settings, the incoming policy, merged
-    output, and the data `prepare` chose (the stage's own, else the task's preference pairs)."""
+    output, and the data `prepare` chose (the stage's own, else the task's preference pairs),
+    unless the section names its own `dataset`."""
     own = f"{ctx.name}_train"
-    if own in ctx.data:
+    data: dict[str, Any] = {}
+    if "dataset" in ctx.section:  # the user's rows: evaluation only where the section says
+        pass
+    elif own in ctx.data:
         data = {"dataset": ctx.data[own]}
         if f"{ctx.name}_eval" in ctx.data:
             data["eval_dataset"] = ctx.data[f"{ctx.name}_eval"]
