@@ -221,6 +221,23 @@ def test_precompute_ref_log_probs_are_the_base_models(tmp_path, tiny_dir):
     prepared.trainer.train()  # trains on the precomputed columns
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "simpo"])
+def test_full_fine_tuning_reference_is_the_starting_model(tmp_path, tiny_dir, loss):
+    """Without LoRA the reference is a frozen copy of the starting model (TRL's), and none is
+    kept for a reference_free loss; one step trains and moves the policy off the reference."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:4])
+    prepared = prepare_dpo(DPOSettings(model=str(tiny_dir), dataset=str(data), loss=loss),
+                           dict(FAST_TRL, max_steps=1), tmp_path / "out")
+    trainer = prepared.trainer
+    assert (trainer.ref_model is None) == (loss == "simpo")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    if trainer.ref_model is not None:
+        for name, param in trainer.ref_model.named_parameters():
+            assert torch.equal(param, before[name])
+
+
 # --- a third-party loss by name -----------------------------------------------------------------
 
 def test_a_third_party_preference_loss_is_used_by_name(tmp_path, tiny_dir, rlhf_plugin):
