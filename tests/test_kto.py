@@ -117,12 +117,18 @@ def test_cli_trains_and_the_adapter_loads_in_plain_peft_with_the_template(tmp_pa
     assert isinstance(m["eval_loss_before"], float) and isinstance(m["eval_loss"], float)
 
 
-def test_bad_config_is_one_line_exit_2(tmp_path, tiny_dir):
+@pytest.mark.parametrize("config, where", [
+    ({"masking": "final"}, "'final'"),
+    ({"per_device_train_batch_size": 1}, "kto.yaml: per_device_train_batch_size: "),
+    ({"train_sampling_strategy": "random"}, "kto.yaml: train_sampling_strategy: "),
+    ({"chat_template_path": "x.jinja"}, "kto.yaml: chat_template_path: unknown field (did you mean 'template'?)"),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, tiny_dir, config, where):
     data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    cfg = write_yaml(tmp_path / "kto.yaml", {"model": str(tiny_dir), "dataset": str(data),
-                                             "masking": "final"})
+    cfg = write_yaml(tmp_path / "kto.yaml", {"model": str(tiny_dir), "dataset": str(data), **config})
     code, _, err = run_main(["kto", "--config", cfg, "--output-dir", tmp_path / "out"])
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "'final'" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and where in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_graded_samples_are_labelled_by_the_verifier(tmp_path):

@@ -27,7 +27,6 @@ DPO_REJECTED_TRL_FIELDS = {
     "ld_alpha": "not supported by the plugin loss (summed completion log-probs)",
     "use_weighting": "not supported by the plugin loss",
     "f_divergence_type": "not supported by the plugin loss (reverse KL log-ratios)",
-    "chat_template_path": "use `template` (a chat template plugin name)",
 }
 
 

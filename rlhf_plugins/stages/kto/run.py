@@ -5,11 +5,12 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
+from ...errors import ConfigError
 from ..dpo.data import load_preference_rows
 from ..dpo.run import prepare_direct, train_and_save
 from ..sft import PreparedSFT, SFTResult
 from ..skeleton import build_trl_config, stage_config
-from .settings import KTO_METRICS_FILE, KTO_REJECTED_TRL_FIELDS, KTOSettings
+from .settings import KTO_METRICS_FILE, KTOSettings
 
 __all__ = ["build_kto_config", "kto_from_config", "prepare_kto", "run_kto"]
 
@@ -25,8 +26,15 @@ def build_kto_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLik
     """TRL's `KTOConfig` from the YAML's TRL fields, with CPU-friendly defaults."""
     from trl import KTOConfig
 
-    return build_trl_config(KTOConfig, trl_kwargs, output_dir, label="KTO",
-                            rejected=KTO_REJECTED_TRL_FIELDS)
+    args = build_trl_config(KTOConfig, trl_kwargs, output_dir, label="KTO")
+    if args.loss_type != "apo_zero_unpaired":  # TRL's KL estimate pairs neighbours in a batch
+        if args.per_device_train_batch_size < 2:
+            raise ConfigError(f"per_device_train_batch_size: loss_type {args.loss_type!r} estimates "
+                              "the KL term from the other rows of a batch; use 2 or more")
+        if args.train_sampling_strategy != "sequential":
+            raise ConfigError(f"train_sampling_strategy: loss_type {args.loss_type!r} needs "
+                              "'sequential' (its KL rows are paired with their batch neighbours)")
+    return args
 
 
 def _load_rows(settings: KTOSettings, dataset: str | None = None,

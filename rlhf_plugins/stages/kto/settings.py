@@ -5,14 +5,9 @@ from dataclasses import dataclass
 
 from ..dpo.settings import DirectSettings
 
-__all__ = ["KTOSettings", "KTO_METRICS_FILE", "KTO_REJECTED_TRL_FIELDS"]
+__all__ = ["KTOSettings", "KTO_METRICS_FILE"]
 
 KTO_METRICS_FILE = "kto_metrics.json"
-
-#: TRL KTOConfig fields our template/masking components replace
-KTO_REJECTED_TRL_FIELDS = {
-    "chat_template_path": "use `template` (a chat template plugin name)",
-}
 
 
 @dataclass
