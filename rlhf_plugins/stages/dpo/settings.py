@@ -21,7 +21,6 @@ DPO_METRICS_FILE = "dpo_metrics.json"
 #: TRL DPOConfig fields that the `loss` / `loss_options` / `rpo_alpha` fields replace
 DPO_REJECTED_TRL_FIELDS = {
     "loss_type": "use `loss` (a preference_losses component name, or a list of them)",
-    "loss_weights": "use `loss_weights` with a list of names in `loss`",
     "label_smoothing": "use `loss_options` (e.g. `loss: robust` + `loss_options: {label_smoothing: 0.1}`)",
     "discopop_tau": "use `loss_options` of a preference_losses component",
     "ld_alpha": "not supported by the plugin loss (summed completion log-probs)",
