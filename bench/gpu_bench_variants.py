@@ -131,6 +131,9 @@ def four_models(spec: dict[str, Any], mem: Memory, quantized: bool) -> dict[str,
         return model
 
     policy, critic = trainable(), trainable()
+    if quant is not None and quant.resolved_compute_dtype() == torch.bfloat16:
+        for param in (p for m in (policy, critic) for p in m.parameters() if p.requires_grad):
+            param.data = param.data.to(torch.bfloat16)  # as TRL does for QLoRA adapters (ours, trl)
     ref = load_causal_lm(spec["model_dir"], quantization=quant, dtype=None if quant else "bfloat16")
     ref = (ref if quant else ref.to(device)).eval().requires_grad_(False)
     rm, _ = reward_classifier(spec, quant)
