@@ -132,7 +132,8 @@ def check_variants(rows: dict[str, dict[str, Any]]) -> list[str]:
         assert heads <= set(inv["heads"]), (name, "heads", sorted(inv["heads"]))
         done.append(f"{name}: bases {sorted(bases)}, adapters {sorted(adapters)}, heads {sorted(heads)}")
     if rows.get("trl", {}).get("inventory"):
-        assert not any("ref" in k.split(".")[-1] for k in rows["trl"]["inventory"]["adapters"]), "TRL ref copy"
+        adapters = rows["trl"]["inventory"]["adapters"]
+        assert not any("ref" in k.split(".")[-1] for k in adapters), ("TRL ref copy", adapters)
         done.append("trl: no 'ref' adapter copy (reference = adapter disabled)")
     lora = {v: r["policy_lora_params"] for v, r in rows.items() if r.get("policy_lora_params")}
     assert len(set(lora.values())) <= 1, ("policy LoRA differs", lora)

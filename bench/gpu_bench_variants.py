@@ -74,7 +74,8 @@ def reward_classifier(spec: dict[str, Any], quant: Any) -> tuple[Any, Any]:
     from peft import PeftModel
 
     from rlhf_plugins.models import load_tokenizer
-    from rlhf_plugins.stages.reward_export import HF_SEQUENCE, is_hf_reward_model_dir, load_classification_model
+    from rlhf_plugins.stages.reward_export import (HF_SEQUENCE, is_hf_reward_model_dir,
+                                                   load_classification_model)
 
     assert is_hf_reward_model_dir(spec["rm_dir"]), "the RM artifact is not a transformers SEQ_CLS adapter"
     base = load_classification_model(spec["model_dir"], HF_SEQUENCE, quantization=quant, num_labels=1,

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import shutil
 import statistics
@@ -211,7 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     deadline = start + args.budget
     report: dict[str, Any] = {"meta": {"device": args.device, "shapes": shapes, "steps": args.steps,
-                                       "warmup": args.warmup, "completion": args.completion, "budget_s": args.budget,
+                                       "warmup": args.warmup, "completion": args.completion,
+                                       "budget_s": args.budget,
                                        "python": sys.version.split()[0], "made": {}},
                               "rows": []}
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -272,8 +272,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"step min/median={_fmt(row['step_time_min_s'])}/{_fmt(row['step_time_s'], 's')} "
               f"peak={_gib(row['peak_bytes'])}", flush=True)
         if row.get("inventory"):
-            print("  inventory " + "; ".join(f"{kind}: " + ", ".join(f"{k} {_gib(v)}" for k, v in part.items())
-                                             for kind, part in row["inventory"].items()), flush=True)
+            held = (f"{kind}: " + ", ".join(f"{k} {_gib(v)}" for k, v in part.items())
+                    for kind, part in row["inventory"].items())
+            print("  inventory " + "; ".join(held), flush=True)
         save()
     report["checks"] = {shape: _checks(shape, {v: r for (s, v), r in rows.items()
                                                if s == shape and r["status"] == "ok"}, made.get(shape, {}))
@@ -329,7 +330,8 @@ def markdown(report: dict[str, Any]) -> str:
         quant = "-" if r.get("quantized_4bit") is None else ("yes" if r["quantized_4bit"] else "no")
         floor_ratio = "-" if r.get("vs_floor") is None else f"{r['vs_floor']:.2f}x"
         lines.append(f"| {r['shape']} | {r['variant']} | {r['status'][:70]} | {quant} | "
-                     f"{_gib(r['peak_bytes'])} | {floor_ratio} | {mem_ratio} | {_fmt(r['step_time_min_s'])} | "
+                     f"{_gib(r['peak_bytes'])} | {floor_ratio} | {mem_ratio} | "
+                     f"{_fmt(r['step_time_min_s'])} | "
                      f"{_fmt(r['step_time_s'])} | {step_ratio} |")
     return "\n".join(lines)
 
@@ -361,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args.shapes = args.shapes or DEFAULT_SHAPES[args.device]
     args.completion = args.completion or (32 if args.device == "cuda" else 16)
     report = run(args)
-    print(f"\ndevice={args.device} steps={args.steps} timed after {args.warmup} warm-up, completion={args.completion} "
+    print(f"\ndevice={args.device} steps={args.steps} timed after {args.warmup} warm-up, "
+          f"completion={args.completion} "
           f"batch 8 (2 prompts x 4 generations) elapsed={report['meta']['elapsed_s']}s")
     for shape, info in report["meta"]["made"].items():
         print(f"  {shape}: {info.get('params', 0):.3g} params, {info.get('gpu', 'cpu')}, "
