@@ -316,7 +316,10 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The results as a markdown table (ratios against the shape's floor, four_4bit and trl)."""
+    """The results as a markdown table (ratios against the shape's floor, four_4bit and trl).
+
+    Step times are compared with trl only for TRL trainers (the four_* loops time their own step).
+    """
     ok = {(r["shape"], r["variant"]): r for r in report["rows"] if r["status"] == "ok"}
     lines = ["| shape | variant | status | 4-bit | peak memory | vs floor | vs four_4bit | s/step min | "
              "s/step median | vs TRL |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -325,7 +328,7 @@ def markdown(report: dict[str, Any]) -> str:
         mem_ratio = step_ratio = "-"
         if r["status"] == "ok" and four and r["variant"] != "four_4bit":
             mem_ratio = f"{r['peak_bytes'] / four['peak_bytes']:.3f}x"
-        if r["status"] == "ok" and trl and r["variant"] != "trl":
+        if r["status"] == "ok" and trl and r["variant"] != "trl" and not r["variant"].startswith("four_"):
             step_ratio = f"{r['step_time_s'] / trl['step_time_s']:.2f}x"
         quant = "-" if r.get("quantized_4bit") is None else ("yes" if r["quantized_4bit"] else "no")
         floor_ratio = "-" if r.get("vs_floor") is None else f"{r['vs_floor']:.2f}x"
