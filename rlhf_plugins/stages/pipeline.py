@@ -279,7 +279,7 @@ class Pipeline:
 
     def warn_requantizing(self, name: str, policy: str, quantization: Any) -> None:
         """Warn when stage `name` would load a policy an earlier stage produced in 4 bits."""
-        from .reward_export import quant_settings
+        from .skeleton import quant_settings
 
         quant = quant_settings(quantization)  # a section's mapping or QuantSettings, or None
         if quant is not None and quant.load_in_4bit and policy != self.base_model():

@@ -384,12 +384,26 @@ def finish_stage(trainer: Any, output_dir: str | os.PathLike, metrics: dict[str,
     return metrics
 
 
+def quant_settings(value: Any) -> Any:
+    """A `QuantSettings` from a mapping (as saved in reward_model.json), true/false, or itself."""
+    from ..config import build_dataclass
+    from ..models import QuantSettings
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return QuantSettings()
+    if isinstance(value, QuantSettings):
+        return value
+    if isinstance(value, Mapping):
+        return build_dataclass(QuantSettings, value, "quantization")
+    raise ConfigError(f"quantization: expected a mapping or true/false, got {value!r}")
+
+
 def trained_quantization(artifact_dir: str | os.PathLike) -> Any:
     """The base quantization a stage's saved adapter was trained with (from its STAGE_FILE):
     a QuantSettings, or None (full precision, or not written by one of our stages)."""
     import json
-
-    from .reward_export import quant_settings
 
     path = Path(artifact_dir) / STAGE_FILE
     try:
@@ -403,5 +417,5 @@ __all__ = [
     "FILE_BUILDERS", "STAGE_FILE", "SYNTHETIC", "apply_overrides", "build_trl_config",
     "finish_stage", "keep_float32_adapter_on_cpu", "last_checkpoint", "load_dataset_source",
     "load_trainable_model", "parse_override", "read_stage_source", "resource_metrics",
-    "resume_checkpoint", "stage_config", "trained_quantization",
+    "quant_settings", "resume_checkpoint", "stage_config", "trained_quantization",
 ]

@@ -33,17 +33,18 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from ..skeleton import quant_settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .reward_model import RewardModel
+    from .model import RewardModel
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["HF_SEQUENCE", "HF_TOKEN", "check_reward_model_dir", "hf_kind", "is_hf_reward_model_dir", "load_hf_reward_model",
-           "load_classification_model", "quant_settings", "save_tokenizer", "score_layer", "score_state",
+           "load_classification_model", "save_tokenizer", "score_layer", "score_state",
            "write_hf_artifact"]
 
 HF_SEQUENCE = "sequence_classification"
@@ -51,22 +52,6 @@ HF_TOKEN = "token_classification"
 _TASK_TYPES = {HF_SEQUENCE: "SEQ_CLS", HF_TOKEN: "TOKEN_CLS"}
 _SCORE = "score"
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def quant_settings(value: Any) -> Any:
-    """A `QuantSettings` from a mapping (as saved in reward_model.json), true/false, or itself."""
-    from ..config import build_dataclass
-    from ..models import QuantSettings
-
-    if value is None or value is False:
-        return None
-    if value is True:
-        return QuantSettings()
-    if isinstance(value, QuantSettings):
-        return value
-    if isinstance(value, Mapping):
-        return build_dataclass(QuantSettings, value, "quantization")
-    raise ConfigError(f"quantization: expected a mapping or true/false, got {value!r}")
 
 
 def _auto_class(kind: str) -> Any:
@@ -88,8 +73,8 @@ def hf_kind(model: "RewardModel") -> str | None:
     """The classification kind `model` saves as (None: the first format, head file apart)."""
     from torch import nn
 
-    from ..models import unwrap
-    from ..protocols import member
+    from ...models import unwrap
+    from ...protocols import member
 
     linear = getattr(model.head_module, _SCORE, None)
     extra = [n for n, _ in model.head_module.named_parameters() if not n.startswith(f"{_SCORE}.")]
@@ -191,7 +176,7 @@ def write_hf_artifact(model: "RewardModel", folder: Path, kind: str, pad_token_i
     import torch
     from safetensors.torch import save_file
 
-    from ..models import backbone_of, unwrap
+    from ...models import backbone_of, unwrap
 
     head = score_state(model)
     num_labels = int(head["weight"].shape[0])
@@ -239,7 +224,7 @@ def write_hf_artifact(model: "RewardModel", folder: Path, kind: str, pad_token_i
 def load_classification_model(path: str | os.PathLike, kind: str, *, quantization: Any = None,
                               dtype: Any = None, **config_kwargs: Any) -> Any:
     """``AutoModelFor{Sequence,Token}Classification.from_pretrained`` with our 4-bit/dtype rules."""
-    from ..models import load_pretrained
+    from ...models import load_pretrained
 
     return load_pretrained(_auto_class(kind), path, quantization=quant_settings(quantization),
                            dtype=dtype, what="reward model", **config_kwargs)
@@ -283,9 +268,9 @@ def load_hf_reward_model(path: str | os.PathLike, *, quantization: Any = None, d
     """
     from torch import nn
 
-    from .. import registry
-    from ..models import load_tokenizer, resolve_model
-    from .reward_model import RewardModel
+    from ... import registry
+    from ...models import load_tokenizer, resolve_model
+    from .model import RewardModel
 
     directory = Path(path)
     adapter = _json(directory / "adapter_config.json")
