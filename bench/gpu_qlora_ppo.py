@@ -98,7 +98,8 @@ def _make(spec: dict[str, Any]) -> dict[str, Any]:
     from rlhf_plugins import registry
     from rlhf_plugins.data import synth
     from rlhf_plugins.models import LoraSettings
-    from rlhf_plugins.stages.reward_model import RewardModel, save_reward_model
+    from rlhf_plugins.stages.reward_model.artifact import save_reward_model
+    from rlhf_plugins.stages.reward_model.model import RewardModel
 
     arch, shape = SHAPES[spec["shape"]]
     tok = make_tokenizer("smollm2")
@@ -176,7 +177,7 @@ def _baseline(spec: dict[str, Any], mem: _Memory) -> dict[str, Any]:
     import torch
 
     from rlhf_plugins.models import _enable_checkpointing, load_causal_lm
-    from rlhf_plugins.stages.value_head import ValueHead
+    from rlhf_plugins.stages.ppo.value_head import ValueHead
 
     device = spec["device"]
     policy, ref, critic, rm = (load_causal_lm(spec["model_dir"], dtype="bfloat16").to(device)
@@ -226,7 +227,8 @@ def _ppo(spec: dict[str, Any], mem: _Memory, trainer_kind: str, lever: str | Non
 
     from rlhf_plugins.data import synth
     from rlhf_plugins.models import LoraSettings, QuantSettings, load_tokenizer
-    from rlhf_plugins.stages.ppo import PPOSettings, build_grpo_config, load_policy, prepare_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import build_grpo_config, load_policy, prepare_ppo
     from rlhf_plugins.stages.skeleton import keep_float32_adapter_on_cpu
 
     if lever == "liger":
@@ -294,7 +296,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         return _make(spec)
     started = time.perf_counter()
     import bitsandbytes  # noqa: F401 - every child imports the same before the memory baseline
-    import rlhf_plugins.stages.ppo_trainer  # noqa: F401 - torch, transformers, peft, trl
+    import rlhf_plugins.stages.ppo.trainer  # noqa: F401 - torch, transformers, peft, trl
 
     mem = _Memory(spec["device"])
     trainer_kind, lever, _ = VARIANTS[spec["variant"]]
