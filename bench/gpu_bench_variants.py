@@ -74,7 +74,7 @@ def reward_classifier(spec: dict[str, Any], quant: Any) -> tuple[Any, Any]:
     from peft import PeftModel
 
     from rlhf_plugins.models import load_tokenizer
-    from rlhf_plugins.stages.reward_export import (HF_SEQUENCE, is_hf_reward_model_dir,
+    from rlhf_plugins.stages.reward_model.hf_export import (HF_SEQUENCE, is_hf_reward_model_dir,
                                                    load_classification_model)
 
     assert is_hf_reward_model_dir(spec["rm_dir"]), "the RM artifact is not a transformers SEQ_CLS adapter"
@@ -115,7 +115,7 @@ def four_models(spec: dict[str, Any], mem: Memory, quantized: bool) -> dict[str,
     from rlhf_plugins.data import synth
     from rlhf_plugins.models import LoraSettings, _enable_checkpointing, load_causal_lm, load_tokenizer
     from rlhf_plugins.stages.skeleton import load_trainable_model
-    from rlhf_plugins.stages.value_head import ValueHead
+    from rlhf_plugins.stages.ppo.value_head import ValueHead
 
     device = spec["device"]
     quant = quantization(device) if quantized else None
@@ -202,7 +202,8 @@ def ppo(spec: dict[str, Any], mem: Memory, trainer_kind: str, lever: str | None)
 
     from rlhf_plugins.data import synth
     from rlhf_plugins.models import LoraSettings, load_causal_lm, load_tokenizer
-    from rlhf_plugins.stages.ppo import PPOSettings, build_grpo_config, prepare_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import build_grpo_config, prepare_ppo
     from rlhf_plugins.stages.skeleton import keep_float32_adapter_on_cpu
 
     if lever == "liger":

@@ -99,7 +99,8 @@ def _make(spec: dict[str, Any]) -> dict[str, Any]:
     from rlhf_plugins import registry
     from rlhf_plugins.data import synth
     from rlhf_plugins.models import LoraSettings
-    from rlhf_plugins.stages.reward_model import RewardModel, save_reward_model
+    from rlhf_plugins.stages.reward_model.artifact import save_reward_model
+    from rlhf_plugins.stages.reward_model.model import RewardModel
 
     arch, shape = SHAPES[spec["shape"]]
     tok = make_tokenizer("smollm2")
@@ -148,7 +149,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         return _make(spec)
     started = time.perf_counter()
     import bitsandbytes  # noqa: F401 - every child imports the same before the memory baseline
-    import rlhf_plugins.stages.ppo_trainer  # noqa: F401 - torch, transformers, peft, trl
+    import rlhf_plugins.stages.ppo.trainer  # noqa: F401 - torch, transformers, peft, trl
 
     import gpu_bench_variants as variants
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 from ...errors import ConfigError
 from ..dpo.data import load_preference_rows
 from ..dpo.run import prepare_direct, train_and_save
-from ..sft import PreparedSFT, SFTResult
+from ..sft.train import PreparedSFT, SFTResult
 from ..skeleton import build_trl_config, stage_config
 from .settings import KTO_METRICS_FILE, KTOSettings
 
