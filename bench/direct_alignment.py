@@ -1,0 +1,139 @@
+"""Direct alignment on verified samples: DPO (+ NLL) vs rejection-sampling SFT vs KTO, side by side.
+
+One command, one run, the embedded model on 2 CPU cores:
+
+1. the quickstart's SFT and rejection sampling (`examples/quickstart.yaml`, stages
+   [sft, rejection_sampling]): the SFT model, ~2,700 samples graded by the verifier, and the
+   rejection-sampling SFT model trained on the verified ones (the baseline);
+2. DPO from the SFT model on (verified-correct, failed) pairs of the *same* samples
+   (`write_verified_pairs`, at most 2 per prompt; every third prompt held out), `sigmoid` loss +
+   `rpo_alpha` NLL on the chosen completion;
+3. KTO from the SFT model on the same samples, each labelled by the verifier, for as many
+   steps as DPO took;
+4. every model greedily on the same held-out problems as the quickstart (`exact_answer`), with
+   Wilson intervals, and paired bootstrap intervals + McNemar against SFT and against RS-SFT.
+
+    python bench/direct_alignment.py --run runs/direct [--eval-split test] [--dpo-lr 1e-4]
+
+Tune on `--eval-split validation` only; report `test`. Results: bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = {"bf16": True, "per_device_train_batch_size": 8, "lr_scheduler_type": "constant",
+         "logging_steps": 5, "save_steps": 1000, "report_to": "none", "seed": 0}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+
+
+def _pipeline(run: Path, eval_split: str) -> tuple[Any, str, str]:
+    """SFT + rejection sampling as the quickstart runs them; (pipeline, SFT policy, samples)."""
+    from rlhf_plugins.stages.gate import GateSettings
+    from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
+
+    settings = load_pipeline_config(ROOT / "examples" / "quickstart.yaml", output_dir=str(run))
+    settings = dataclasses.replace(settings, stages=["sft", "rejection_sampling"], gate=GateSettings(),
+                                   task=dataclasses.replace(settings.task, eval_split=eval_split))
+    pipeline = Pipeline(settings, config_label="examples/quickstart.yaml [sft, rejection_sampling]")
+    pipeline.run()
+    return (pipeline, pipeline.records["sft"].outputs["policy"],
+            pipeline.records["rejection_sampling"].outputs["samples"])
+
+
+def _evaluate(pipeline: Any, label: str, policy: str, adapter: str) -> dict[str, Any]:
+    """The pipeline's own evaluation (same problems, decoding and cache) of policy + adapter."""
+    return pipeline.evaluate(label, policy, adapter)
+
+
+def _train(kind: str, run: Path, policy: str, train: str, held_out: str | None, lr: float,
+           steps: int | None) -> tuple[Any, float]:
+    from rlhf_plugins.stages.dpo.run import dpo_from_config
+    from rlhf_plugins.stages.kto.run import kto_from_config
+
+    config: dict[str, Any] = {"model": policy, "dataset": train, "template": "chatml",
+                              "masking": "all_assistant_turns", "lora": LORA, "quantization": None,
+                              "learning_rate": lr, **TRAIN}
+    if held_out:
+        config["eval_dataset"] = held_out
+    if steps:
+        config["max_steps"] = steps
+    else:
+        config["num_train_epochs"] = 1
+    if kind == "dpo":
+        config.update(loss="sigmoid", loss_options={"beta": 0.1}, rpo_alpha=0.5)
+    started = time.time()
+    result = (dpo_from_config if kind == "dpo" else kto_from_config)(config, run / kind)
+    return result, time.time() - started
+
+
+def _row(label: str, result: dict[str, Any], against: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from rlhf_plugins.stats import compare, wilson_interval
+
+    right, n = sum(map(bool, result["correct"])), len(result["correct"])
+    row = {"model": label, "accuracy": right / n, "ci": wilson_interval(right, n), "n": n}
+    for name, other in against.items():
+        row[f"vs_{name}"] = compare(other["correct"], result["correct"])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "direct")
+    parser.add_argument("--eval-split", choices=("test", "validation"), default="test")
+    parser.add_argument("--dpo-lr", type=float, default=1e-4)
+    parser.add_argument("--kto-lr", type=float, default=1e-4)
+    args = parser.parse_args()
+
+    from rlhf_plugins.data.verified_pairs import write_verified_pairs
+    from rlhf_plugins.stages.kto.data import write_labelled_samples
+
+    started = time.time()
+    pipeline, sft_policy, samples = _pipeline(args.run, args.eval_split)
+    pairs = write_verified_pairs(samples, args.run / "data" / "bench_dpo", seed=0, max_per_prompt=2)
+    labelled = write_labelled_samples(samples, args.run / "data" / "bench_kto")
+    if pairs is None or labelled is None:
+        raise SystemExit("the graded samples hold no prompt with both a passing and a failing sample")
+    dpo, dpo_s = _train("dpo", args.run, sft_policy, pairs["pairs_train"], pairs.get("pairs_eval"),
+                        args.dpo_lr, None)
+    steps = int(dpo.metrics.get("global_step") or 0) or None
+    kto, kto_s = _train("kto", args.run, sft_policy, labelled["train"], labelled.get("eval"),
+                        args.kto_lr, steps)
+    evals = {"sft": pipeline.evals["sft"], "rs_sft": pipeline.evals["rejection_sampling"]}
+    evals["dpo"] = _evaluate(pipeline, "bench_dpo", sft_policy, str(args.run / "dpo"))
+    evals["kto"] = _evaluate(pipeline, "bench_kto", sft_policy, str(args.run / "kto"))
+    rows = [_row("sft", evals["sft"], {}),
+            _row("rejection-sampling SFT", evals["rs_sft"], {"sft": evals["sft"]}),
+            _row("DPO + NLL", evals["dpo"], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]}),
+            _row("KTO", evals["kto"], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]})]
+    out = {"eval_split": args.eval_split, "wall_s": round(time.time() - started, 1),
+           "dpo": {"seconds": round(dpo_s, 1), **{k: v for k, v in dpo.metrics.items()
+                                                  if isinstance(v, (int, float, str))}},
+           "kto": {"seconds": round(kto_s, 1), **{k: v for k, v in kto.metrics.items()
+                                                  if isinstance(v, (int, float, str))}},
+           "rs_selected": pipeline.records["rejection_sampling"].metrics.get("selected"),
+           "rows": rows}
+    (args.run / "direct_alignment.json").write_text(json.dumps(out, indent=2, default=str))
+    for row in rows:
+        lo, hi = row["ci"]
+        parts = [f"{row['model']:24s} {row['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"]
+        for key in ("vs_sft", "vs_rs_sft"):
+            if key in row:
+                c = row[key]
+                parts.append(f"{key} {c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] "
+                             f"p={c['mcnemar_p']:.3f}")
+        print("  ".join(parts))
+    print(json.dumps({k: out[k] for k in ("wall_s", "rs_selected")}), yaml.safe_dump(
+        {"dpo_train_pairs": out["dpo"].get("train_pairs"), "dpo_s": out["dpo"]["seconds"],
+         "kto_s": out["kto"]["seconds"]}, default_flow_style=True).strip())
+
+
+if __name__ == "__main__":
+    main()
