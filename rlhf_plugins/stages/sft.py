@@ -27,9 +27,10 @@ from ..config import check_strings
 from ..errors import ComponentError, ConfigError, DataError, RlhfPluginsError
 from ..guard import check_mask, guarded, located, row_place
 from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
-from .resume import check_run_config
+from .resume import check_run_config, output_state
 from ..models import STAGE_FILE  # noqa: F401 - re-exported: where a finished stage is recorded
-from .skeleton import (SYNTHETIC, build_trl_config, finish_stage, keep_float32_adapter_on_cpu,
+from .skeleton import (SYNTHETIC, build_trl_config, finish_stage, finished_stage,
+                       keep_float32_adapter_on_cpu,
                        load_dataset_source, load_trainable_model, resume_checkpoint,
                        stage_config)
 
@@ -88,6 +89,8 @@ class SFTSettings:
     merge: bool = False
     #: resume from the last checkpoint in the output directory when there is one
     resume: bool = True
+    #: replace what the output directory holds (files of another program, a finished run)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
 
@@ -115,6 +118,8 @@ class SFTResult:
     adapter: bool
     merged_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the output already held a finished run of this config: nothing was trained
+    up_to_date: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,13 +365,15 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
 
     out = Path(output_dir)
     started = time.time()
+    if output_state(out, "sft", settings, trl_kwargs).finished:  # before any model loads
+        return finished_sft(out)
     prepared = prepare_sft(settings, trl_kwargs, out)
     trainer = prepared.trainer
     metrics: dict[str, Any] = {"train_rows": len(prepared.train_dataset),
                                "dropped_rows": prepared.dropped_rows,
                                "eval_rows": 0 if prepared.eval_dataset is None else len(prepared.eval_dataset),
                                "trained_tokens": int(sum(sum(m) for m in prepared.train_dataset["assistant_masks"]))}
-    check_run_config(out, "sft", settings, trl_kwargs)  # another config's checkpoints: start clean
+    check_run_config(out, "sft", settings, trl_kwargs)  # another config's files: cleared
     resume = resume_checkpoint(out, settings.resume, "SFT")
     if prepared.eval_dataset is not None and settings.eval_before and resume is None:
         before = trainer.evaluate(metric_key_prefix="eval")
@@ -393,6 +400,14 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
                  merged=str(merged_dir) if merged_dir else None, template=settings.template,
                  masking=settings.masking, dataset=prepared.source)
     return SFTResult(out, metrics, adapter, merged_dir)
+
+
+def finished_sft(output_dir: str | os.PathLike) -> SFTResult:
+    """The result recorded by the finished SFT run in `output_dir` (nothing is trained)."""
+    out = Path(output_dir)
+    metrics, record = finished_stage(out, "sft", METRICS_FILE)
+    return SFTResult(out, metrics, bool(record.get("adapter")),
+                     Path(record["merged"]) if record.get("merged") else None, up_to_date=True)
 
 
 def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
