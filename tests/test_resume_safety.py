@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers_bad_inputs import as_interrupted  # noqa: E402
 from helpers_models import make_tiny_model_dir  # noqa: E402
 
 from rlhf_plugins import manager, registry  # noqa: E402
@@ -40,9 +41,7 @@ def _as_if_killed(out, checkpoint):
     """`out` as a run killed before saving `checkpoint` leaves it: no such checkpoint, and a
     run record that is not marked finished."""
     shutil.rmtree(out / checkpoint)
-    record = json.loads((out / "rlhf_plugins_run.json").read_text())
-    (out / "rlhf_plugins_run.json").write_text(json.dumps(
-        {k: v for k, v in record.items() if k not in ("finished", "entries")}))
+    as_interrupted(out)
 
 
 def _trained_steps(metrics):
