@@ -184,3 +184,10 @@ def test_pipeline_never_clears_a_stage_folder_it_did_not_write(tmp_path, tiny_di
     assert code == 0, err[-3000:]
     assert work["train"] == 2
     assert json.loads((run / "sft" / "sft_metrics.json").read_text())["global_step"] == 2
+
+
+def test_overwrite_refuses_to_empty_a_folder_holding_an_input(tmp_path, tiny_dir):
+    argv, _ = _config(tmp_path, tiny_dir, "sft")
+    cli_error([*argv, "--output-dir", str(tmp_path), "--overwrite"],
+              "overwrite would empty", "data.jsonl, an input of this run",
+              untouched=[tmp_path / "data.jsonl"])

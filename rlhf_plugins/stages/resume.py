@@ -172,21 +172,47 @@ def folder_entries(folder: str | os.PathLike) -> list[str]:
     return _entries(Path(folder))
 
 
-def unclaimed_error(folder: str | os.PathLike, names: list[str], where: str = "output_dir") -> ConfigError:
+def unclaimed_error(folder: str | os.PathLike, names: list[str],
+                    where: str = "output_dir") -> ConfigError:
     """The one-line error for `names`, entries of `folder` that no record of ours claims."""
-    shown = ", ".join(names[:_NAMED]) + (f" (and {len(names) - _NAMED} more)" if len(names) > _NAMED else "")
-    return ConfigError(f"{where}: {folder} holds {len(names)} entr{'y' if len(names) == 1 else 'ies'} "
-                       f"that no run of rlhf-plugins recorded: {shown}; move them away, choose "
-                       "another output_dir, or pass --overwrite (overwrite: true) to replace them")
+    shown = ", ".join(names[:_NAMED])
+    if len(names) > _NAMED:
+        shown += f" (and {len(names) - _NAMED} more)"
+    count = f"{len(names)} entr{'y' if len(names) == 1 else 'ies'}"
+    return ConfigError(f"{where}: {folder} holds {count} that no run of rlhf-plugins recorded: "
+                       f"{shown}; move them away, choose another output_dir, or pass --overwrite "
+                       "(overwrite: true) to replace them")
 
 
-def _check_overwritable(folder: Path, where: str) -> None:
-    """ConfigError when emptying `folder` would remove the working directory or home."""
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _check_overwritable(folder: Path, where: str, settings: Any) -> None:
+    """ConfigError when emptying `folder` would remove the working directory, home, or an input
+    of this run (a setting naming an existing path inside it: the dataset, the model, ...)."""
     target = folder.expanduser().resolve()
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     if target == home or target == cwd or target in cwd.parents or target == Path(target.anchor):
         raise ConfigError(f"{where}: overwrite would empty {target}, which holds the working "
                           "directory (or is home); give a folder of its own")
+    data = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else {}
+    for text in _strings(data):
+        try:
+            path = Path(text).expanduser().resolve()
+            inside = path.exists() and (path == target or target in path.parents)
+        except (OSError, ValueError):
+            continue
+        if inside:
+            raise ConfigError(f"{where}: overwrite would empty {target}, which holds {text}, an "
+                              "input of this run; give the outputs a folder of their own")
 
 
 def clear_folder(folder: str | os.PathLike, keep: Iterable[str] = ()) -> list[str]:
@@ -234,7 +260,7 @@ def output_state(output_dir: str | os.PathLike, stage: str, settings: Any,
     record = _recorded(out / RUN_FILE)
     same = record is not None and record.get("hash") == digest
     if overwrite and _entries(out):
-        _check_overwritable(out, where)
+        _check_overwritable(out, where, settings)
         return OutputState(digest, versions, "clear", record)
     if same and record.get("finished"):
         return OutputState(digest, versions, "finished", record)
