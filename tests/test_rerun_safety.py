@@ -191,3 +191,25 @@ def test_overwrite_refuses_to_empty_a_folder_holding_an_input(tmp_path, tiny_dir
     cli_error([*argv, "--output-dir", str(tmp_path), "--overwrite"],
               "overwrite would empty", "data.jsonl, an input of this run",
               untouched=[tmp_path / "data.jsonl"])
+
+
+def test_what_a_record_claims(tmp_path):
+    """The rule, file by file: no record claims nothing; an unfinished run's record claims the
+    whole folder; a finished run's record claims the entries it lists (and the records)."""
+    from rlhf_plugins.stages.resume import unclaimed_entries
+
+    folder = tmp_path / "out"
+    assert unclaimed_entries(folder) == []  # no folder
+    folder.mkdir()
+    (folder / "checkpoint-2").mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert unclaimed_entries(folder) == ["checkpoint-2", "notes.txt"]
+    (folder / "rlhf_plugins_run.json").write_text("not json")  # not a record of ours
+    assert unclaimed_entries(folder) == ["checkpoint-2", "notes.txt", "rlhf_plugins_run.json"]
+    (folder / "rlhf_plugins_run.json").write_text('{"stage": "sft", "hash": "h"}')
+    assert unclaimed_entries(folder) == []  # a run in progress: all of it appeared after
+    (folder / "rlhf_plugins_run.json").write_text(json.dumps(
+        {"stage": "sft", "hash": "h", "finished": True,
+         "entries": ["checkpoint-2", "rlhf_plugins_run.json"]}))
+    (folder / "stage_started.json").write_text('{"hash": "p"}')  # the pipeline's, kept after
+    assert unclaimed_entries(folder) == ["notes.txt"]
