@@ -256,10 +256,9 @@ def bench_step(steps: int, completion: int, root: Path, model: str = "tiny",
             kwargs.pop("report_to"), kwargs.pop("bf16"), kwargs.pop("dataloader_pin_memory")
             if label.startswith(REUSED):
                 kwargs.update(num_iterations=2, steps_per_generation=4)
-            args = build_grpo_config(kwargs, out)
+            args = build_grpo_config(kwargs, out, advantage_estimator=estimator, **extra)
             trainer = PolicyOptimizationTrainer(policy(), [_never_stop], args, train_dataset=rows,
-                                                processing_class=tokenizer(),
-                                                advantage_estimator=estimator, **extra)
+                                                processing_class=tokenizer())
             if label.endswith("our own policy forward"):  # as before: ignore what the rollout had
                 _recompute_rollout_statistics(trainer)
         trainer.train()

@@ -83,7 +83,37 @@ VARIANTS: dict[str, tuple[str, str | None, str]] = {
 CORE = ("four_bf16", "ours", "trl")
 DEFAULT_SHAPES = {"cuda": "1b,llama3-8b,qwen2.5-7b", "cpu": "tiny"}
 ROW_KEYS = ("shape", "variant", "label", "status", "device", "quantized_4bit", "step_time_s",
-            "step_times_s", "peak_bytes", "memory_kind", "load_bytes", "wall_s", "params")
+            "step_times_s", "peak_bytes", "memory_kind", "load_bytes", "wall_s", "params", "inventory")
+#: submodules that are heads wherever they sit: the policy's value head, a RewardModel's head
+HEAD_MODULES = ("v_head", "head_module")
+
+
+def inventory(modules: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Parameter bytes of the bases, adapters and heads `modules` (label -> nn.Module or None) hold.
+
+    Each parameter counts once, under the first label holding it; LoRA weights go to their adapter
+    (``lora_A.<adapter>``), HEAD_MODULES or a module labelled ``*head`` to heads, the rest to the base.
+    """
+    out: dict[str, dict[str, int]] = {"bases": {}, "adapters": {}, "heads": {}}
+    seen: set[int] = set()
+    for label, module in modules.items():
+        if module is None:
+            continue
+        for name, p in module.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            parts = name.split(".")
+            lora = next((i for i, part in enumerate(parts[:-1]) if part.startswith("lora_")), None)
+            head = next((part for part in parts if part in HEAD_MODULES), None)
+            if lora is not None:
+                kind, key = "adapters", parts[lora + 1]
+            elif label.endswith("head") or head is not None:
+                kind, key = "heads", label if label.endswith("head") else f"{label}.{head}"
+            else:
+                kind, key = "bases", label
+            out[kind][key] = out[kind].get(key, 0) + p.numel() * p.element_size()
+    return out
 
 
 # -- children ---------------------------------------------------------------------------------
@@ -204,7 +234,10 @@ def _baseline(spec: dict[str, Any], mem: _Memory) -> dict[str, Any]:
         mem.sync()
         times.append(time.perf_counter() - started)
         del logps
-    return {"load_bytes": load_bytes, "step_times_s": times[1:] or times, "quantized_4bit": False}
+    held = inventory({"policy": policy, "ref": ref, "critic": critic, "rm": rm, "value_head": value_head,
+                      "reward_head": reward_head})
+    return {"load_bytes": load_bytes, "step_times_s": times[1:] or times, "quantized_4bit": False,
+            "inventory": held}
 
 
 def _offload_activations(trainer: Any) -> None:
@@ -258,8 +291,10 @@ def _ppo(spec: dict[str, Any], mem: _Memory, trainer_kind: str, lever: str | Non
     out = tempfile.mkdtemp(prefix=f"{trainer_kind}-", dir=spec["root"])
     torch.manual_seed(0)
     started = time.perf_counter()
+    scorer = None
     if trainer_kind == "ours":
-        trainer = prepare_ppo(settings, kwargs, out, train_dataset=rows).trainer
+        prepared = prepare_ppo(settings, kwargs, out, train_dataset=rows)
+        trainer, scorer = prepared.trainer, prepared.reward_scorer
     else:
         from trl import GRPOTrainer
 
@@ -281,7 +316,9 @@ def _ppo(spec: dict[str, Any], mem: _Memory, trainer_kind: str, lever: str | Non
             "linear4bit_modules": sum(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules()),
             "loss_finite": all(math.isfinite(h["loss"]) for h in history if "loss" in h),
             "value_loss_logged": any("value_loss" in h for h in history),
-            "rm_adapter_reward_logged": any("rewards/reward_adapter/mean" in h for h in history)}
+            "rm_adapter_reward_logged": any("rewards/reward_adapter/mean" in h for h in history),
+            "inventory": inventory({"policy": trainer.accelerator.unwrap_model(trainer.model),
+                                    "ref": trainer.ref_model, "reward_model": scorer})}
 
 
 def _child(spec: dict[str, Any]) -> dict[str, Any]:

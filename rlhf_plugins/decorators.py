@@ -23,50 +23,21 @@ SCRIPT_PLUGIN = "__script__"
 
 
 class _ScriptPlugin:
-    """The runtime plugin that holds components registered by decorators, per family."""
+    """The runtime plugin that holds components registered by decorators, per family: one
+    `register_<family>` hook implementation per family of the table (`protocols.FAMILIES`)."""
 
     def __init__(self) -> None:
         self.components: dict[str, dict[str, tuple[Any, bool]]] = {f: {} for f in FAMILIES}
+        for family, spec in FAMILIES.items():
+            setattr(self, spec.hook, self._hook(family))
 
-    def _register_all(self, family: str, register: Callable[..., None]) -> None:
-        for name, (component, override) in self.components[family].items():
-            register(component, name=name, override=override)
-
-    @hookimpl
-    def register_chat_templates(self, register):
-        self._register_all("chat_templates", register)
-
-    @hookimpl
-    def register_masking_strategies(self, register):
-        self._register_all("masking_strategies", register)
-
-    @hookimpl
-    def register_reward_heads(self, register):
-        self._register_all("reward_heads", register)
-
-    @hookimpl
-    def register_reward_functions(self, register):
-        self._register_all("reward_functions", register)
-
-    @hookimpl
-    def register_selection_rules(self, register):
-        self._register_all("selection_rules", register)
-
-    @hookimpl
-    def register_advantage_estimators(self, register):
-        self._register_all("advantage_estimators", register)
-
-    @hookimpl
-    def register_preference_losses(self, register):
-        self._register_all("preference_losses", register)
-
-    @hookimpl
-    def register_policy_losses(self, register):
-        self._register_all("policy_losses", register)
-
-    @hookimpl
-    def register_stages(self, register):
-        self._register_all("stages", register)
+    def _hook(self, family: str) -> Callable[..., None]:
+        @hookimpl
+        def register_all(register: Callable[..., None]) -> None:
+            for name, (component, override) in self.components[family].items():
+                register(component, name=name, override=override)
+        register_all.__name__ = register_all.__qualname__ = FAMILIES[family].hook
+        return register_all
 
 
 _script = _ScriptPlugin()
@@ -122,15 +93,9 @@ def _decorator(family: str, instantiate: bool) -> Callable[..., Any]:
     return decorator
 
 
-reward_function = _decorator("reward_functions", instantiate=False)
-chat_template = _decorator("chat_templates", instantiate=True)
-masking_strategy = _decorator("masking_strategies", instantiate=True)
-reward_head = _decorator("reward_heads", instantiate=True)
-selection_rule = _decorator("selection_rules", instantiate=True)
-advantage_estimator = _decorator("advantage_estimators", instantiate=True)
-preference_loss = _decorator("preference_losses", instantiate=True)
-policy_loss = _decorator("policy_losses", instantiate=False)
-stage = _decorator("stages", instantiate=True)
+# one decorator per family, named in the family table: `rlhf_plugins.chat_template`, ...
+for _spec in FAMILIES.values():
+    globals()[_spec.decorator] = _decorator(_spec.name, instantiate=_spec.instantiate)
 
 
 def load_plugin_module(spec: str) -> Any:

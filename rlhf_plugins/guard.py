@@ -25,23 +25,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import ComponentError, ConfigError, RlhfPluginsError
+from .protocols import FAMILIES
 
 __all__ = ["FAMILY_LABELS", "call_component", "check_mask", "check_model_ref", "check_output_dir",
            "component_error", "component_origin", "guarded", "located", "one_line", "row_number",
            "row_place"]
 
 #: how a family's component is called in messages
-FAMILY_LABELS = {
-    "chat_templates": "chat template",
-    "masking_strategies": "masking strategy",
-    "reward_heads": "reward head",
-    "selection_rules": "selection rule",
-    "advantage_estimators": "advantage estimator",
-    "reward_functions": "reward function",
-    "preference_losses": "preference loss",
-    "policy_losses": "policy loss",
-    "stages": "stage",
-}
+FAMILY_LABELS = {name: spec.label for name, spec in FAMILIES.items()}
 
 #: longest original message kept in a wrapped error (a component may raise megabytes of text)
 _MAX_MESSAGE = 500

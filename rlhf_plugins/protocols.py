@@ -121,20 +121,23 @@ class AdvantageEstimatorProtocol(Protocol):
     """Turns rewards (and values) into advantages (family ``advantage_estimators``).
 
     Required: callable as ``est(rewards, *, num_generations=1, mask=None, values=None,
-    gamma=1.0, lam=0.95)``, returning an object with ``.advantages`` ([B] or [B, T]) and
-    ``.returns`` ([B, T] or None).
+    gamma=1.0, lam=0.95, **extra)``, returning an object with ``.advantages`` ([B] or [B, T])
+    and ``.returns`` ([B, T] or None); ``extra`` holds what the capabilities below ask for.
+    The trainer checks those shapes at every call (:mod:`rlhf_plugins.advantage_contract`):
+    anything else is a ComponentError naming the plugin.
 
     Optional (default in brackets): ``needs_values``: a critic must supply ``values`` [False];
     ``needs_reward_components``: the trainer passes ``reward_components`` ([B, F]) and
     ``reward_weights`` ([F]) [False]; ``needs_greedy_baseline``: the trainer passes
     ``baseline_rewards`` ([B], the reward of a greedy completion per prompt) [False];
-    ``uses_token_rewards``: the estimator credits [B, T] token rewards (dense step rewards,
-    KL shaping) at their own tokens, as GAE and REINFORCE++ do; a sequence-level estimator
-    gets them too and sums each row (the trainer logs that once) [False].
+    ``uses_token_rewards``: the estimator gets [B, T] token rewards (dense step rewards, KL
+    shaping) as they are and credits them at their own tokens, as GAE and REINFORCE++ do; an
+    estimator without it always gets [B] rewards (each row's token rewards summed over its real
+    tokens) [False].
     """
 
     def __call__(self, rewards: Any, *, num_generations: int = 1, mask: Any = None,
-                 values: Any = None, gamma: float = 1.0, lam: float = 0.95) -> Any: ...
+                 values: Any = None, gamma: float = 1.0, lam: float = 0.95, **extra: Any) -> Any: ...
 
 
 @runtime_checkable
@@ -223,6 +226,12 @@ class FamilySpec:
     optional: tuple[str, ...] = ()
     #: attributes whose value must be one of the given choices
     choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: how messages name one component ("chat template")
+    label: str = ""
+    #: the script decorator registering one (`rlhf_plugins.chat_template`)
+    decorator: str = ""
+    #: whether the decorator instantiates a decorated class with its default options
+    instantiate: bool = True
 
 
 LABEL_KINDS = ("preference", "outcome", "step", "value")
@@ -333,26 +342,33 @@ FAMILIES: dict[str, FamilySpec] = {
     for spec in (
         FamilySpec("chat_templates", "register_chat_templates", ChatTemplateProtocol,
                    methods=("render_text", "encode"), attributes=("jinja",),
-                   optional=tuple(DEFAULTS["chat_templates"])),
+                   optional=tuple(DEFAULTS["chat_templates"]),
+                   label="chat template", decorator="chat_template"),
         FamilySpec("masking_strategies", "register_masking_strategies", MaskingStrategyProtocol,
-                   methods=("mask",)),
+                   methods=("mask",), label="masking strategy", decorator="masking_strategy"),
         FamilySpec("reward_heads", "register_reward_heads", RewardHeadProtocol,
                    methods=("build_module", "encode", "collate", "compute_loss", "sequence_scores"),
                    optional=tuple(DEFAULTS["reward_heads"]),
-                   choices=(("label_kind", LABEL_KINDS),)),
+                   choices=(("label_kind", LABEL_KINDS),),
+                   label="reward head", decorator="reward_head"),
         FamilySpec("selection_rules", "register_selection_rules", SelectionRuleProtocol,
-                   methods=("select",)),
+                   methods=("select",), label="selection rule", decorator="selection_rule"),
         FamilySpec("advantage_estimators", "register_advantage_estimators",
-                   AdvantageEstimatorProtocol, callable_component=True, optional=tuple(DEFAULTS["advantage_estimators"])),
+                   AdvantageEstimatorProtocol, callable_component=True,
+                   optional=tuple(DEFAULTS["advantage_estimators"]),
+                   label="advantage estimator", decorator="advantage_estimator"),
         FamilySpec("reward_functions", "register_reward_functions", RewardFunctionProtocol,
-                   callable_component=True),
+                   callable_component=True, label="reward function", decorator="reward_function",
+                   instantiate=False),
         FamilySpec("preference_losses", "register_preference_losses", PreferenceLossFunction,
-                   callable_component=True, optional=tuple(DEFAULTS["preference_losses"])),
+                   callable_component=True, optional=tuple(DEFAULTS["preference_losses"]),
+                   label="preference loss", decorator="preference_loss"),
         FamilySpec("policy_losses", "register_policy_losses", PolicyLossFunction,
-                   callable_component=True),
+                   callable_component=True, label="policy loss", decorator="policy_loss",
+                   instantiate=False),
         FamilySpec("stages", "register_stages", PipelineStage,
                    methods=("settings_class", "run"), attributes=("name",),
-                   optional=tuple(DEFAULTS["stages"])),
+                   optional=tuple(DEFAULTS["stages"]), label="stage", decorator="stage"),
     )
 }
 

@@ -234,38 +234,11 @@ class Registry:
     def failed(self) -> list[PluginInfo]:
         return [p for p in self.plugins if p.status != "ok"]
 
-    @property
-    def chat_templates(self) -> Family[Any]:
-        return self.families["chat_templates"]
 
-    @property
-    def masking_strategies(self) -> Family[Any]:
-        return self.families["masking_strategies"]
+def _family_property(name: str) -> property:
+    return property(lambda self: self.families[name], doc=f"The {name} family.")
 
-    @property
-    def reward_heads(self) -> Family[Any]:
-        return self.families["reward_heads"]
 
-    @property
-    def selection_rules(self) -> Family[Any]:
-        return self.families["selection_rules"]
-
-    @property
-    def advantage_estimators(self) -> Family[Any]:
-        return self.families["advantage_estimators"]
-
-    @property
-    def reward_functions(self) -> Family[Any]:
-        return self.families["reward_functions"]
-
-    @property
-    def preference_losses(self) -> Family[Any]:
-        return self.families["preference_losses"]
-
-    @property
-    def policy_losses(self) -> Family[Any]:
-        return self.families["policy_losses"]
-
-    @property
-    def stages(self) -> Family[Any]:
-        return self.families["stages"]
+# `registry().chat_templates`, ...: one property per family of the table
+for _name in FAMILIES:
+    setattr(Registry, _name, _family_property(_name))

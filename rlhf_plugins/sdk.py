@@ -310,9 +310,16 @@ class AdvantageEstimator(Component):
     family: ClassVar[str] = "advantage_estimators"
     #: whether the trainer must supply critic values
     needs_values: ClassVar[bool] = False
+    #: whether the trainer passes ``reward_components`` [B, F] and ``reward_weights`` [F]
+    needs_reward_components: ClassVar[bool] = False
+    #: whether the trainer passes ``baseline_rewards`` [B] (a greedy completion's reward)
+    needs_greedy_baseline: ClassVar[bool] = False
+    #: whether the estimator gets [B, T] token rewards as they are; False: [B] row sums
+    uses_token_rewards: ClassVar[bool] = False
 
     def __call__(self, rewards: Any, *, num_generations: int = 1, mask: Any = None,
-                 values: Any = None, gamma: float = 1.0, lam: float = 0.95) -> Advantages:
+                 values: Any = None, gamma: float = 1.0, lam: float = 0.95,
+                 **extra: Any) -> Advantages:
         raise NotImplementedError
 
 

@@ -117,7 +117,7 @@ def test_sample_config(tmp_path, tiny_dir, fields, needles):
 PIPELINE_CASES = [
     ({"task": {"n_train": -3}}, ["task.n_train", "positive integer, got -3"]),
     ({"task": {"n_eval": 0}}, ["task.n_eval", "positive integer"]),
-    ({"stages": ["sft", "dpo"]}, ["stages", "dpo"]),
+    ({"stages": ["sft", "orpo"]}, ["stages", "orpo"]),
     ({"eval": {"batch_size": 0}}, ["eval.batch_size", "positive integer"]),
     ({"eval": {"dtype": "half"}}, ["eval.dtype", "bfloat16", "got 'half'"]),
     ({"task": {"eval_split": "train"}}, ["task.eval_split", "'test' or 'validation', got 'train'"]),

@@ -3,7 +3,7 @@
 Runs the script as a user would (`--device cpu --shapes tiny`), each variant in its own child
 process, and checks the results file: a row per variant, finite step times and memory for the
 variants that run on a CPU, the PPO-specific parts (4-bit base, value loss, RM adapter reward)
-really used, and the levers that cannot run here reported as such rather than as errors.
+really used, the bases/adapters/heads each variant holds, and the levers that cannot run here reported as such rather than as errors.
 About 60 s on the shared 2-core VM (mostly four child processes importing torch/transformers/TRL).
 """
 from __future__ import annotations
@@ -58,6 +58,20 @@ def test_cpu_tiny_mode_writes_a_row_per_variant(tmp_path):
     assert ours["value_loss_logged"] and ours["rm_adapter_reward_logged"]  # GAE critic + RM adapter
     assert not trl["value_loss_logged"]
     assert rows["four_bf16"]["quantized_4bit"] is False
+    # what each variant holds (bench.inventory: parameter bytes, each tensor once)
+    params = report["meta"]["made"]["tiny"]["params"]
+    four, mine, theirs = (rows[v]["inventory"] for v in ("four_bf16", "ours", "trl"))
+    assert four["bases"] == {name: 2 * params for name in ("policy", "ref", "critic", "rm")}  # bf16
+    assert four["adapters"] == {} and set(four["heads"]) == {"value_head", "reward_head"}
+    # ours: one base; the policy adapter and the RM adapter on it; the reference is that base with
+    # the adapter disabled (no copy); the value head and the RM's head
+    assert set(mine["bases"]) == {"policy"} and set(mine["adapters"]) == {"default", "reward"}
+    assert set(mine["heads"]) == {"policy.v_head", "reward_model.head_module"}
+    # TRL: one base, the policy adapter and its "ref" copy (TRL's reference for a PeftModel), no heads
+    assert set(theirs["bases"]) == {"policy"} and set(theirs["adapters"]) == {"default", "ref"}
+    assert theirs["heads"] == {} and theirs["adapters"]["ref"] == theirs["adapters"]["default"]
+    assert mine["bases"] == theirs["bases"] and mine["adapters"]["default"] == theirs["adapters"]["default"]
+    assert all(v > 0 for inv in (four, mine, theirs) for part in inv.values() for v in part.values())
     # the markdown table: header, separator and one line per row
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
     assert len(table) == 1 + len(report["rows"])

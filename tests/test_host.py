@@ -200,3 +200,4 @@ def test_every_hookspec_is_documented_and_maps_to_a_family():
     for spec in FAMILIES.values():
         doc = getattr(hookspecs, spec.hook).__doc__
         assert doc and f"protocols.{spec.protocol.__name__}" in doc
+        assert "\n" not in doc.strip(), spec.hook  # one line: the contract is the family table

@@ -295,6 +295,39 @@ def test_ppo_killed_after_a_checkpoint(tmp_path, tiny_dir):
     no_temp_files(out)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, trainer", [
+    ("dpo", "rlhf_plugins.stages.dpo.trainer:PluginDPOTrainer._save_checkpoint"),
+    ("kto", "rlhf_plugins.stages.kto.trainer:PluginKTOTrainer._save_checkpoint"),
+])
+def test_direct_alignment_killed_after_a_checkpoint(tmp_path, tiny_dir, stage, trainer):
+    """Killed right after checkpoint-4: the rerun resumes there and ends at step 6, steps 1..6
+    logged once, with the files of an uninterrupted run."""
+    pairs = [{"prompt": f"What is {i} + 1?", "chosen": f"The answer is {i + 1}.",
+              "rejected": f"The answer is {i + 2}."} for i in range(8)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / f"{stage}.yaml", {
+        "model": str(tiny_dir), "dataset": str(data), "output_dir": str(out), "max_steps": 6,
+        "per_device_train_batch_size": 2, "report_to": "none", "logging_steps": 1,
+        "save_strategy": "steps", "save_steps": 2, "lora": {"r": 2, "alpha": 4}, "seed": 0,
+        "eval_before": False})
+    killed({"target": trainer, "nth": 2, "when": "after"}, stage, "--config", cfg)
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not (out / f"{stage}_metrics.json").exists()
+    finished(stage, "--config", cfg)
+    metrics = json.loads((out / f"{stage}_metrics.json").read_text())
+    assert metrics["global_step"] == 6 and train_steps(metrics) == [1, 2, 3, 4, 5, 6]
+    clean = tmp_path / "clean"
+    finished(stage, "--config", cfg, "--output-dir", clean)
+    reference = json.loads((clean / f"{stage}_metrics.json").read_text())
+    assert [e["loss"] for e in metrics["log_history"] if "loss" in e] == pytest.approx(
+        [e["loss"] for e in reference["log_history"] if "loss" in e], rel=1e-4)
+    assert {f for f in files(out) if not f.startswith("checkpoint-")} == \
+        {f for f in files(clean) if not f.startswith("checkpoint-")}
+    no_temp_files(out)
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -45,6 +45,28 @@ def tiny_config(model: Path, out: Path, **overrides) -> dict:
     return config
 
 
+def check_accuracies_against_per_problem_files(out: Path, evals: dict, eval_split: str = "test") -> None:
+    """Each stage's accuracy is the fraction of the held-out problems it answered right,
+    recomputed from its per-problem file (`evals/<label>.json`: one `correct` flag per problem)
+    over the problems of the eval data file, in that file's order."""
+    problems = [json.loads(line) for line in (out / "data" / f"rl_{eval_split}.jsonl").read_text().splitlines()
+                if line.strip()]
+    assert problems
+    for label, result in evals.items():
+        per_problem = json.loads((out / "evals" / f"{label}.json").read_text())["result"]
+        correct = per_problem["correct"]
+        assert len(correct) == len(problems) == result["n"], label
+        assert per_problem["uids"] == [p["uid"] for p in problems], label
+        assert all(isinstance(c, bool) for c in correct), label
+        assert result["accuracy"] == pytest.approx(sum(correct) / len(correct), abs=1e-12), label
+        kinds: dict[str, list[bool]] = {}
+        for problem, c in zip(problems, correct):
+            kinds.setdefault(problem["kind"], []).append(c)
+        assert result["accuracy_by_kind"] == pytest.approx({k: sum(v) / len(v) for k, v in kinds.items()}), label
+        for i, (problem, sample) in enumerate(zip(problems, result["samples"])):
+            assert sample["answer"] == problem["answer"] and sample["correct"] == correct[i], label
+
+
 def run_pipeline(config: dict):
     from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
 
@@ -69,6 +91,7 @@ def test_every_stage_runs_then_unchanged_stages_are_skipped(tmp_path, tiny_dir):
     for stage in ("sft", "reward_model", "rejection_sampling", "ppo"):
         assert f"| {stage} |" in text
     assert (out / "accuracy.png").is_file()
+    check_accuracies_against_per_problem_files(out, summary["evals"])
 
     # unchanged config: every stage is skipped; a changed PPO section reruns PPO alone
     again, _ = run_pipeline(config)
@@ -155,8 +178,8 @@ def test_smoke_pipeline_cli_on_the_embedded_model(tmp_path):
     assert summary["smoke"] is True
     assert list(summary["stages"]) == ["sft", "reward_model", "rejection_sampling", "ppo"]
     assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "ppo"}
-    for label, result in summary["evals"].items():
-        assert result["n"] == 8 and 0.0 <= result["accuracy"] <= 1.0, label
+    assert all(result["n"] == 8 for result in summary["evals"].values())
+    check_accuracies_against_per_problem_files(out, summary["evals"])
     print(f"smoke pipeline: {time.time() - started:.0f}s, accuracy "
           + ", ".join(f"{k}={v['accuracy']:.3f}" for k, v in summary["evals"].items()))
 
@@ -235,3 +258,33 @@ def test_eval_split_validation_evaluates_on_validation_problems(tmp_path):
     assert not set(val) & set(uids(paths["validation"]["rl"]))
     pairs = [json.loads(line) for line in Path(paths["validation"]["preference_eval"]).read_text().splitlines()]
     assert len(pairs) == 12 and Path(paths["validation"]["preference_eval"]).name == "preference_validation.jsonl"
+
+
+def test_each_section_is_parsed_once_and_bound_to_what_earlier_stages_produced(tmp_path, tiny_dir, monkeypatch):
+    """`validate` parses every section once (kept for the run); `bind` fills in the earlier
+    stages' outputs and gives exactly what a fresh parse with those outputs gives."""
+    import rlhf_plugins.stages.pipeline as pipeline_module
+    from rlhf_plugins.stages.pipeline import Pipeline, StageRecord, load_pipeline_config
+
+    calls: list[str] = []
+    real = pipeline_module.load_stage_config
+    monkeypatch.setattr(pipeline_module, "load_stage_config",
+                        lambda data, ours, trl_cls, where: calls.append(where) or real(data, ours, trl_cls, where=where))
+    pipeline = Pipeline(load_pipeline_config(tiny_config(tiny_dir, tmp_path / "run")), config_label="test")
+    pipeline.validate()
+    assert calls == [f"test: {name}" for name in ("sft", "reward_model", "rejection_sampling", "ppo")]
+    monkeypatch.setattr(pipeline_module, "load_stage_config", real)
+
+    pipeline.paths = pipeline.write_data()
+    pipeline.records["sft"] = StageRecord("sft", "h1", {"policy": str(tmp_path / "sft" / "merged")})
+    pipeline.records["reward_model"] = StageRecord("reward_model", "h2", {"reward_model": str(tmp_path / "rm"),
+                                                                          "evaluate": False})
+    for name in ("reward_model", "rejection_sampling", "ppo"):
+        ctx = pipeline.context(name, str(tmp_path / "sft" / "merged"))
+        bound = pipeline.bind(name, ctx)
+        fresh = pipeline.parse_section(name, ctx)
+        assert bound == fresh, name
+        assert bound[1].model == str(tmp_path / "sft" / "merged")
+        if name != "reward_model":
+            assert bound[1].reward_model == str(tmp_path / "rm")   # placeholder None when checked
+        assert pipeline.parsed[name][1].model == "<policy of the previous stage>"  # kept as checked

@@ -71,10 +71,10 @@ def _our_trainer(tiny_dir, rows, tmp_path, estimator: str, **trainer_kwargs):
     from rlhf_plugins.stages.ppo import build_grpo_config
     from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
 
-    args = build_grpo_config(_trl_kwargs(), tmp_path / f"ours-{estimator}")
+    args = build_grpo_config(_trl_kwargs(), tmp_path / f"ours-{estimator}",
+                             advantage_estimator=estimator, **trainer_kwargs)
     return PolicyOptimizationTrainer(load_causal_lm(tiny_dir), [vowel_reward], args,
-                                     train_dataset=rows, processing_class=_tokenizer(tiny_dir),
-                                     advantage_estimator=estimator, **trainer_kwargs)
+                                     train_dataset=rows, processing_class=_tokenizer(tiny_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,10 +162,10 @@ def test_kl_in_reward_takes_the_policy_logps_from_trls_rollout_forward(tiny_dir,
     from rlhf_plugins.stages.ppo import build_grpo_config
     from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
 
-    args = build_grpo_config(_trl_kwargs(beta=0.1, num_iterations=2), tmp_path / "kl-reward")
+    args = build_grpo_config(_trl_kwargs(beta=0.1, num_iterations=2), tmp_path / "kl-reward",
+                             advantage_estimator="gae", kl_penalty="reward")
     trainer = PolicyOptimizationTrainer(load_causal_lm(tiny_dir), [vowel_reward], args,
-                                        train_dataset=rows, processing_class=_tokenizer(tiny_dir),
-                                        advantage_estimator="gae", kl_penalty="reward")
+                                        train_dataset=rows, processing_class=_tokenizer(tiny_dir))
     torch.nn.init.normal_(trainer.value_head.summary.weight, std=0.5)
     calls = []
     forward = trainer._get_per_token_logps_and_entropies
@@ -198,7 +198,7 @@ def test_kl_in_reward_takes_the_policy_logps_from_trls_rollout_forward(tiny_dir,
     ([1.0, "high"], "non-number"),
 ])
 def test_validated_reward_function_names_the_culprit(output, message):
-    from rlhf_plugins.stages.ppo_trainer import validated_reward_function
+    from rlhf_plugins.stages.ppo_options import validated_reward_function
 
     def my_bad_reward(prompts, completions, **_):
         return output
@@ -211,7 +211,7 @@ def test_validated_reward_function_names_the_culprit(output, message):
 
 
 def test_validated_reward_function_allows_none_and_passes_columns():
-    from rlhf_plugins.stages.ppo_trainer import validated_reward_function
+    from rlhf_plugins.stages.ppo_options import validated_reward_function
 
     def partial_reward(prompts, completions, answer, **_):
         return [None if a is None else float(c == a) for c, a in zip(completions, answer)]
@@ -228,10 +228,9 @@ def test_bad_reward_function_stops_training_with_its_name(tiny_dir, rows, tmp_pa
     def nan_reward(prompts, completions, **_):
         return [float("nan")] * len(completions)
 
-    args = build_grpo_config(_trl_kwargs(), tmp_path / "bad")
+    args = build_grpo_config(_trl_kwargs(), tmp_path / "bad", advantage_estimator="grpo")
     trainer = PolicyOptimizationTrainer(load_causal_lm(tiny_dir), [nan_reward], args,
-                                        train_dataset=rows, processing_class=_tokenizer(tiny_dir),
-                                        advantage_estimator="grpo")
+                                        train_dataset=rows, processing_class=_tokenizer(tiny_dir))
     with pytest.raises(DataError, match="nan_reward"):
         trainer.train()
 
@@ -565,10 +564,46 @@ def _encode(scorer, text):
 
 
 def test_plugin_error_from_reward_function_is_named(tiny_dir, rows, tmp_path):
-    from rlhf_plugins.stages.ppo_trainer import validated_reward_function
+    from rlhf_plugins.stages.ppo_options import validated_reward_function
 
     def crashing_reward(prompts, completions, **_):
         raise KeyError("answer")
 
     with pytest.raises(PluginError, match="crashing_reward"):
         validated_reward_function(crashing_reward)(prompts=["p"], completions=["c"])
+
+
+def test_trainer_options_live_in_its_config_class_and_are_checked_there(tmp_path):
+    """`PolicyOptimizationTrainer(model, reward_funcs, args)` takes no option that its config
+    (`PolicyOptimizationConfig(GRPOConfig)`) holds; the config checks them once, when built."""
+    import dataclasses
+    import inspect
+    import pickle
+
+    from trl import GRPOConfig
+
+    from rlhf_plugins.errors import ConfigError
+    from rlhf_plugins.stages.ppo import build_grpo_config
+    from rlhf_plugins.stages.ppo_config import PolicyOptimizationConfig
+    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+
+    ours = {f.name for f in dataclasses.fields(PolicyOptimizationConfig)} - \
+        {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert {"advantage_estimator", "critic", "kl_penalty", "whiten_advantages", "policy_loss",
+            "group_filter", "gamma", "lam", "vf_coef", "value_clip"} <= ours
+    params = set(inspect.signature(PolicyOptimizationTrainer.__init__).parameters)
+    assert params == {"self", "model", "reward_funcs", "args", "kwargs"}
+    with pytest.raises(ConfigError, match="critic must be one of"):
+        build_grpo_config(_trl_kwargs(), tmp_path / "a", critic="bogus")
+    with pytest.raises(ConfigError, match="needs values, but critic is 'none'"):
+        build_grpo_config(_trl_kwargs(), tmp_path / "b", advantage_estimator="gae", critic="none")
+    with pytest.raises(ConfigError, match="needs `args`: a PolicyOptimizationConfig"):
+        PolicyOptimizationTrainer(None, [vowel_reward], GRPOConfig(output_dir=str(tmp_path / "c"), use_cpu=True,
+                                                                   bf16=False, report_to="none"))
+    args = build_grpo_config(_trl_kwargs(), tmp_path / "d", advantage_estimator="rloo",
+                             estimator_options={})
+    estimator, loss, group_filter = args.components()
+    assert estimator.name == "rloo" and loss is None and group_filter is None
+    assert args.components()[0] is estimator  # resolved once per config
+    assert args.to_dict()["advantage_estimator"] == "rloo"
+    assert pickle.loads(pickle.dumps(args)).components()[0].name == "rloo"

@@ -44,10 +44,10 @@ def _trainer(tiny_dir, rows, tmp_path, estimator="grpo", reward_funcs=None, trl=
     from rlhf_plugins.stages.ppo import build_grpo_config
     from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
 
-    args = build_grpo_config(_trl_kwargs(**(trl or {})), tmp_path / f"ours-{estimator}", weights)
+    args = build_grpo_config(_trl_kwargs(**(trl or {})), tmp_path / f"ours-{estimator}", weights,
+                             advantage_estimator=estimator, **kwargs)
     return PolicyOptimizationTrainer(load_causal_lm(tiny_dir), reward_funcs or [vowel_reward], args,
-                                     train_dataset=rows, processing_class=_tokenizer(tiny_dir),
-                                     advantage_estimator=estimator, **kwargs)
+                                     train_dataset=rows, processing_class=_tokenizer(tiny_dir))
 
 
 def _loss_and_grads(trainer, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -165,7 +165,7 @@ def _changed(before: dict[str, torch.Tensor], model) -> bool:
 ])
 def test_bad_step_rewards_name_the_function(output, message):
     from rlhf_plugins.errors import DataError
-    from rlhf_plugins.stages.ppo_trainer import validated_reward_function
+    from rlhf_plugins.stages.ppo_options import validated_reward_function
 
     def my_steps(prompts, completions, **_):
         return output
@@ -178,7 +178,7 @@ def test_bad_step_rewards_name_the_function(output, message):
 def test_step_rewards_are_summed_for_trl_and_kept_for_the_trainer():
     from rlhf_plugins.errors import DataError
     from rlhf_plugins.rewarding import call_reward_functions
-    from rlhf_plugins.stages.ppo_trainer import validated_reward_function
+    from rlhf_plugins.stages.ppo_options import validated_reward_function
 
     def steps(prompts, completions, **_):
         return [[(1, 0.5), (2, -2.0)], None, 3.0]

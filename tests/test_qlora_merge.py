@@ -136,5 +136,5 @@ def test_each_policy_stage_warns_through_its_section(qlora, tmp_path, caplog, se
     pipeline.paths = {key: str(tmp_path / f"{key}.jsonl") for key in DATA_FILES}
     with caplog.at_level("WARNING", logger="rlhf_plugins.stages.pipeline"):
         for name in ("sft", "reward_model", "rejection_sampling", "ppo"):
-            pipeline.stage_config(name, pipeline.context(name, str(tmp_path / "sft" / "merged")))
+            pipeline.parse_section(name, pipeline.context(name, str(tmp_path / "sft" / "merged")))
     assert [r.getMessage().split(":")[0] for r in caplog.records] == expected

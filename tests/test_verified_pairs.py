@@ -93,12 +93,12 @@ def test_reward_model_stage_trains_on_rejection_samplings_pairs_when_it_runs_fir
     pipeline = Pipeline(load_pipeline_config(config), config_label="test")
     pipeline.validate()  # every section checked with the on-policy pairs as the RM's data
     ctx = pipeline.context("reward_model", "<policy>", validating=True)
-    data, _, _ = pipeline.stage_config("reward_model", ctx)
+    data, _, _ = pipeline.parse_section("reward_model", ctx)
     assert (data["dataset"], data["eval_dataset"]) == ("<on-policy pairs>", "<held-out on-policy pairs>")
     default = Pipeline(load_pipeline_config(tiny_config(tiny_dir, tmp_path / "default")))
     default.validate()
     ctx = default.context("reward_model", "<p>", validating=True)
-    assert default.stage_config("reward_model", ctx)[0]["dataset"] == "<preference data>"
+    assert default.parse_section("reward_model", ctx)[0]["dataset"] == "<preference data>"
 
     pipeline.paths = pipeline.write_data()
     samples = tmp_path / "all.jsonl"

@@ -238,5 +238,9 @@ class PPOStage(Stage):
 
 @hookimpl
 def register_stages(register):
-    for stage in (SFTStage(), RewardModelStage(), RejectionSamplingStage(), PPOStage()):
+    from .dpo.stage import DPOStage
+    from .kto.stage import KTOStage
+
+    for stage in (SFTStage(), RewardModelStage(), RejectionSamplingStage(), PPOStage(), DPOStage(),
+                  KTOStage()):
         register(stage)

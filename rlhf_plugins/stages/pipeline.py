@@ -178,7 +178,7 @@ class Pipeline:
     """Runs the configured stages in order, threading each stage's output into the next."""
 
     def __init__(self, settings: PipelineSettings, config_label: str = "", smoke: bool = False):
-        self.s = settings
+        self.settings = settings
         self.run_dir = Path(settings.output_dir)
         self.data_dir = self.run_dir / "data"
         self.config_label = config_label
@@ -189,22 +189,22 @@ class Pipeline:
     # shared pieces ------------------------------------------------------------------------
     def base_model(self) -> str:
         from ..models import resolve_model
-        return resolve_model(self.s.model)
+        return resolve_model(self.settings.model)
 
     def common(self) -> dict[str, Any]:
         """Fields every training stage inherits unless its section sets them."""
-        out: dict[str, Any] = {"template": self.s.template, "seed": self.s.seed}
-        if self.s.lora is not None:
-            out["lora"] = self.s.lora
-        if self.s.quantization is not None:
-            out["quantization"] = self.s.quantization
+        out: dict[str, Any] = {"template": self.settings.template, "seed": self.settings.seed}
+        if self.settings.lora is not None:
+            out["lora"] = self.settings.lora
+        if self.settings.quantization is not None:
+            out["quantization"] = self.settings.quantization
         return out
 
     def write_data(self) -> dict[str, str]:
         """The synthetic task's datasets as JSONL under `run_dir/data` (deterministic)."""
         from ..data import synth
 
-        t = self.s.task
+        t = self.settings.task
         files: dict[str, tuple[str, Any]] = {
             "sft": ("sft_train.jsonl", synth.sft_rows(t.n_train, t.seed, "train")),
             "preference": ("preference_train.jsonl", synth.preference_rows(t.n_train, t.seed + 1, "train")),
@@ -213,8 +213,8 @@ class Pipeline:
             "rl": ("rl_train.jsonl", synth.rl_rows(t.n_train, t.seed + 2, "train")),
             "eval": (f"rl_{t.eval_split}.jsonl", synth.rl_rows(t.n_eval, t.seed, t.eval_split)),
         }
-        if self.s.gate.stages:  # the gate's problems: validation, never the test split reported
-            g = self.s.gate
+        if self.settings.gate.stages:  # the gate's problems: validation, never the test split reported
+            g = self.settings.gate
             files["gate"] = ("rl_validation_gate.jsonl", synth.rl_rows(g.n_problems, g.seed, "validation"))
         paths = {}
         for key, (name, rows) in files.items():
@@ -238,10 +238,10 @@ class Pipeline:
 
     def _evaluate(self, label: str, model_dir: str, adapter_dir: str | None, split: str) -> dict[str, Any]:
         cache = self.run_dir / "evals" / (f"{label}.json" if split == "eval" else f"{split}/{label}.json")
-        key = config_hash(model_dir, adapter_dir, dataclasses.asdict(self.s.eval),
-                          dataclasses.asdict(self.s.task), self.s.template,
+        key = config_hash(model_dir, adapter_dir, dataclasses.asdict(self.settings.eval),
+                          dataclasses.asdict(self.settings.task), self.settings.template,
                           self.records.get(label).hash if label in self.records else None,
-                          *([] if split == "eval" else [split, dataclasses.asdict(self.s.gate)]))
+                          *([] if split == "eval" else [split, dataclasses.asdict(self.settings.gate)]))
         if cache.is_file():
             data = json.loads(cache.read_text())
             if data.get("key") == key:
@@ -249,9 +249,9 @@ class Pipeline:
         from ..evaluation import evaluate_saved_policy
 
         rows = [json.loads(line) for line in Path(self.paths[split]).read_text().splitlines()]
-        e = self.s.eval
+        e = self.settings.eval
         result = evaluate_saved_policy(model_dir, rows, adapter_dir=adapter_dir,
-                                       template=self.s.template, reward_functions=e.reward_functions,
+                                       template=self.settings.template, reward_functions=e.reward_functions,
                                        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                                        stop_patterns=[e.stop_pattern] if e.stop_pattern else [],
                                        samples=e.samples_in_report, dtype=e.dtype)
@@ -266,7 +266,7 @@ class Pipeline:
         label, model, adapter = incumbent
         before = self.evaluate(label, model, adapter, split="gate")
         after = self.evaluate(name, *candidate, split="gate")
-        verdict = {**decide(before["correct"], after["correct"], self.s.gate.rule), "incumbent": label}
+        verdict = {**decide(before["correct"], after["correct"], self.settings.gate.rule), "incumbent": label}
         logger.info("gate after %s: %.3f vs %s's %.3f on validation problems: %s", name,
                     verdict["candidate_accuracy"], label, verdict["incumbent_accuracy"],
                     "kept" if verdict["kept"] else "not kept")
@@ -299,7 +299,7 @@ class Pipeline:
 
         versions = plugin_versions(settings_components(settings)) if settings is not None else {}
         section = {k: v for k, v in section.items() if k != "overwrite"}  # not what is trained
-        return config_hash(name, section, upstream, dataclasses.asdict(self.s.task), versions)
+        return config_hash(name, section, upstream, dataclasses.asdict(self.settings.task), versions)
 
     # stage configs ------------------------------------------------------------------------
     def where(self, name: str) -> str:
@@ -308,7 +308,7 @@ class Pipeline:
 
     def context(self, name: str, policy: str, *, validating: bool = False) -> StageContext:
         """What stage `name` gets from the pipeline and the stages before it."""
-        earlier = tuple(self.s.stages[:self.s.stages.index(name)]) if name in self.s.stages else ()
+        earlier = tuple(self.settings.stages[:self.settings.stages.index(name)]) if name in self.settings.stages else ()
         produced = [StageOutputs.from_dict(self.records[n].outputs) for n in earlier if n in self.records]
         reward_model = next((o.reward_model for o in reversed(produced) if o.reward_model), None)
         samples = next((o.samples for o in reversed(produced) if o.samples), None)
@@ -322,11 +322,11 @@ class Pipeline:
                        else None)
         return StageContext(name=name, policy=policy, reward_model=reward_model, samples=samples,
                             data=self.paths, common=self.common(),
-                            reward_functions=list(self.s.eval.reward_functions),
-                            section=self.s.section(name), earlier=earlier, data_dir=self.data_dir,
+                            reward_functions=list(self.settings.eval.reward_functions),
+                            section=self.settings.section(name), earlier=earlier, data_dir=self.data_dir,
                             validating=validating)
 
-    def stage_config(self, name: str, ctx: StageContext, *,
+    def parse_section(self, name: str, ctx: StageContext, *,
                      static: bool = False) -> tuple[dict[str, Any], Any, dict[str, Any]]:
         """(merged section, our settings, TRL kwargs) of stage `name` in context `ctx`.
 
@@ -338,7 +338,7 @@ class Pipeline:
 
         stage = registered_stages()[name]
         member(stage, "stages", "prepare")(ctx)
-        data = deep_merge(member(stage, "stages", "defaults")(ctx), self.s.section(name))
+        data = deep_merge(member(stage, "stages", "defaults")(ctx), self.settings.section(name))
         settings, trl_kwargs = load_stage_config(data, stage.settings_class(),
                                                  member(stage, "stages", "config_class")(static),
                                                  where=self.where(name))
@@ -356,35 +356,65 @@ class Pipeline:
         from ..protocols import member
 
         label = f"{self.config_label}: " if self.config_label else ""
-        check_model_ref(self.s.model, f"{label}model")  # before data is written or a model evaluated
+        check_model_ref(self.settings.model, f"{label}model")  # before data is written or a model evaluated
         check_output_dir(self.run_dir, f"{label}output_dir")
         self.check_stage_folders()
         policy = "<policy of the previous stage>"
         self.paths = {key: f"<{key} data>" for key in DATA_FILES}
         stages = registered_stages()
-        # first every section without importing TRL (fields, types, plugins: seconds), then the
-        # full checks (the real TRL configs)
-        for name in self.s.stages:
+        # every section parsed once, without importing TRL (fields, types, plugins: seconds) and
+        # kept for the run; then the full checks (the real TRL configs)
+        self.parsed = {}
+        for name in self.settings.stages:
             ctx = self.context(name, policy, validating=True)
-            _, settings, _ = self.stage_config(name, ctx, static=True)
+            _, settings, trl_kwargs = self.parse_section(name, ctx, static=True)
             model = getattr(settings, "model", None)
             if model is not None and model != policy:  # a section naming its own model
                 check_model_ref(model, f"{self.where(name)}.model")
             _located_check(self.where(name), member(stages[name], "stages", "quick_check"), settings)
+            self.parsed[name] = (ctx, settings, trl_kwargs)
         with tempfile.TemporaryDirectory() as scratch:
-            for name in self.s.stages:
-                ctx = self.context(name, policy, validating=True)
-                _, settings, trl_kwargs = self.stage_config(name, ctx)
+            for name, (_, settings, trl_kwargs) in self.parsed.items():
                 _located_check(self.where(name), member(stages[name], "stages", "check"), settings,
                                trl_kwargs, Path(scratch) / name)
+
+    def bind(self, name: str, ctx: StageContext) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """(merged section, settings, TRL kwargs) of stage `name` as parsed by `validate`, with
+        what the earlier stages produced (`ctx`) in place of the placeholders it was checked with.
+
+        Only the defaults that differ between the placeholder context and `ctx` (the incoming
+        policy, the reward model, data written from earlier stages) are set; the section is not
+        parsed again.
+        """
+        from ..protocols import member
+
+        stage = registered_stages()[name]
+        checked_ctx, settings, trl_kwargs = self.parsed[name]
+        member(stage, "stages", "prepare")(ctx)
+        section = self.settings.section(name)
+        checked = deep_merge(member(stage, "stages", "defaults")(checked_ctx), section)
+        data = deep_merge(member(stage, "stages", "defaults")(ctx), section)
+        settings, trl_kwargs = copy.copy(settings), dict(trl_kwargs)
+        for key, value in data.items():
+            if key in checked and checked[key] == value:
+                continue
+            if key in trl_kwargs or not hasattr(settings, key):
+                trl_kwargs[key] = value
+            else:
+                setattr(settings, key, value)
+        quantized = member(stage, "stages", "policy_quantization")(settings)
+        if quantized is not None:
+            section_name, quantization = quantized
+            self.warn_requantizing(section_name, ctx.policy, quantization)
+        return data, settings, trl_kwargs
 
     def check_stage_folders(self) -> None:
         """ConfigError naming the entries of a selected stage's folder that no record of ours
         claims (nothing is removed on a guess); `overwrite` replaces them."""
         from .resume import unclaimed_entries, unclaimed_error
 
-        for name in self.s.stages:
-            foreign = [] if self.s.overwrite else unclaimed_entries(self.run_dir / name)
+        for name in self.settings.stages:
+            foreign = [] if self.settings.overwrite else unclaimed_entries(self.run_dir / name)
             if foreign:
                 raise unclaimed_error(self.run_dir / name, foreign, self.where(name))
 
@@ -392,14 +422,14 @@ class Pipeline:
         """Stage `name` on `policy`: skipped when its output is up to date, else run and recorded."""
         stage = registered_stages()[name]
         ctx = self.context(name, policy)
-        data, settings, trl_kwargs = self.stage_config(name, ctx)
+        data, settings, trl_kwargs = self.bind(name, ctx)
 
         def body(stage_dir: Path) -> StageRecord:
             result = stage.run(settings, trl_kwargs, stage_dir, ctx)
             return StageRecord(name, "", result.outputs.as_dict(), result.metrics,
                                result.log_history, result.components)
         return run_stage(name, self.run_dir / name, self.stage_hash(name, data, upstream, settings),
-                         body, overwrite=self.s.overwrite)
+                         body, overwrite=self.settings.overwrite)
 
     # run --------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -414,18 +444,18 @@ class Pipeline:
         self.evaluate("base", policy)
         kept: tuple[str, str, str | None] = ("base", policy, None)  # the model the pipeline holds
         upstream: str | None = config_hash(policy)
-        for name in self.s.stages:
+        for name in self.settings.stages:
             record = self.run_stage(name, policy, upstream)
             self.records[name] = record
             upstream = record.hash
             if not record.outputs.get("evaluate", True):
                 continue
             candidate = (record.outputs.get("policy", policy), record.outputs.get("policy_adapter"))
-            if name in self.s.gate.stages and not self.gate(name, kept, candidate):
+            if name in self.settings.gate.stages and not self.gate(name, kept, candidate):
                 continue  # not kept: later stages start from the incumbent
             if "policy" in record.outputs:
                 policy = record.outputs["policy"]
-            if name not in self.s.gate.stages:
+            if name not in self.settings.gate.stages:
                 self.evaluate(name, *candidate)
             kept = (name, *candidate)
         summary = {

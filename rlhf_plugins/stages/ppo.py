@@ -198,13 +198,32 @@ class CheckedPPO:
 # --------------------------------------------------------------------------------------------
 
 def build_grpo_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLike,
-                      reward_weights: Sequence[float] | None = None) -> Any:
-    """TRL's `GRPOConfig` from the YAML's TRL fields (CPU-friendly defaults; ConfigError on bad values)."""
-    from trl import GRPOConfig
+                      reward_weights: Sequence[float] | None = None, **options: Any) -> Any:
+    """A `PolicyOptimizationConfig` (TRL's `GRPOConfig` + our `options`: estimator, critic, KL,
+    policy loss, group filter) from the YAML's TRL fields (CPU-friendly defaults; ConfigError on
+    bad values, the options checked once by the config)."""
+    from .ppo_config import PolicyOptimizationConfig
 
     extra = {} if reward_weights is None else {"reward_weights": list(reward_weights)}
-    return build_trl_config(GRPOConfig, trl_kwargs, output_dir, label="GRPO",
-                            rejected=_REJECTED_TRL_FIELDS, reject=lambda value: True, **extra)
+    return build_trl_config(PolicyOptimizationConfig, trl_kwargs, output_dir, label="GRPO",
+                            rejected=_REJECTED_TRL_FIELDS, reject=lambda value: True, **extra,
+                            **options)
+
+
+def policy_options(settings: PPOSettings) -> dict[str, Any]:
+    """The `PolicyOptimizationConfig` options of a PPO section."""
+    return {"advantage_estimator": settings.advantage_estimator,
+            "estimator_options": dict(settings.estimator_options or {}),
+            "gamma": settings.gamma, "lam": settings.lam,
+            "critic": settings.critic, "vf_coef": settings.vf_coef,
+            "value_clip": settings.value_clip, "kl_penalty": settings.kl_penalty,
+            "kl_estimator": settings.kl_estimator, "kl_target": settings.kl_target,
+            "kl_horizon": settings.kl_horizon, "whiten_advantages": settings.whiten_advantages,
+            "policy_loss": settings.policy_loss,
+            "policy_loss_options": dict(settings.policy_loss_options or {}),
+            "group_filter": settings.group_filter,
+            "group_filter_options": dict(settings.group_filter_options or {}),
+            "group_filter_refill": settings.group_filter_refill}
 
 
 def check_ppo_components(settings: PPOSettings) -> tuple[Any, Any, Any, list, list]:
@@ -228,10 +247,11 @@ def check_ppo_components(settings: PPOSettings) -> tuple[Any, Any, Any, list, li
 
 def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
                      output_dir: str | os.PathLike) -> CheckedPPO:
-    """Resolve the estimator and reward functions and build the TRL config; all errors, no models."""
-    from .ppo_options import check_estimator_args, check_policy_loss_args
+    """Resolve the estimator and reward functions and build the trainer's config; all errors, no models."""
+    from ..rewarding import resolve_reward_functions
 
-    estimator, policy_loss, group_filter, funcs, weights = check_ppo_components(settings)
+    funcs, weights = resolve_reward_functions(settings.reward_functions) if settings.reward_functions \
+        else ([], [])
     if settings.reward_adapter is not None:
         from .reward_model import read_meta
 
@@ -247,14 +267,8 @@ def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None
 
         check_reward_model_dir(settings.reward_model)
         weights = weights + [float(settings.reward_model_weight)]
-    args = build_grpo_config(trl_kwargs or {}, output_dir, weights)
-    if settings.kl_target is not None:
-        from .kl import make_kl_controller
-
-        make_kl_controller(float(args.beta), settings.kl_target, settings.kl_horizon)
-    if policy_loss is not None:
-        check_policy_loss_args(args)
-    check_estimator_args(estimator, args)
+    args = build_grpo_config(trl_kwargs or {}, output_dir, weights, **policy_options(settings))
+    estimator, policy_loss, group_filter = args.components()  # resolved once, by the config
     return CheckedPPO(estimator, list(funcs), list(weights), args, policy_loss, group_filter)
 
 
@@ -337,15 +351,8 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
     if settings.reward_model is not None:
         scorer, _ = load_reward_scorer(settings, policy, model_path)
         funcs.append(scorer_function(scorer, settings, "reward_model"))
-    trainer = PolicyOptimizationTrainer(
-        policy, funcs, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, advantage_estimator=checked.estimator, gamma=settings.gamma,
-        lam=settings.lam, critic=settings.critic, vf_coef=settings.vf_coef,
-        value_clip=settings.value_clip, kl_penalty=settings.kl_penalty,
-        kl_estimator=settings.kl_estimator, kl_target=settings.kl_target,
-        kl_horizon=settings.kl_horizon, whiten_advantages=settings.whiten_advantages,
-        policy_loss=checked.policy_loss, group_filter=checked.group_filter,
-        group_filter_refill=settings.group_filter_refill)
+    trainer = PolicyOptimizationTrainer(policy, funcs, args, train_dataset=train_dataset,
+                                        eval_dataset=eval_dataset, processing_class=tokenizer)
     keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
     return PreparedPPO(trainer, tokenizer, model_path, train_dataset, eval_dataset, source, scorer)
 

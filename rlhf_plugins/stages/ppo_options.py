@@ -94,7 +94,6 @@ def validated_reward_function(func: Callable[..., Any]) -> Callable[..., Any]:
 
     checked.__name__ = checked.__qualname__ = name  # TRL logs rewards/<__name__>/mean
     checked.__doc__ = getattr(func, "__doc__", None)
-    checked.__wrapped_reward_function__ = func  # type: ignore[attr-defined]
     checked.last_outputs = checked.last_texts = None  # type: ignore[attr-defined]
     return checked
 

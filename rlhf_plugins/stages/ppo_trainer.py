@@ -54,26 +54,23 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 
+from ..advantage_contract import call_estimator
 from ..errors import ConfigError
-from ..guard import guarded
 from ..losses import kl_estimate, masked_mean, value_loss
 from ..protocols import member
 from .kl import AdaptiveKLController, make_kl_controller
 from .ppo_loss import FORWARD_KEYS, PluginPolicyLoss
-from .ppo_options import (CRITICS, KL_PENALTIES, check_estimator_args,  # noqa: F401
-                          check_group_filter_refill, check_policy_loss_args, check_trainer_options,
-                          resolve_estimator, resolve_group_filter, resolve_policy_loss,
-                          validated_reward_function)
+from .ppo_config import PolicyOptimizationConfig
+from .ppo_options import validated_reward_function
 from .ppo_rollout_rewards import RolloutRewards
 from .value_head import (GenerationValueCapture, ValueHead, capture_generation_values,
                          capture_values, hidden_size_of, unwrap)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PolicyOptimizationTrainer", "resolve_estimator", "resolve_group_filter",
-           "resolve_policy_loss", "validated_reward_function", "KL_PENALTIES", "CRITICS"]
+__all__ = ["PolicyOptimizationTrainer"]
 
 
 def _adapter_is_fresh(model: nn.Module) -> bool:
@@ -97,51 +94,18 @@ def _adapter_is_fresh(model: nn.Module) -> bool:
 class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
     """TRL's GRPOTrainer with a pluggable advantage estimator, a value head and KL shaping.
 
-    Extra keyword arguments (everything else is TRL's GRPOTrainer):
-
-    - ``advantage_estimator``: a registered name (family ``advantage_estimators``) or a
-      component; ``estimator_options`` go to its ``configure``.
-    - ``gamma``, ``lam``: discount and GAE lambda passed to the estimator.
-    - ``critic``: ``"value_head"`` (a linear head on the policy's last hidden state, shared
-      backbone) or ``"none"``; used only by estimators with ``needs_values``.
-    - ``vf_coef``, ``value_clip``: value-loss weight and PPO value clipping (None: unclipped).
-    - ``kl_penalty``: ``"loss"`` (TRL's k3 term, weight ``args.beta``) or ``"reward"``
-      (``-beta * KL_t`` added to every token's reward; estimator ``kl_estimator``, k1 default).
-    - ``kl_target``, ``kl_horizon``: adaptive KL controller (None: ``beta`` stays fixed).
-    - ``whiten_advantages``: normalise advantages to zero mean / unit std over the batch's real
-      tokens (PPO practice); off by default.
-    - ``validate_rewards``: wrap reward callables with :func:`validated_reward_function`
-      (needed for step rewards).
-    - ``policy_loss``: a registered name (family ``policy_losses``) or a component replacing
-      TRL's surrogate; ``policy_loss_options`` go to its ``configure``. None: TRL's loss.
-    - ``group_filter``: a selection rule name (or rule) dropping whole groups from the update
-      (DAPO dynamic sampling, e.g. ``nonzero_variance``); ``group_filter_options`` configure it;
-      ``group_filter_refill`` must stay False (see :func:`check_group_filter_refill`).
+    Its options are fields of ``args``, a :class:`PolicyOptimizationConfig` (TRL's
+    ``GRPOConfig`` plus the estimator, critic, KL placement, whitening, policy loss and group
+    filter, checked once in its ``__post_init__``); every other argument is TRL's GRPOTrainer's.
     """
 
-    def __init__(self, model: Any, reward_funcs: Any = None, args: GRPOConfig | None = None, *,
-                 advantage_estimator: Any = "grpo", estimator_options: Mapping[str, Any] | None = None,
-                 gamma: float = 1.0, lam: float = 0.95, critic: str = "value_head",
-                 vf_coef: float = 0.1, value_clip: float | None = 0.2, kl_penalty: str = "loss",
-                 kl_estimator: str = "k1", kl_target: float | None = None,
-                 kl_horizon: float = 10000.0, whiten_advantages: bool = False,
-                 validate_rewards: bool = True, policy_loss: Any = None,
-                 policy_loss_options: Mapping[str, Any] | None = None, group_filter: Any = None,
-                 group_filter_options: Mapping[str, Any] | None = None,
-                 group_filter_refill: bool = False, **kwargs: Any) -> None:
-        self.estimator = resolve_estimator(advantage_estimator, estimator_options)
+    def __init__(self, model: Any, reward_funcs: Any = None,
+                 args: PolicyOptimizationConfig | None = None, **kwargs: Any) -> None:
+        if not isinstance(args, PolicyOptimizationConfig):
+            raise ConfigError("PolicyOptimizationTrainer needs `args`: a PolicyOptimizationConfig "
+                              f"(TRL's GRPOConfig plus our options), got {type(args).__name__}")
+        self.estimator, self.policy_objective, self.group_filter_rule = args.components()
         self.needs_values = bool(member(self.estimator, "advantage_estimators", "needs_values"))
-        check_trainer_options(self.estimator, critic=critic, kl_penalty=kl_penalty,
-                              kl_estimator=kl_estimator, vf_coef=vf_coef, value_clip=value_clip,
-                              gamma=gamma, lam=lam)
-        if args is None:
-            raise ConfigError("PolicyOptimizationTrainer needs `args` (a trl.GRPOConfig)")
-        self.policy_objective = resolve_policy_loss(policy_loss, policy_loss_options)
-        if self.policy_objective is not None:
-            check_policy_loss_args(args)
-        self.group_filter_rule = resolve_group_filter(group_filter, group_filter_options)
-        check_group_filter_refill(group_filter_refill)
-        check_estimator_args(self.estimator, args)
         if args.multi_objective_aggregation != "sum_then_normalize":
             raise ConfigError("multi_objective_aggregation: only 'sum_then_normalize' is supported "
                               "(the advantage estimator normalises the summed reward)")
@@ -153,14 +117,15 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
                 raise ConfigError("ddp_find_unused_parameters: must be false with a value head "
                                   "(its parameters are used outside the model's forward)")
             args.ddp_find_unused_parameters = False
-        self.gamma, self.lam = float(gamma), float(lam)
-        self.vf_coef = float(vf_coef)
-        self.value_clip = None if value_clip is None else float(value_clip)
-        self.kl_penalty, self.kl_estimator = kl_penalty, kl_estimator
-        self.whiten_advantages = bool(whiten_advantages)
-        self.kl_controller = make_kl_controller(float(args.beta), kl_target, kl_horizon)
+        self.gamma, self.lam = float(args.gamma), float(args.lam)
+        self.vf_coef = float(args.vf_coef)
+        self.value_clip = None if args.value_clip is None else float(args.value_clip)
+        self.kl_penalty, self.kl_estimator = args.kl_penalty, args.kl_estimator
+        self.whiten_advantages = bool(args.whiten_advantages)
+        self.kl_controller = make_kl_controller(float(args.beta), args.kl_target, args.kl_horizon)
+        kl_penalty = args.kl_penalty
 
-        if reward_funcs is not None and validate_rewards:
+        if reward_funcs is not None and args.validate_rewards:
             funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
             reward_funcs = [validated_reward_function(f) if callable(f) and not isinstance(f, nn.Module)
                             else f for f in funcs]
@@ -377,9 +342,8 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
 
         device = mask.device
         if keep is None or bool(keep.all()):
-            with guarded(self.estimator, "advantage_estimators", "__call__()"):
-                result = self.estimator(rewards, num_generations=num_generations, mask=mask,
-                                        values=values, gamma=self.gamma, lam=self.lam, **extra)
+            result = call_estimator(self.estimator, rewards, num_generations=num_generations, mask=mask,
+                                    values=values, gamma=self.gamma, lam=self.lam, **extra)
             advantages = result.advantages.to(device=device, dtype=torch.float32)
             if self.whiten_advantages:
                 advantages = _whiten(advantages, mask if advantages.dim() == 2 else None)
@@ -392,10 +356,9 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
                 returns = torch.zeros(mask.shape, dtype=torch.float32, device=device)
             return Advantages(advantages, returns), advantages
         sub = {k: (v if k == "reward_weights" else v[rows]) for k, v in extra.items()}
-        with guarded(self.estimator, "advantage_estimators", "__call__()"):
-            result = self.estimator(rewards[rows], num_generations=num_generations, mask=mask[rows],
-                                    values=None if values is None else values[rows],
-                                    gamma=self.gamma, lam=self.lam, **sub)
+        result = call_estimator(self.estimator, rewards[rows], num_generations=num_generations,
+                                mask=mask[rows], values=None if values is None else values[rows],
+                                gamma=self.gamma, lam=self.lam, **sub)
         kept = result.advantages.to(device=device, dtype=torch.float32)
         if self.whiten_advantages:
             kept = _whiten(kept, mask[rows] if kept.dim() == 2 else None)

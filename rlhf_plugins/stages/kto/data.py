@@ -1,0 +1,123 @@
+"""Unpaired rows (prompt, completion, label) -> our template + masking -> KTOTrainer rows.
+
+The encoding is the DPO stage's (:func:`rlhf_plugins.stages.dpo.data.completion_features`):
+the prompt is never trained, the masking plugin picks the completion's trained tokens. Paired
+rows (TRL's preference formats) are unpaired as TRL's KTOTrainer does: chosen is desirable,
+rejected is not. Graded samples of an earlier stage become rows labelled by the verifier.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from ...errors import DataError
+from ..dpo.data import completion_features, encode_rows, pair_messages, split_prompt
+from ..sft import get_components
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datasets import Dataset
+
+__all__ = ["encode_unpaired", "labelled_samples", "synthetic_unpaired_rows", "unpaired_messages",
+           "write_labelled_samples"]
+
+
+def _label(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    raise DataError(f"label: expected true/false, got {value!r}")
+
+
+def unpaired_messages(row: Mapping[str, Any]) -> list[tuple[list[dict], list[dict], bool]]:
+    """(prompt, completion, label) of an unpaired row, or the two of a preference pair."""
+    from ...head_data import as_messages
+
+    if row.get("completion") is None and row.get("chosen") is not None:
+        prompt, chosen, rejected = pair_messages(row)
+        return [(prompt, chosen, True), (prompt, rejected, False)]
+    missing = [k for k in ("prompt", "completion", "label") if row.get(k) is None]
+    if missing:
+        raise DataError(f"missing field(s) {', '.join(missing)} (expected prompt, completion, "
+                        "label; or prompt, chosen, rejected)")
+    return [(as_messages(row["prompt"], "user", "prompt"),
+             as_messages(row["completion"], "assistant", "completion"), _label(row["label"]))]
+
+
+def encode_unpaired(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any = "chatml",
+                    masking: Any = "all_assistant_turns",
+                    *, where: str = "dataset", max_length: int | None = None) -> tuple["Dataset", int]:
+    """Rows -> a Dataset of `prompt_ids`, `completion_ids`, `completion_mask`, `label`, and how
+    many were dropped (no trained token within `max_length`)."""
+    tpl, msk = get_components(template, masking)
+
+    def encode(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for prompt, completion, label in unpaired_messages(row):
+            ids, mask = completion_features(prompt, completion, tokenizer, tpl, msk)
+            cut = split_prompt([ids], [mask])
+            out.append({"prompt_ids": ids[:cut], "completion_ids": ids[cut:],
+                        "completion_mask": mask[cut:], "label": label})
+        return out
+
+    return encode_rows(rows, encode, ("completion",), where=where, max_length=max_length)
+
+
+def synthetic_unpaired_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """The synthetic task's preference pairs, each as a desirable and an undesirable row (shuffled)."""
+    import random
+
+    from ...data import synth
+
+    rows = []
+    for pair in synth.preference_rows(n, seed, split):
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    # KTO's KL term pairs each prompt with its batch neighbour's completion: not the same prompt
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def labelled_samples(rows: Iterable[Mapping[str, Any]], *, min_reward: float = 0.5,
+                     holdout_every: int = 3) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows from graded samples: each sample labelled by the verifier (reward
+    at least `min_reward`: desirable); every `holdout_every`-th prompt is held out."""
+    train: list[dict] = []
+    held_out: list[dict] = []
+    for i, row in enumerate(rows):
+        missing = [k for k in ("prompt_index", "prompt", "completion", "reward") if k not in row]
+        if missing:
+            raise DataError(f"sample row {i}: missing field(s) {', '.join(missing)} "
+                            "(expected an `rlhf-plugins sample` all.jsonl)")
+        if row["reward"] is None:  # not graded
+            continue
+        item = {"prompt": row["prompt"], "completion": row["completion"],
+                "label": float(row["reward"]) >= min_reward, "prompt_index": row["prompt_index"]}
+        (held_out if int(row["prompt_index"]) % holdout_every == 0 else train).append(item)
+    return train, held_out
+
+
+def write_labelled_samples(samples_jsonl: str | os.PathLike, out_dir: str | os.PathLike,
+                           **options: Any) -> dict[str, str] | None:
+    """Write `kto_samples_train.jsonl` (+ `kto_samples_heldout.jsonl` when a prompt is held out)
+    under `out_dir`; None when the training side lacks a desirable or an undesirable row."""
+    from ...cache import atomic_write_jsonl
+
+    path = Path(samples_jsonl)
+    with path.open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        train, held_out = labelled_samples(rows, **options)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    if len({r["label"] for r in train}) < 2:
+        return None
+    out = Path(out_dir)
+    paths = {"train": out / "kto_samples_train.jsonl"}
+    atomic_write_jsonl(paths["train"], train)
+    if held_out:
+        paths["eval"] = out / "kto_samples_heldout.jsonl"
+        atomic_write_jsonl(paths["eval"], held_out)
+    return {key: str(p) for key, p in paths.items()}
