@@ -1,6 +1,6 @@
 """Rerunning a stage is safe, and nothing the project did not write is deleted (issue 29).
 
-For every stage command (sft, rm, ppo, sample) and the pipeline:
+For every stage command (sft, rm, ppo, sample, dpo, kto) and the pipeline:
 - an output folder holding entries no record of ours claims is one error line (exit 2) naming
   them, before any model loads, the folder untouched; `--overwrite` replaces them;
 - a second run of a finished config prints one line, exits 0, loads no model, runs no trainer
@@ -32,9 +32,15 @@ CONFIGS = {
              "max_completion_length": 4, "reward_functions": ["length_penalty"], **FAST}, PROMPTS),
     "sample": ({"num_samples": 2, "max_new_tokens": 4, "reward_functions": ["length_penalty"]},
                PROMPTS),
+    "dpo": ({"max_steps": 1, "per_device_train_batch_size": 2, "lora": {"r": 2, "alpha": 4},
+             **FAST}, PAIRS),
+    "kto": ({"max_steps": 1, "per_device_train_batch_size": 2, "lora": {"r": 2, "alpha": 4},
+             **FAST}, [{"prompt": p["prompt"], "completion": c, "label": good}
+                       for p in PROMPTS for c, good in (("A fine answer.", True), ("No.", False))]),
 }
 #: a changed field of each command's config (`--set`)
-CHANGED = {"sft": "max_steps=2", "rm": "max_steps=2", "ppo": "max_steps=2", "sample": "num_samples=3"}
+CHANGED = {"sft": "max_steps=2", "rm": "max_steps=2", "ppo": "max_steps=2", "sample": "num_samples=3",
+           "dpo": "max_steps=2", "kto": "max_steps=2"}
 
 
 @pytest.fixture(scope="module")

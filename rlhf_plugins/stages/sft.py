@@ -402,10 +402,12 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
     return SFTResult(out, metrics, adapter, merged_dir)
 
 
-def finished_sft(output_dir: str | os.PathLike) -> SFTResult:
-    """The result recorded by the finished SFT run in `output_dir` (nothing is trained)."""
+def finished_sft(output_dir: str | os.PathLike, stage: str = "sft",
+                 metrics_file: str = METRICS_FILE) -> SFTResult:
+    """The result recorded by the finished run of an SFT-shaped stage (sft, dpo, kto) in
+    `output_dir`, which a rerun of the same config returns (nothing is trained)."""
     out = Path(output_dir)
-    metrics, record = finished_stage(out, "sft", METRICS_FILE)
+    metrics, record = finished_stage(out, stage, metrics_file)
     return SFTResult(out, metrics, bool(record.get("adapter")),
                      Path(record["merged"]) if record.get("merged") else None, up_to_date=True)
 
