@@ -3,19 +3,19 @@
 A training stage (SFT, reward model, PPO) reads like this::
 
     settings, trl_kwargs, out = stage_config(source, overrides, output_dir, SFTSettings, SFTConfig)
+    if output_state(out, "sft", settings, trl_kwargs).finished:  # before any model loads
+        metrics, record = finished_stage(out, "sft", METRICS_FILE)   # nothing to do: return them
     args = build_trl_config(SFTConfig, trl_kwargs, out, label="SFT", rejected=...)
     rows, label = load_dataset_source(settings.dataset, split=..., num_examples=...)
     model = load_trainable_model(model_path, settings.lora, settings.quantization, ...)
     trainer = ...; keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
-    state = output_state(out, "sft", settings, trl_kwargs)  # before any model loads
-    if state.finished:                                       # nothing to do: same config, done
-        metrics, record = finished_stage(out, "sft", METRICS_FILE); return ...
-    ...
-    check_run_config(out, "sft", settings, trl_kwargs)       # clears/records, before training
+    check_run_config(out, "sft", settings, trl_kwargs)  # clear what is ours to clear, record
     trainer.train(resume_from_checkpoint=resume_checkpoint(out, settings.resume, "SFT"))
     finish_stage(trainer, out, metrics, metrics_file=..., started=..., stage="sft", ...)
 
-(`output_state`, `check_run_config`: stages/resume.py; `finish_stage` marks the run finished.)
+`output_state` (which also refuses an output folder holding entries no record of ours claims,
+unless `settings.overwrite`) and `check_run_config` live in stages/resume.py; `finish_stage`
+marks the run finished, so a rerun of the same config has nothing to do.
 
 Nothing here imports torch, transformers or datasets at module level.
 """
