@@ -77,7 +77,7 @@ def _child_memory(mode: str, model_dir: str, seq: int) -> dict[str, Any]:
     import torch
 
     from rlhf_plugins.models import LoraSettings, QuantSettings, apply_lora, load_causal_lm
-    from rlhf_plugins.stages.value_head import ValueHead
+    from rlhf_plugins.stages.ppo.value_head import ValueHead
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     base_rss = _rss_now()
@@ -202,8 +202,8 @@ def bench_step(steps: int, completion: int, root: Path, model: str = "tiny",
     from rlhf_plugins import registry
     from rlhf_plugins.data import synth
     from rlhf_plugins.models import LoraSettings, apply_lora, load_causal_lm, load_tokenizer
-    from rlhf_plugins.stages.ppo import build_grpo_config
-    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+    from rlhf_plugins.stages.ppo.train import build_grpo_config
+    from rlhf_plugins.stages.ppo.trainer import PolicyOptimizationTrainer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from helpers_models import make_tiny_model_dir

@@ -4,7 +4,7 @@ Run:  python bench/bench_scoring.py [--model default|tiny|DIR] [--n 256 --batch-
 
 A mixed-length set of pre-tokenized sequences (lengths uniform in [--min-len, --max-len],
 16-512 by default, random token ids ending in the eos token) is scored twice with
-``rlhf_plugins.stages.reward.score`` on a Bradley-Terry reward model: once in input order
+``rlhf_plugins.stages.reward_model.scoring.score`` on a Bradley-Terry reward model: once in input order
 (``sort_by_length=False``: plain right-padded batches) and once with length-sorted batches
 (the default). The script checks that both give the same scores, then prints tokens/s (real
 tokens only), padded-token counts and the padding fraction side by side.
@@ -26,7 +26,7 @@ def build_model(which: str) -> tuple[object, object]:
     """A Bradley-Terry RewardModel on the default model, a small random Llama, or a model dir."""
     from rlhf_plugins import registry
     from rlhf_plugins.models import default_model_path, load_causal_lm, load_tokenizer
-    from rlhf_plugins.stages.reward import RewardModel
+    from rlhf_plugins.stages.reward_model.model import RewardModel
 
     if which == "tiny":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -57,7 +57,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from rlhf_plugins.stages.reward import score
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     model, tokenizer = build_model(args.model)
     rng = random.Random(args.seed)

@@ -5,7 +5,7 @@
         [--estimators grpo,gae,...] [--losses ppo_clip,gspo,...] [--eval 16] [--json out.json]
         [--heldout 128]   # greedy accuracy on held-out problems, paired with the starting policy
 
-Every run goes through `rlhf_plugins.stages.ppo.run_ppo` (our GRPOTrainer subclass) with the
+Every run goes through `rlhf_plugins.stages.ppo.train.run_ppo` (our GRPOTrainer subclass) with the
 same prompts, seed and generation settings; only one config line differs between two rows of a
 table: `advantage_estimator` (table 1, with `policy_loss: ppo_clip`) or `policy_loss` (table 2,
 with `advantage_estimator: grpo`). Names default to everything registered, so a third-party
@@ -86,7 +86,7 @@ def run_one(config: dict[str, Any], heldout: "Heldout | None" = None) -> dict[st
     the held-out problems instead (per-problem correctness, compared paired with the starting
     policy, which `heldout` scored once for all rows).
     """
-    from rlhf_plugins.stages.ppo import ppo_from_config
+    from rlhf_plugins.stages.ppo.train import ppo_from_config
 
     started = time.time()
     if heldout is not None:

@@ -4,7 +4,7 @@
                                       [--greedy-eval 100] [--plot bench/ppo_default_model.png]
                                       [--json out.json]   (--plot-from out.json: redraw only)
 
-Both runs go through `rlhf_plugins.stages.ppo.run_ppo` (TRL GRPOTrainer subclass) on one 4-bit
+Both runs go through `rlhf_plugins.stages.ppo.train.run_ppo` (TRL GRPOTrainer subclass) on one 4-bit
 base with a LoRA policy, the same prompts, seed and generation settings; only the advantage
 estimator differs. The reward is the built-in `exact_answer` verifier on the synthetic task.
 Prints, per estimator, the held-out mean reward (greedy-free TRL evaluation on held-out
@@ -20,7 +20,7 @@ import time
 
 
 def run(estimator: str, policy: str, steps: int, n_eval: int, out: str, greedy: int = 0) -> dict:
-    from rlhf_plugins.stages.ppo import ppo_from_config
+    from rlhf_plugins.stages.ppo.train import ppo_from_config
 
     config = {"model": policy, "advantage_estimator": estimator, "reward_functions": ["exact_answer"],
               "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "quantization": {"quant_type": "nf4"},

@@ -38,7 +38,8 @@ def main() -> None:
 
     from rlhf_plugins.config import load_stage_config
     from rlhf_plugins.data import synth
-    from rlhf_plugins.stages.sft import SFTSettings, merge_adapter, run_sft
+    from rlhf_plugins.stages.sft.settings import SFTSettings
+    from rlhf_plugins.stages.sft.train import merge_adapter, run_sft
     from rlhf_plugins.stats import compare
 
     run = Path(args.run)

@@ -136,7 +136,8 @@ def tune_rs(samples: Path, out: Path, start_dir: str, rows: list[dict[str, Any]]
     from trl import SFTConfig
 
     from rlhf_plugins.config import load_stage_config
-    from rlhf_plugins.stages.sft import SFTSettings, run_sft
+    from rlhf_plugins.stages.sft.settings import SFTSettings
+    from rlhf_plugins.stages.sft.train import run_sft
 
     got = []
     for i, name, variant in picked:
@@ -160,7 +161,8 @@ def tune_ppo(run: Path, out: Path, start_dir: str, rows: list[dict[str, Any]],
     from trl import GRPOConfig
 
     from rlhf_plugins.config import load_stage_config
-    from rlhf_plugins.stages.ppo import PPOSettings, run_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import run_ppo
 
     settings = json.loads((run / "ppo" / "rlhf_plugins_stage.json").read_text())["settings"]
     got = []

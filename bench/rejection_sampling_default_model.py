@@ -5,7 +5,7 @@
 
 1. Held-out accuracy (greedy, `exact_answer`, the synthetic task's "test" split) of the
    starting policy.
-2. `rlhf_plugins.stages.sampling.run_sampling`: N samples per training prompt, scored by the
+2. `rlhf_plugins.stages.rejection_sampling.run.run_sampling`: N samples per training prompt, scored by the
    `exact_answer` verifier, selected with `threshold` (verified-correct, at most 2 per prompt),
    then the SFT stage on the selection (LoRA, merged) - and the held-out accuracy of the result.
 3. With `--control`: the matched random control `random_k` (same number of rows, drawn from the
@@ -49,7 +49,8 @@ def main() -> None:
 
     from rlhf_plugins.data import synth
     from rlhf_plugins.stages.pipeline import EvalSettings
-    from rlhf_plugins.stages.sampling import SamplingSettings, run_sampling
+    from rlhf_plugins.stages.rejection_sampling.run import run_sampling
+    from rlhf_plugins.stages.rejection_sampling.settings import SamplingSettings
     from rlhf_plugins.stats import compare
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-rs-"))

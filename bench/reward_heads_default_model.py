@@ -5,7 +5,7 @@
 
 Each head trains a LoRA adapter + head on the 4-bit SmolLM2-135M-Instruct with the built-in
 synthetic task's rows of its kind (preference pairs, outcome-labelled completions, step-labelled
-solutions) through `rlhf_plugins.stages.reward.rm_from_config` (TRL Trainer subclass), then
+solutions) through `rlhf_plugins.stages.reward_model.train.rm_from_config` (TRL Trainer subclass), then
 prints the held-out metrics before and after training next to each metric's trivial baseline
 and the wall time. Numbers go into bench/README.md.
 """
@@ -48,7 +48,7 @@ def synthetic_files(head: str, n_train: int, n_eval: int, out: str, args: argpar
 
 
 def run_head(head: str, steps: int, n_eval: int, out: str, args: argparse.Namespace) -> dict:
-    from rlhf_plugins.stages.reward import rm_from_config
+    from rlhf_plugins.stages.reward_model.train import rm_from_config
 
     config = {"model": "default", "head": head, **synthetic_files(head, steps * 8, n_eval, out, args),
               "lora": {"r": 8, "alpha": 16, "dropout": 0.0},

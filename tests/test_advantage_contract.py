@@ -194,8 +194,8 @@ def rows():
 
 def _trainer(tiny_dir, rows, tmp_path, reward_funcs, trl=None, **kwargs):
     from rlhf_plugins.models import load_causal_lm
-    from rlhf_plugins.stages.ppo import build_grpo_config
-    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+    from rlhf_plugins.stages.ppo.train import build_grpo_config
+    from rlhf_plugins.stages.ppo.trainer import PolicyOptimizationTrainer
 
     args = build_grpo_config(_trl_kwargs(**(trl or {})), tmp_path / "out",
                              advantage_estimator=docs_mean_baseline()(), **kwargs)

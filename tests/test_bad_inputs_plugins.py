@@ -141,7 +141,7 @@ def clean_script():
     ("none", "masking strategy 'bad_mask_14' returned NoneType, expected a list of 0/1 values"),
 ])
 def test_masking_failures_name_the_strategy_plugin_and_distribution(bad_dist, tokenizer, mode, needle):
-    from rlhf_plugins.stages.sft import build_sft_dataset
+    from rlhf_plugins.stages.sft.dataset import build_sft_dataset
 
     masking = registry().masking_strategies.get("bad_mask_14", mode=mode)
     n = len(registry().chat_templates.get("chatml").encode(GOOD_ROWS[0]["messages"],
@@ -158,7 +158,7 @@ def test_a_well_behaved_mask_of_bools_or_floats_is_accepted(tokenizer, rlhf_plug
     from dataclasses import dataclass
 
     from rlhf_plugins import sdk
-    from rlhf_plugins.stages.sft import build_sft_dataset
+    from rlhf_plugins.stages.sft.dataset import build_sft_dataset
 
     @dataclass(frozen=True)
     class Floats(sdk.MaskingStrategy):
@@ -173,7 +173,7 @@ def test_a_well_behaved_mask_of_bools_or_floats_is_accepted(tokenizer, rlhf_plug
 
 
 def test_template_crash_names_template_plugin_and_distribution(bad_dist, tokenizer):
-    from rlhf_plugins.stages.sft import build_sft_dataset
+    from rlhf_plugins.stages.sft.dataset import build_sft_dataset
 
     with pytest.raises(ComponentError) as info:
         build_sft_dataset(GOOD_ROWS, tokenizer, "bad_template_14", "all_assistant_turns",
@@ -192,7 +192,7 @@ def test_reward_function_crash_names_its_distribution(bad_dist):
 
 
 def test_selection_rule_crash_names_its_distribution(bad_dist):
-    from rlhf_plugins.stages.sampling import SamplingRun
+    from rlhf_plugins.stages.rejection_sampling.sampler import SamplingRun
 
     fake = SimpleNamespace(c=SimpleNamespace(rule=registry().selection_rules.get("bad_rule_14")),
                            s=SimpleNamespace(selection="bad_rule_14"))
@@ -205,7 +205,7 @@ def test_selection_rule_crash_names_its_distribution(bad_dist):
 def test_estimator_crash_inside_the_trainer(rlhf_plugin):
     import torch
 
-    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+    from rlhf_plugins.stages.ppo.trainer import PolicyOptimizationTrainer
 
     def broken_estimator_14(rewards, *, num_generations=1, mask=None, values=None, gamma=1.0, lam=0.95):
         raise ValueError("shapes do not match")
@@ -223,7 +223,7 @@ def test_head_encode_crash_is_never_dropped_as_a_bad_row(rlhf_plugin, tokenizer)
     from dataclasses import dataclass
 
     from plugins.reward_heads import BradleyTerryHead as BradleyTerry
-    from rlhf_plugins.stages.reward import encode_rows
+    from rlhf_plugins.stages.reward_model.data import encode_rows
 
     @dataclass(frozen=True)
     class CrashingHead(BradleyTerry):
@@ -245,7 +245,7 @@ def test_head_collate_crash(rlhf_plugin):
     from dataclasses import dataclass
 
     from plugins.reward_heads import BradleyTerryHead as BradleyTerry
-    from rlhf_plugins.stages.reward_trainer import HeadCollator
+    from rlhf_plugins.stages.reward_model.trainer import HeadCollator
 
     @dataclass(frozen=True)
     class BadCollate(BradleyTerry):

@@ -109,7 +109,7 @@ def test_estimator_rejects_infinite_rewards():
 def test_selection_rule_output_is_checked():
     from types import SimpleNamespace
 
-    from rlhf_plugins.stages.sampling import SamplingRun
+    from rlhf_plugins.stages.rejection_sampling.sampler import SamplingRun
 
     totals = [[0.5, 0.1]]
     for returned, needle in ((None, "returned NoneType"), ([5], "returned 5, not a (prompt, completion) pair"),

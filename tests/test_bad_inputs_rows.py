@@ -175,7 +175,8 @@ def test_drop_truncated_follows_trls_truncation_modes():
     from datasets import Dataset
 
     from rlhf_plugins.errors import DataError
-    from rlhf_plugins.stages.sft import build_sft_config, drop_truncated
+    from rlhf_plugins.stages.sft.dataset import drop_truncated
+    from rlhf_plugins.stages.sft.train import build_sft_config
 
     ds = Dataset.from_dict({"input_ids": [[1] * 6, [1] * 6, [1] * 6],
                             "assistant_masks": [[0, 0, 0, 0, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]})

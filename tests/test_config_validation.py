@@ -57,7 +57,7 @@ def test_a_bad_last_section_exits_2_fast_and_writes_nothing(tmp_path, ppo, field
 def test_typed_yaml_values_everywhere(tmp_path):
     from trl import GRPOConfig
 
-    from rlhf_plugins.stages.ppo import PPOSettings
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
 
     cfg = tmp_path / "ppo.yaml"
     cfg.write_text("reward_functions: [exact_answer]\nlearning_rate: 1e-4\nbeta: 0\nmax_steps: 3\ngamma: 1\n")
@@ -113,7 +113,7 @@ def test_plugin_flag_and_config_plugins_list(tmp_path):
 def test_trl_model_config_names_map_to_lora_and_quantization(tmp_path):
     from trl import SFTConfig
 
-    from rlhf_plugins.stages.sft import SFTSettings
+    from rlhf_plugins.stages.sft.settings import SFTSettings
 
     cfg = tmp_path / "sft.yaml"
     cfg.write_text("use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_target_modules: [q_proj]\n"

@@ -25,7 +25,7 @@ def tok():
 
 def test_sft_accepts_every_trl_sft_format(tok):
     pytest.importorskip("datasets")
-    from rlhf_plugins.stages.sft import build_sft_dataset
+    from rlhf_plugins.stages.sft.dataset import build_sft_dataset
 
     user, assistant = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}
     rows = [{"messages": [user, assistant]},                                  # conversational LM
@@ -46,7 +46,7 @@ def test_sft_stage_trains_on_plain_string_prompt_completion_with_an_eval_split(t
     from datasets import Dataset, DatasetDict
 
     from helpers_models import make_tiny_model_dir
-    from rlhf_plugins.stages.sft import sft_from_config
+    from rlhf_plugins.stages.sft.train import sft_from_config
 
     model = make_tiny_model_dir(tmp_path)
     data = DatasetDict({
@@ -68,8 +68,8 @@ def test_sft_stage_trains_on_plain_string_prompt_completion_with_an_eval_split(t
 # --- reward models: preference (explicit / implicit prompt), unpaired preference, stepwise --------
 
 def _encoded(path, head_name, tok):
-    from rlhf_plugins.stages.reward import encode_rows
-    from rlhf_plugins.stages.reward_data import load_rows
+    from rlhf_plugins.stages.reward_model.data import encode_rows
+    from rlhf_plugins.stages.reward_model.data import load_rows
 
     head = registry().reward_heads.get(head_name)
     rows, where = load_rows(str(path), split="train", head=head, num_examples=None, seed=0)
@@ -112,13 +112,13 @@ def test_reward_heads_accept_trls_preference_unpaired_and_stepwise_formats(tmp_p
 # --- prompt-only: sample and ppo; held-out PPO prompts are never training prompts ----------------
 
 def _ppo_settings(**kw):
-    from rlhf_plugins.stages.ppo import PPOSettings
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
 
     return PPOSettings(reward_functions=["exact_answer"], **kw)
 
 
 def test_ppo_eval_prompts_are_carved_from_training_and_excluded(tmp_path):
-    from rlhf_plugins.stages.ppo import held_out_prompts, load_prompt_rows
+    from rlhf_plugins.stages.ppo.prompts import held_out_prompts, load_prompt_rows
 
     rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
     rows += [{"prompt": "What is 3 + 3?", "answer": "6"}]  # a duplicate of row 4
@@ -140,7 +140,8 @@ def test_ppo_eval_split_and_eval_dataset(tmp_path):
     pytest.importorskip("datasets")
     from datasets import Dataset, DatasetDict
 
-    from rlhf_plugins.stages.ppo import held_out_prompts, load_ppo_config, load_prompt_rows
+    from rlhf_plugins.stages.ppo.prompts import held_out_prompts, load_prompt_rows
+    from rlhf_plugins.stages.ppo.train import load_ppo_config
 
     DatasetDict({"train": Dataset.from_list([{"prompt": f"train {i}"} for i in range(6)]),
                  "test": Dataset.from_list([{"prompt": f"test {i}"} for i in range(3)] +
@@ -161,10 +162,10 @@ def test_ppo_eval_split_and_eval_dataset(tmp_path):
 
 
 def test_dataset_fields_are_named_the_same_in_every_command():
-    from rlhf_plugins.stages.ppo import PPOSettings
-    from rlhf_plugins.stages.reward import RMSettings
-    from rlhf_plugins.stages.sampling import SamplingSettings
-    from rlhf_plugins.stages.sft import SFTSettings
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.reward_model.settings import RMSettings
+    from rlhf_plugins.stages.rejection_sampling.settings import SamplingSettings
+    from rlhf_plugins.stages.sft.settings import SFTSettings
     import dataclasses
 
     for cls in (SFTSettings, RMSettings, PPOSettings, SamplingSettings):

@@ -259,7 +259,7 @@ def test_reward_model_killed_after_a_checkpoint(tmp_path, tiny_dir):
         "per_device_train_batch_size": 2, "report_to": "none", "logging_steps": 1,
         "save_strategy": "steps", "save_steps": 2, "lora": {"r": 2, "alpha": 4}, "seed": 0,
         "eval_strategy": "no"})
-    killed({"target": "rlhf_plugins.stages.reward_trainer:RewardHeadTrainer._save_checkpoint",
+    killed({"target": "rlhf_plugins.stages.reward_model.trainer:RewardHeadTrainer._save_checkpoint",
             "nth": 2, "when": "after"}, "rm", "--config", cfg)
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()
     assert not (out / "rm_metrics.json").exists()
@@ -283,7 +283,7 @@ def test_ppo_killed_after_a_checkpoint(tmp_path, tiny_dir):
         "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 4,
         "reward_functions": ["length_penalty"], "report_to": "none", "logging_steps": 1,
         "save_strategy": "steps", "save_steps": 2, "lora": {"r": 2, "alpha": 4}, "seed": 0})
-    killed({"target": "rlhf_plugins.stages.ppo_trainer:PolicyOptimizationTrainer._save_checkpoint",
+    killed({"target": "rlhf_plugins.stages.ppo.trainer:PolicyOptimizationTrainer._save_checkpoint",
             "nth": 1, "when": "after"}, "ppo", "--config", cfg)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert not (out / "ppo_metrics.json").exists()

@@ -19,7 +19,7 @@ from helpers_models import make_tiny_model_dir  # noqa: E402
 
 from rlhf_plugins.errors import ConfigError, DataError, PluginError, UnknownComponentError  # noqa: E402
 from rlhf_plugins.rewarding import completion_text  # noqa: E402
-from rlhf_plugins.stages.kl import AdaptiveKLController, FixedKLController, make_kl_controller  # noqa: E402
+from rlhf_plugins.stages.ppo.kl import AdaptiveKLController, FixedKLController, make_kl_controller  # noqa: E402
 
 K = 2  # num_generations
 
@@ -68,8 +68,8 @@ def _rollout(trainer, rows, seed: int = 123) -> dict[str, Any]:
 
 def _our_trainer(tiny_dir, rows, tmp_path, estimator: str, **trainer_kwargs):
     from rlhf_plugins.models import load_causal_lm
-    from rlhf_plugins.stages.ppo import build_grpo_config
-    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+    from rlhf_plugins.stages.ppo.train import build_grpo_config
+    from rlhf_plugins.stages.ppo.trainer import PolicyOptimizationTrainer
 
     args = build_grpo_config(_trl_kwargs(), tmp_path / f"ours-{estimator}",
                              advantage_estimator=estimator, **trainer_kwargs)
@@ -114,7 +114,7 @@ def test_kl_controller_rejects_bad_settings():
 
 def test_value_capture_reads_hidden_state_before_each_completion_token(tiny_dir):
     from rlhf_plugins.models import load_causal_lm
-    from rlhf_plugins.stages.value_head import ValueHead, capture_values
+    from rlhf_plugins.stages.ppo.value_head import ValueHead, capture_values
 
     model = load_causal_lm(tiny_dir)
     head = ValueHead(model.config.hidden_size)
@@ -134,7 +134,7 @@ def test_value_capture_reads_hidden_state_before_each_completion_token(tiny_dir)
 def test_rollout_values_come_from_generation_without_an_extra_forward(tiny_dir, rows, tmp_path):
     """PPO's rollout values are read from generate's own forwards (KV cache, left-padded prompts
     of different lengths) and equal the values of a full forward over prompt + completion."""
-    from rlhf_plugins.stages.value_head import capture_values
+    from rlhf_plugins.stages.ppo.value_head import capture_values
 
     trainer = _our_trainer(tiny_dir, rows, tmp_path, "gae")
     torch.nn.init.normal_(trainer.value_head.summary.weight, std=0.5)
@@ -159,8 +159,8 @@ def test_kl_in_reward_takes_the_policy_logps_from_trls_rollout_forward(tiny_dir,
     the policy's log-probs and generation the values, so the only extra forward is the
     reference's (two in all, not three), with the numbers a full policy forward gives."""
     from rlhf_plugins.models import load_causal_lm
-    from rlhf_plugins.stages.ppo import build_grpo_config
-    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+    from rlhf_plugins.stages.ppo.train import build_grpo_config
+    from rlhf_plugins.stages.ppo.trainer import PolicyOptimizationTrainer
 
     args = build_grpo_config(_trl_kwargs(beta=0.1, num_iterations=2), tmp_path / "kl-reward",
                              advantage_estimator="gae", kl_penalty="reward")
@@ -198,7 +198,7 @@ def test_kl_in_reward_takes_the_policy_logps_from_trls_rollout_forward(tiny_dir,
     ([1.0, "high"], "non-number"),
 ])
 def test_validated_reward_function_names_the_culprit(output, message):
-    from rlhf_plugins.stages.ppo_options import validated_reward_function
+    from rlhf_plugins.stages.ppo.options import validated_reward_function
 
     def my_bad_reward(prompts, completions, **_):
         return output
@@ -211,7 +211,7 @@ def test_validated_reward_function_names_the_culprit(output, message):
 
 
 def test_validated_reward_function_allows_none_and_passes_columns():
-    from rlhf_plugins.stages.ppo_options import validated_reward_function
+    from rlhf_plugins.stages.ppo.options import validated_reward_function
 
     def partial_reward(prompts, completions, answer, **_):
         return [None if a is None else float(c == a) for c, a in zip(completions, answer)]
@@ -222,8 +222,8 @@ def test_validated_reward_function_allows_none_and_passes_columns():
 
 def test_bad_reward_function_stops_training_with_its_name(tiny_dir, rows, tmp_path):
     from rlhf_plugins.models import load_causal_lm
-    from rlhf_plugins.stages.ppo import build_grpo_config
-    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+    from rlhf_plugins.stages.ppo.train import build_grpo_config
+    from rlhf_plugins.stages.ppo.trainer import PolicyOptimizationTrainer
 
     def nan_reward(prompts, completions, **_):
         return [float("nan")] * len(completions)
@@ -263,7 +263,8 @@ def no_model_loading(monkeypatch):
     ({}, {"scale_rewards": "batch"}, ConfigError, "scale_rewards"),
 ])
 def test_config_errors_come_before_any_model_loads(no_model_loading, tmp_path, settings, trl, error, match):
-    from rlhf_plugins.stages.ppo import PPOSettings, run_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import run_ppo
 
     base = {"reward_functions": ["exact_answer"], "num_examples": 4}
     base.update(settings)
@@ -272,7 +273,7 @@ def test_config_errors_come_before_any_model_loads(no_model_loading, tmp_path, s
 
 
 def test_settings_errors():
-    from rlhf_plugins.stages.ppo import PPOSettings
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
 
     with pytest.raises(ConfigError, match="at least one reward"):
         PPOSettings()
@@ -283,7 +284,7 @@ def test_settings_errors():
 
 
 def test_yaml_config_splits_ours_and_trl(tmp_path):
-    from rlhf_plugins.stages.ppo import load_ppo_config
+    from rlhf_plugins.stages.ppo.train import load_ppo_config
 
     path = tmp_path / "ppo.yaml"
     path.write_text("output_dir: out\nadvantage_estimator: rloo\nreward_functions:\n"
@@ -391,7 +392,8 @@ def _count_4bit(model) -> int:
 
 def test_ppo_gae_step_in_4bit_end_to_end(tiny_dir, rows, tmp_path):
     from rlhf_plugins.models import QuantSettings, load_causal_lm
-    from rlhf_plugins.stages.ppo import PPOSettings, prepare_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import prepare_ppo
 
     beta, gamma, lam = 0.2, 1.0, 0.9
     settings = PPOSettings(model=str(tiny_dir), reward_functions=[vowel_reward],
@@ -461,7 +463,7 @@ def test_ppo_gae_step_in_4bit_end_to_end(tiny_dir, rows, tmp_path):
 
 
 def test_value_head_is_saved_with_checkpoints(tiny_dir, rows, tmp_path):
-    from rlhf_plugins.stages.value_head import VALUE_HEAD_FILE, ValueHead
+    from rlhf_plugins.stages.ppo.value_head import VALUE_HEAD_FILE, ValueHead
 
     trainer = _our_trainer(tiny_dir, rows, tmp_path, "gae", vf_coef=1.0)
     trainer.train()
@@ -486,7 +488,8 @@ def _make_reward_adapter(tiny_dir: Path, out: Path) -> Path:
 
     from rlhf_plugins import registry
     from rlhf_plugins.models import LoraSettings, load_causal_lm
-    from rlhf_plugins.stages.reward_model import RewardModel, save_reward_model
+    from rlhf_plugins.stages.reward_model.artifact import save_reward_model
+    from rlhf_plugins.stages.reward_model.model import RewardModel
 
     base = load_causal_lm(tiny_dir)
     peft_model = get_peft_model(base, LoraSettings(r=4, alpha=8).to_peft())
@@ -509,7 +512,8 @@ def _live_4bit_params() -> dict[int, Any]:
 
 
 def test_qlora_single_base_holds_the_base_weights_once(tiny_dir, rows, tmp_path):
-    from rlhf_plugins.stages.ppo import PPOSettings, prepare_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import prepare_ppo
 
     artifact = _make_reward_adapter(tiny_dir, tmp_path / "rm")
     before = set(_live_4bit_params())
@@ -540,7 +544,7 @@ def test_qlora_single_base_holds_the_base_weights_once(tiny_dir, rows, tmp_path)
     assert per_func.shape[1] == 2 and torch.isfinite(per_func).all()
     assert model.active_adapter == "default" and model.training
     texts = ["Hello there", "The answer is 4."]
-    from rlhf_plugins.stages.reward_model import score
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     with_adapter = score(scorer, [{"prompt": [{"role": "user", "content": "hi"}], "completion": t}
                                   for t in texts], progress=False)
@@ -564,7 +568,7 @@ def _encode(scorer, text):
 
 
 def test_plugin_error_from_reward_function_is_named(tiny_dir, rows, tmp_path):
-    from rlhf_plugins.stages.ppo_options import validated_reward_function
+    from rlhf_plugins.stages.ppo.options import validated_reward_function
 
     def crashing_reward(prompts, completions, **_):
         raise KeyError("answer")
@@ -583,9 +587,9 @@ def test_trainer_options_live_in_its_config_class_and_are_checked_there(tmp_path
     from trl import GRPOConfig
 
     from rlhf_plugins.errors import ConfigError
-    from rlhf_plugins.stages.ppo import build_grpo_config
-    from rlhf_plugins.stages.ppo_config import PolicyOptimizationConfig
-    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+    from rlhf_plugins.stages.ppo.train import build_grpo_config
+    from rlhf_plugins.stages.ppo.config import PolicyOptimizationConfig
+    from rlhf_plugins.stages.ppo.trainer import PolicyOptimizationTrainer
 
     ours = {f.name for f in dataclasses.fields(PolicyOptimizationConfig)} - \
         {f.name for f in dataclasses.fields(GRPOConfig)}

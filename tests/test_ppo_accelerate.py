@@ -33,7 +33,8 @@ def main(model_dir: str, out_dir: str) -> None:
     """Train 3 steps of PPO on 2 CPU processes; write per-rank parameter checksums."""
     import torch
 
-    from rlhf_plugins.stages.ppo import PPOSettings, prepare_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import prepare_ppo
 
     settings = PPOSettings(model=model_dir, reward_functions=[_vowel_reward], num_examples=16,
                            advantage_estimator="gae", kl_penalty="reward", kl_target=1.0,

@@ -41,8 +41,8 @@ def rows():
 def _trainer(tiny_dir, rows, tmp_path, estimator="grpo", reward_funcs=None, trl=None, weights=None,
              **kwargs):
     from rlhf_plugins.models import load_causal_lm
-    from rlhf_plugins.stages.ppo import build_grpo_config
-    from rlhf_plugins.stages.ppo_trainer import PolicyOptimizationTrainer
+    from rlhf_plugins.stages.ppo.train import build_grpo_config
+    from rlhf_plugins.stages.ppo.trainer import PolicyOptimizationTrainer
 
     args = build_grpo_config(_trl_kwargs(**(trl or {})), tmp_path / f"ours-{estimator}", weights,
                              advantage_estimator=estimator, **kwargs)
@@ -165,7 +165,7 @@ def _changed(before: dict[str, torch.Tensor], model) -> bool:
 ])
 def test_bad_step_rewards_name_the_function(output, message):
     from rlhf_plugins.errors import DataError
-    from rlhf_plugins.stages.ppo_options import validated_reward_function
+    from rlhf_plugins.stages.ppo.options import validated_reward_function
 
     def my_steps(prompts, completions, **_):
         return output
@@ -178,7 +178,7 @@ def test_bad_step_rewards_name_the_function(output, message):
 def test_step_rewards_are_summed_for_trl_and_kept_for_the_trainer():
     from rlhf_plugins.errors import DataError
     from rlhf_plugins.rewarding import call_reward_functions
-    from rlhf_plugins.stages.ppo_options import validated_reward_function
+    from rlhf_plugins.stages.ppo.options import validated_reward_function
 
     def steps(prompts, completions, **_):
         return [[(1, 0.5), (2, -2.0)], None, 3.0]
@@ -322,7 +322,7 @@ def test_sequence_level_estimators_get_the_sum_of_step_rewards(tiny_dir, rows, t
 
     trainer = _trainer(tiny_dir, rows, tmp_path, "rloo", reward_funcs=[step_reward],
                        trl=_few_letters(tiny_dir))
-    with caplog.at_level(logging.INFO, logger="rlhf_plugins.stages.ppo_trainer"):
+    with caplog.at_level(logging.INFO, logger="rlhf_plugins.stages.ppo.trainer"):
         out = _rollout(trainer, rows)
         _rollout(trainer, rows, seed=5)
     said = [r for r in caplog.records if "gets the sum of each completion's step rewards" in r.message]
@@ -342,7 +342,8 @@ def _make_prm_adapter(tiny_dir: Path, out: Path) -> Path:
 
     from rlhf_plugins import registry
     from rlhf_plugins.models import LoraSettings, load_causal_lm
-    from rlhf_plugins.stages.reward_model import RewardModel, save_reward_model
+    from rlhf_plugins.stages.reward_model.artifact import save_reward_model
+    from rlhf_plugins.stages.reward_model.model import RewardModel
 
     peft_model = get_peft_model(load_causal_lm(tiny_dir), LoraSettings(r=4, alpha=8).to_peft())
     torch.manual_seed(7)
@@ -358,7 +359,8 @@ def _make_prm_adapter(tiny_dir: Path, out: Path) -> Path:
 
 
 def test_a_prm_reward_adapter_gives_step_rewards_that_move_advantages_and_train(tiny_dir, rows, tmp_path):
-    from rlhf_plugins.stages.ppo import PPOSettings, prepare_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import prepare_ppo
     from rlhf_plugins.step_rewards import step_end_offsets
 
     artifact = _make_prm_adapter(tiny_dir, tmp_path / "prm")
@@ -507,7 +509,7 @@ def _run_yaml(tiny_dir, tmp_path, name: str, line: str) -> tuple[dict[str, Any],
 
     from safetensors.torch import load_file
 
-    from rlhf_plugins.stages.ppo import ppo_from_config
+    from rlhf_plugins.stages.ppo.train import ppo_from_config
 
     trl = _few_letters(tiny_dir)
     text = (f"model: {tiny_dir}\nnum_examples: 4\nreward_functions: [test_a_count]\n"
@@ -566,7 +568,8 @@ from test_ppo import no_model_loading  # noqa: E402,F401  (the fixture)
 ])
 def test_issue15_config_errors_come_before_any_model_loads(no_model_loading, tmp_path, settings, trl,
                                                            error, match):
-    from rlhf_plugins.stages.ppo import PPOSettings, run_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import run_ppo
 
     base = {"reward_functions": ["exact_answer"], "num_examples": 4, "advantage_estimator": "grpo"}
     base.update(settings)

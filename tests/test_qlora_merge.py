@@ -12,7 +12,7 @@ import torch
 from helpers_models import make_tiny_model_dir
 from rlhf_plugins.models import (STAGE_FILE, QuantSettings, load_base_as_trained, load_causal_lm,
                                  load_tokenizer, trained_quantization)
-from rlhf_plugins.stages.sft import merge_adapter
+from rlhf_plugins.stages.sft.train import merge_adapter
 
 QUANT_CFG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 IDS = torch.tensor([[1, 40, 41, 42, 2, 1, 50, 51, 52, 2]])

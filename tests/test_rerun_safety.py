@@ -62,7 +62,7 @@ def work(monkeypatch):
     """Counts of the heavy calls: trainer runs (`Trainer.train`) and sampling generations."""
     import transformers
 
-    from rlhf_plugins.stages.sampling import SamplingRun
+    from rlhf_plugins.stages.rejection_sampling.sampler import SamplingRun
 
     counts = {"train": 0, "generate": 0}
 

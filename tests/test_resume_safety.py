@@ -50,7 +50,7 @@ def _trained_steps(metrics):
 
 def test_run_hash_covers_config_and_plugin_versions(upgrade):
     from rlhf_plugins.stages.resume import plugin_versions, run_hash, settings_components
-    from rlhf_plugins.stages.sft import SFTSettings
+    from rlhf_plugins.stages.sft.settings import SFTSettings
 
     settings = SFTSettings(template="chatml", masking="final_turn")
     assert settings_components(settings) == {"chat_templates": ["chatml"],
@@ -67,7 +67,7 @@ def test_run_hash_covers_config_and_plugin_versions(upgrade):
 
 def test_ppo_command_with_another_configs_checkpoints_starts_clean(tmp_path, tiny_dir):
     """The issue's case: max_steps 2 in a folder holding checkpoint-3 of another config."""
-    from rlhf_plugins.stages.ppo import ppo_from_config
+    from rlhf_plugins.stages.ppo.train import ppo_from_config
 
     config = {"model": str(tiny_dir), "reward_functions": ["exact_answer"], "num_examples": 4,
               "advantage_estimator": "grpo", "critic": "none", "num_generations": 2,
@@ -83,7 +83,7 @@ def test_ppo_command_with_another_configs_checkpoints_starts_clean(tmp_path, tin
 
 
 def test_same_config_resumes_and_a_plugin_upgrade_starts_clean(tmp_path, tiny_dir, upgrade):
-    from rlhf_plugins.stages.sft import sft_from_config
+    from rlhf_plugins.stages.sft.train import sft_from_config
 
     config = {"model": str(tiny_dir), "num_examples": 8, "max_steps": 3, "save_steps": 1, **FAST}
     out = tmp_path / "sft"

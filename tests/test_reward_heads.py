@@ -34,7 +34,7 @@ def tiny_dir(tmp_path_factory, tok):
 
 def _model(tiny_dir, tok, tpl, head, lora=True, seed=0):
     from rlhf_plugins.models import LoraSettings, apply_lora, load_causal_lm
-    from rlhf_plugins.stages.reward import RewardModel
+    from rlhf_plugins.stages.reward_model.model import RewardModel
 
     backbone = load_causal_lm(tiny_dir)
     if lora:
@@ -329,7 +329,7 @@ def test_chosen_equal_rejected_after_truncation(tok, tpl):
 
 
 def test_encode_rows_drops_with_count_or_rejects_in_strict_mode(tok, tpl, caplog):
-    from rlhf_plugins.stages.reward import encode_rows
+    from rlhf_plugins.stages.reward_model.data import encode_rows
 
     head = registry().reward_heads.get("prm")
     rows = [{"prompt": "q", "steps": ["a", "b"], "labels": [1, -1]},
@@ -367,7 +367,8 @@ def test_bt_head_starts_at_zero_so_untrained_pairs_tie(tiny_dir, tok, tpl):
     """The default head scores every row 0 (pairwise accuracy exactly 0.5, ties counted half);
     two Adam steps on one pair order it; `init: random` keeps nn.Linear's draw."""
     from rlhf_plugins.models import LoraSettings, apply_lora, load_causal_lm
-    from rlhf_plugins.stages.reward import RewardModel, pairwise_accuracy
+    from rlhf_plugins.stages.reward_model.data import pairwise_accuracy
+    from rlhf_plugins.stages.reward_model.model import RewardModel
 
     head = registry().reward_heads.get("bradley_terry")
     assert head.options["init"] == "zero"
@@ -397,7 +398,8 @@ def test_bt_head_starts_at_zero_so_untrained_pairs_tie(tiny_dir, tok, tpl):
 # --- metrics ----------------------------------------------------------------------------------
 
 def test_metrics_against_hand_computed_values():
-    from rlhf_plugins.stages.reward import outcome_metrics, pairwise_accuracy, step_metrics
+    from rlhf_plugins.stages.reward_model.data import (outcome_metrics, pairwise_accuracy,
+                                                       step_metrics)
 
     assert pairwise_accuracy([1.0, 2.0, 0.0, 3.0], [0.0, 2.0, 1.0, 1.0]) == pytest.approx(2.5 / 4)
     # prompt a: scores 0.9 (correct), 0.2 (wrong), 0.9 (wrong) -> top-1 tie: 0.5; pairs: (c,w1)=1, (c,w2)=0.5
@@ -416,7 +418,7 @@ def test_metrics_against_hand_computed_values():
 
 
 def test_score_sorts_by_length_but_keeps_input_order(tiny_dir, tok, tpl):
-    from rlhf_plugins.stages.reward import score
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     head = registry().reward_heads.get("bradley_terry")
     model = _model(tiny_dir, tok, tpl, head).eval()

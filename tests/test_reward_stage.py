@@ -56,7 +56,9 @@ def test_bradley_terry_matches_trl_reward_trainer(tmp_path, tiny_dir, tok, tpl, 
     from trl import RewardTrainer
 
     from rlhf_plugins.models import load_causal_lm
-    from rlhf_plugins.stages.reward import RewardHeadTrainer, RewardModel, encode_rows
+    from rlhf_plugins.stages.reward_model.data import encode_rows
+    from rlhf_plugins.stages.reward_model.model import RewardModel
+    from rlhf_plugins.stages.reward_model.trainer import RewardHeadTrainer
 
     head = registry().reward_heads.get("bradley_terry", loss=loss)
     rows = PREFS if loss == "margin" else [{k: v for k, v in r.items() if k != "margin"} for r in PREFS]
@@ -113,7 +115,9 @@ ROWS = [{"prompt": "What is 2 + 2?", "completion": "The answer is 4."},
 
 def _trained_lora_rm(tmp_path, tiny_dir, tok, tpl, head_name="bradley_terry"):
     from rlhf_plugins.models import LoraSettings, apply_lora, load_causal_lm
-    from rlhf_plugins.stages.reward import RewardHeadTrainer, RewardModel, encode_rows
+    from rlhf_plugins.stages.reward_model.data import encode_rows
+    from rlhf_plugins.stages.reward_model.model import RewardModel
+    from rlhf_plugins.stages.reward_model.trainer import RewardHeadTrainer
 
     head = registry().reward_heads.get(head_name)
     backbone = apply_lora(load_causal_lm(tiny_dir), LoraSettings(r=4, alpha=8, dropout=0.0))
@@ -128,7 +132,8 @@ def _trained_lora_rm(tmp_path, tiny_dir, tok, tpl, head_name="bradley_terry"):
 
 @pytest.mark.parametrize("head_name", ["bradley_terry", "prm"])
 def test_saved_lora_reward_model_reloads_with_identical_scores(tmp_path, tiny_dir, tok, tpl, head_name):
-    from rlhf_plugins.stages.reward import load_reward_model, read_meta, score
+    from rlhf_plugins.stages.reward_model.artifact import load_reward_model, read_meta
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     model, trainer = _trained_lora_rm(tmp_path, tiny_dir, tok, tpl, head_name)
     rows = ROWS if head_name != "prm" else [{"prompt": r["prompt"], "completion": r["completion"]}
@@ -152,8 +157,11 @@ def test_saved_lora_reward_model_reloads_with_identical_scores(tmp_path, tiny_di
 
 def test_full_finetune_save_and_reload(tmp_path, tiny_dir, tok, tpl):
     from rlhf_plugins.models import load_causal_lm
-    from rlhf_plugins.stages.reward import (RewardHeadTrainer, RewardModel, encode_rows,
-                                            load_reward_model, score)
+    from rlhf_plugins.stages.reward_model.artifact import load_reward_model
+    from rlhf_plugins.stages.reward_model.data import encode_rows
+    from rlhf_plugins.stages.reward_model.model import RewardModel
+    from rlhf_plugins.stages.reward_model.scoring import score
+    from rlhf_plugins.stages.reward_model.trainer import RewardHeadTrainer
 
     head = registry().reward_heads.get("orm", aggregation="mean")
     model = RewardModel(load_causal_lm(tiny_dir), head, tokenizer=tok, template=tpl,
@@ -161,7 +169,7 @@ def test_full_finetune_save_and_reload(tmp_path, tiny_dir, tok, tpl):
     feats = encode_rows(head.synthetic_rows(8, 0, "train"), head, tok, tpl).features
     RewardHeadTrainer(model, _args(tmp_path / "t", max_steps=2), train_dataset=feats).train()
     before = score(model, ROWS, progress=False)
-    from rlhf_plugins.stages.reward import save_reward_model
+    from rlhf_plugins.stages.reward_model.artifact import save_reward_model
 
     save_reward_model(model, tmp_path / "rm")
     reloaded = load_reward_model(tmp_path / "rm")
@@ -171,7 +179,8 @@ def test_full_finetune_save_and_reload(tmp_path, tiny_dir, tok, tpl):
 
 def test_attach_reward_adapter_on_a_policy_with_the_same_base(tmp_path, tiny_dir, tok, tpl):
     from rlhf_plugins.models import LoraSettings, apply_lora, load_causal_lm
-    from rlhf_plugins.stages.reward import attach_reward_adapter, load_reward_model, score
+    from rlhf_plugins.stages.reward_model.artifact import attach_reward_adapter, load_reward_model
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     model, trainer = _trained_lora_rm(tmp_path, tiny_dir, tok, tpl)
     trainer.save_model(str(tmp_path / "rm"))
@@ -204,7 +213,8 @@ def test_rm_cli_writes_model_metrics_and_plot(tmp_path, tiny_dir, capsys):
     import yaml
 
     from rlhf_plugins.cli.main import main
-    from rlhf_plugins.stages.reward import load_reward_model, score
+    from rlhf_plugins.stages.reward_model.artifact import load_reward_model
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     data = tmp_path / "prefs.jsonl"
     rows = copy.deepcopy(PREFS)
@@ -239,7 +249,7 @@ def test_rm_cli_writes_model_metrics_and_plot(tmp_path, tiny_dir, capsys):
 
 
 def test_rm_stage_resumes_from_checkpoint(tmp_path, tiny_dir):
-    from rlhf_plugins.stages.reward import rm_from_config
+    from rlhf_plugins.stages.reward_model.train import rm_from_config
 
     config = {"model": str(tiny_dir), "head": "orm", "num_examples": 8, "num_eval_examples": 4,
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_steps": 2,
@@ -261,7 +271,7 @@ def test_rm_stage_resumes_from_checkpoint(tmp_path, tiny_dir):
 
 
 def test_rm_stage_without_the_trainer_eval_trains_and_scores_the_same(tmp_path, tiny_dir):
-    from rlhf_plugins.stages.reward import rm_from_config
+    from rlhf_plugins.stages.reward_model.train import rm_from_config
 
     config = {"model": str(tiny_dir), "head": "bradley_terry", "num_examples": 8, "num_eval_examples": 4,
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_steps": 2, "learning_rate": 1e-2,
@@ -279,7 +289,7 @@ def test_rm_stage_without_the_trainer_eval_trains_and_scores_the_same(tmp_path, 
 # --- Monte Carlo PRM labels ---------------------------------------------------------------------
 
 def test_mc_step_labels_hard_and_soft():
-    from rlhf_plugins.stages.reward import mc_step_labels
+    from rlhf_plugins.stages.reward_model.train import mc_step_labels
 
     steps = ["15% = 0.15.", "0.15 * 80 = 1.2.", "The answer is 1.2."]
     calls = []
@@ -306,7 +316,7 @@ def test_mc_step_labels_hard_and_soft():
 @pytest.mark.slow
 def test_qlora_bradley_terry_on_default_model_beats_chance(tmp_path):
     from rlhf_plugins.models import default_model_path
-    from rlhf_plugins.stages.reward import rm_from_config
+    from rlhf_plugins.stages.reward_model.train import rm_from_config
 
     from rlhf_plugins.data import synth
 
@@ -342,9 +352,9 @@ def test_heldout_metrics_per_wrong_answer_kind(tiny_dir, tok, tpl):
     metrics, computed from the same scores as the overall ones (checked against score())."""
     from rlhf_plugins.data import synth
     from rlhf_plugins.models import load_causal_lm
-    from rlhf_plugins.stages.reward import score
-    from rlhf_plugins.stages.reward_data import evaluate_rows
-    from rlhf_plugins.stages.reward_model import RewardModel
+    from rlhf_plugins.stages.reward_model.scoring import score
+    from rlhf_plugins.stages.reward_model.data import evaluate_rows
+    from rlhf_plugins.stages.reward_model.model import RewardModel
 
     torch.manual_seed(0)
     for head_name in ("bradley_terry", "orm"):

@@ -54,7 +54,7 @@ def _plain_inputs(tokenizer, rows):
 
 
 def _train_rm(tmp_path, tiny_dir, head="bradley_terry", **extra):
-    from rlhf_plugins.stages.reward import rm_from_config
+    from rlhf_plugins.stages.reward_model.train import rm_from_config
 
     config = {"model": str(tiny_dir), "head": head, "num_examples": 8, "num_eval_examples": 4,
               **FAST, **extra}
@@ -66,7 +66,8 @@ def test_bradley_terry_rm_loads_as_plain_sequence_classifier(tmp_path, tiny_dir,
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf_plugins.stages.reward import load_reward_model, read_meta, score
+    from rlhf_plugins.stages.reward_model.artifact import load_reward_model, read_meta
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     result = _train_rm(tmp_path, tiny_dir, **({"lora": LORA} if lora else {}))
     out = result.output_dir
@@ -106,7 +107,7 @@ def test_token_heads_load_as_plain_token_classifiers(tmp_path, tiny_dir, head):
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    from rlhf_plugins.stages.reward import read_meta
+    from rlhf_plugins.stages.reward_model.artifact import read_meta
 
     result = _train_rm(tmp_path, tiny_dir, head=head, lora=LORA)
     out, model = result.output_dir, result.model
@@ -125,7 +126,8 @@ def test_token_heads_load_as_plain_token_classifiers(tmp_path, tiny_dir, head):
 
 def test_recorded_quantization_is_how_every_loader_loads(tmp_path, tok):
     from rlhf_plugins.models import is_quantized
-    from rlhf_plugins.stages.reward import load_reward_model, read_meta, score
+    from rlhf_plugins.stages.reward_model.artifact import load_reward_model, read_meta
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     model_dir = make_tiny_model_dir(tmp_path, tokenizer=tok, hidden_size=64, intermediate_size=128)
     result = _train_rm(tmp_path, model_dir, lora=LORA, quantization={"quant_type": "nf4"})
@@ -165,7 +167,8 @@ def _hf_rm_dir(tmp_path, tok) -> Path:
 def test_hf_sequence_classifier_scores_as_transformers_does(tmp_path, tok):
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_plugins.stages.reward import load_reward_model, score
+    from rlhf_plugins.stages.reward_model.artifact import load_reward_model
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     rm_dir = _hf_rm_dir(tmp_path, tok)
     scorer = load_reward_model(rm_dir)
@@ -184,8 +187,10 @@ def _ours_rm_dir(tmp_path, tiny_dir) -> Path:
 
 @pytest.mark.parametrize("kind", ["transformers", "ours"])
 def test_one_rm_one_score_in_sample_best_of_n_and_ppo(tmp_path, tiny_dir, tok, kind):
-    from rlhf_plugins.stages.ppo import PPOSettings, prepare_ppo
-    from rlhf_plugins.stages.sampling import SamplingSettings, best_of_n, run_sampling
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import prepare_ppo
+    from rlhf_plugins.stages.rejection_sampling.run import best_of_n, run_sampling
+    from rlhf_plugins.stages.rejection_sampling.settings import SamplingSettings
 
     rm_dir = _hf_rm_dir(tmp_path, tok) if kind == "transformers" else _ours_rm_dir(tmp_path, tiny_dir)
     prompts = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}]}

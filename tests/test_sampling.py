@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from helpers_models import make_tiny_model_dir  # noqa: E402
 from helpers_tokenizers import make_tokenizer  # noqa: E402
 from rlhf_plugins.cache import JsonCache, atomic_write_dir  # noqa: E402
-from rlhf_plugins.stages import sampling as S  # noqa: E402
+from rlhf_plugins.stages.rejection_sampling import run as S  # noqa: E402
 from rlhf_plugins.generation import (HFGenerator, _make_sampler,  # noqa: E402
                                      encode_prompt, end_of_turn_token_ids, sample_seed)
 from rlhf_plugins.testing import component_plugin  # noqa: E402
@@ -607,8 +607,9 @@ def test_empty_selection_errors_or_skips_the_finetune(tmp_path, tiny_dir, text_r
 def test_scoring_with_a_saved_reward_model_plus_reward_functions(tmp_path, tiny_dir, text_reward,
                                                                 counting_model):
     from rlhf_plugins.models import load_causal_lm, load_tokenizer
-    from rlhf_plugins.stages.reward_model import (RewardModel, load_reward_model,
-                                                  save_reward_model, score)
+    from rlhf_plugins.stages.reward_model.artifact import load_reward_model, save_reward_model
+    from rlhf_plugins.stages.reward_model.model import RewardModel
+    from rlhf_plugins.stages.reward_model.scoring import score
 
     torch.manual_seed(0)
     head = registry().reward_heads.get("bradley_terry")

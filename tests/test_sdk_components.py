@@ -96,7 +96,8 @@ def sampling_model(tmp_path_factory, torch):
 
 def test_rule_and_reward_function_run_through_rejection_sampling(tmp_path, sampling_model,
                                                                  rlhf_plugin):
-    from rlhf_plugins.stages.sampling import SamplingSettings, run_sampling
+    from rlhf_plugins.stages.rejection_sampling.run import run_sampling
+    from rlhf_plugins.stages.rejection_sampling.settings import SamplingSettings
 
     rlhf_plugin(component_plugin("selection_rules", LastScored()))
     reg = rlhf_plugin(component_plugin("reward_functions", LetterCount()))
@@ -128,7 +129,8 @@ def test_rule_and_reward_function_run_through_rejection_sampling(tmp_path, sampl
 def test_estimator_runs_through_ppo(tmp_path, rlhf_plugin, torch):
     from helpers_models import make_tiny_model_dir
 
-    from rlhf_plugins.stages.ppo import PPOSettings, run_ppo
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.ppo.train import run_ppo
 
     rlhf_plugin(component_plugin("reward_functions", LetterCount(), name="letters"))
     rlhf_plugin(component_plugin("advantage_estimators", Centered()))

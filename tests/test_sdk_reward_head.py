@@ -95,7 +95,10 @@ def tiny_dir(tmp_path_factory):
 @pytest.mark.parametrize("head", [SdkOutcomeHead(), PlainOutcomeHead()], ids=["sdk", "plain"])
 def test_head_with_only_required_members_trains_in_the_rm_stage(tmp_path, tiny_dir, rlhf_plugin, head):
     from rlhf_plugins.models import LoraSettings
-    from rlhf_plugins.stages.reward import RMSettings, load_reward_model, run_rm, score
+    from rlhf_plugins.stages.reward_model.artifact import load_reward_model
+    from rlhf_plugins.stages.reward_model.scoring import score
+    from rlhf_plugins.stages.reward_model.settings import RMSettings
+    from rlhf_plugins.stages.reward_model.train import run_rm
 
     reg = rlhf_plugin(component_plugin("reward_heads", head, name="tiny_outcome"), name="tiny-head")
     assert next(p for p in reg.plugins if p.name == "tiny-head").status == "ok"
@@ -127,7 +130,8 @@ def test_head_with_only_required_members_trains_in_the_rm_stage(tmp_path, tiny_d
 
 
 def test_normalize_needs_a_head_that_supports_it(tmp_path, rlhf_plugin):
-    from rlhf_plugins.stages.reward import RMSettings, prepare_rm
+    from rlhf_plugins.stages.reward_model.settings import RMSettings
+    from rlhf_plugins.stages.reward_model.train import prepare_rm
 
     rlhf_plugin(component_plugin("reward_heads", NoOffsetHead()), name="no-offset")
     with pytest.raises(ConfigError, match="normalize: head 'no_offset' does not support it"):

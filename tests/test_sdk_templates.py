@@ -89,7 +89,8 @@ def test_template_with_only_segments_and_jinja_renders_encodes_and_agrees_with_j
 def test_custom_template_and_masking_are_what_sft_trains(tmp_path, rlhf_plugin, monkeypatch):
     pytest.importorskip("torch")
     from rlhf_plugins.models import load_tokenizer
-    from rlhf_plugins.stages import sft as sft_stage
+    from rlhf_plugins.stages.sft import train as sft_stage
+    from rlhf_plugins.stages.skeleton import STAGE_FILE
 
     reg = rlhf_plugin(component_plugin("chat_templates", BracketTemplate()))
     reg = rlhf_plugin(component_plugin("masking_strategies", AssistantContentOnly()))
@@ -140,7 +141,7 @@ def test_custom_template_and_masking_are_what_sft_trains(tmp_path, rlhf_plugin, 
     assert losses and all(loss == loss and loss > 0 for loss in losses)
     saved = load_tokenizer(result.output_dir)
     assert saved.chat_template == BracketTemplate.jinja
-    stage = json.loads((result.output_dir / sft_stage.STAGE_FILE).read_text())
+    stage = json.loads((result.output_dir / STAGE_FILE).read_text())
     assert stage["template"] == "brackets" and stage["masking"] == "assistant_content_only"
 
 

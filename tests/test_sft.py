@@ -9,14 +9,11 @@ import pytest
 from helpers_models import make_tiny_model_dir
 from rlhf_plugins import registry
 from rlhf_plugins.errors import ConfigError, DataError, UnknownComponentError
-from rlhf_plugins.stages import sft as sft_stage
-from rlhf_plugins.stages.sft import (
-    SFTSettings,
-    build_sft_dataset,
-    prepare_sft,
-    run_sft,
-    sft_from_config,
-)
+from rlhf_plugins.stages.sft import train as sft_stage
+from rlhf_plugins.stages.sft.dataset import build_sft_dataset
+from rlhf_plugins.stages.sft.settings import SFTSettings
+from rlhf_plugins.stages.sft.train import prepare_sft, run_sft, sft_from_config
+from rlhf_plugins.stages.skeleton import STAGE_FILE
 
 torch = pytest.importorskip("torch")
 
@@ -260,7 +257,7 @@ def test_run_sft_lora_saves_adapter_tokenizer_template_and_metrics(tmp_path, tin
     # an adapter directory as `model` keeps training that adapter on its base
     again = run_sft(SFTSettings(model=str(out), dataset=str(data), eval_size=2),
                     {**FAST_TRL, "max_steps": 1}, tmp_path / "again")
-    stage = json.loads((tmp_path / "again" / sft_stage.STAGE_FILE).read_text())
+    stage = json.loads((tmp_path / "again" / STAGE_FILE).read_text())
     assert again.adapter and stage["base_model"] == str(tiny_dir.resolve())
     assert again.metrics["eval_loss_before"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
 
@@ -282,7 +279,7 @@ def test_run_sft_full_finetune_from_yaml_cli(tmp_path, tiny_dir, capsys):
     assert (out / "model.safetensors").is_file() and not (tmp_path / "ignored").exists()
     metrics = json.loads((out / sft_stage.METRICS_FILE).read_text())
     assert metrics["global_step"] == 1
-    stage = json.loads((out / sft_stage.STAGE_FILE).read_text())
+    stage = json.loads((out / STAGE_FILE).read_text())
     assert stage["template"] == "chatml" and stage["adapter"] is False
 
     assert main(["sft", "--config", str(path), "--set", "templte=chatml"]) == 2

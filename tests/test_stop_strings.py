@@ -82,7 +82,8 @@ def test_stop_string_of_several_tokens_ends_a_completion(tok):
 
 def test_sample_stage_stops_at_a_templates_multi_token_stop_string(tmp_path, tok, rlhf_plugin):
     from rlhf_plugins.generation import end_of_turn_stop_strings, end_of_turn_token_ids
-    from rlhf_plugins.stages.sampling import SamplingSettings, run_sampling
+    from rlhf_plugins.stages.rejection_sampling.run import run_sampling
+    from rlhf_plugins.stages.rejection_sampling.settings import SamplingSettings
 
     chatml = registry().chat_templates.get("chatml")
 

@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Run the PPO stage; prints where the policy went and its final reward/KL."""
-    from ..stages.ppo import METRICS_FILE, ppo_from_config
+    from ..stages.ppo.train import METRICS_FILE, ppo_from_config
 
     result = ppo_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
     if result.up_to_date:

@@ -48,7 +48,7 @@ def handle(args: argparse.Namespace) -> int:
         return handle_mc_labels(args)
     if not args.config:
         raise ConfigError("rm: --config is required (or use `rm mc-labels`)")
-    from ..stages.reward import METRICS_FILE, rm_from_config
+    from ..stages.reward_model.train import METRICS_FILE, rm_from_config
 
     result = rm_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
     if result.up_to_date:
@@ -72,7 +72,7 @@ def handle_mc_labels(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, DataError
     from ..models import load_causal_lm, load_tokenizer, resolve_model
     from ..guard import check_output_dir
-    from ..stages.reward import mc_step_labels, policy_sampler
+    from ..stages.reward_model.train import mc_step_labels, policy_sampler
 
     out = Path(args.out)
     if out.is_dir():

@@ -62,7 +62,7 @@ def _report(result: Any) -> str:
 
 def handle_sample(args: argparse.Namespace) -> int:
     """Run the rejection-sampling stage (and SFT with --sft)."""
-    from ..stages.sampling import sample_from_config
+    from ..stages.rejection_sampling.run import sample_from_config
 
     result = sample_from_config(args.config, output_dir=args.output_dir,
                                 overrides=args.overrides, finetune=True if args.sft else None)
@@ -80,7 +80,8 @@ def handle_best_of_n(args: argparse.Namespace) -> int:
 
     from ..config import load_yaml
     from ..errors import ConfigError
-    from ..stages.sampling import best_of_n, load_sampling_config
+    from ..stages.rejection_sampling.run import best_of_n
+    from ..stages.rejection_sampling.settings import load_sampling_config
 
     data: dict[str, Any] = load_yaml(args.config) if args.config else {}
     if args.num_samples is not None:

@@ -19,7 +19,7 @@ def add_parser(subparsers: Any) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Run the SFT stage; prints where the model went and its final losses."""
-    from ..stages.sft import METRICS_FILE, sft_from_config
+    from ..stages.sft.train import METRICS_FILE, sft_from_config
 
     result = sft_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
     if result.up_to_date:

@@ -38,7 +38,7 @@ class SFTStage(Stage):
     produces = ("policy",)
 
     def settings_class(self) -> type:
-        from .sft import SFTSettings
+        from .sft.settings import SFTSettings
         return SFTSettings
 
     def config_class(self, static: bool = False) -> type:
@@ -48,12 +48,12 @@ class SFTStage(Stage):
         return _training_defaults(ctx, "sft", merge=True)
 
     def quick_check(self, settings: Any) -> None:
-        from .sft import get_components
+        from .sft.dataset import get_components
 
         get_components(settings.template, settings.masking)
 
     def check(self, settings: Any, trl_kwargs: dict[str, Any], output_dir: Path) -> None:
-        from .sft import build_sft_config
+        from .sft.train import build_sft_config
 
         build_sft_config(trl_kwargs, output_dir)  # the plugins were checked by quick_check
 
@@ -62,7 +62,7 @@ class SFTStage(Stage):
 
     def run(self, settings: Any, trl_kwargs: dict[str, Any], output_dir: Path,
             ctx: StageContext) -> StageResult:
-        from .sft import run_sft
+        from .sft.train import run_sft
 
         result = run_sft(settings, trl_kwargs, output_dir)
         policy = str(result.merged_dir) if result.merged_dir else str(output_dir)
@@ -78,7 +78,7 @@ class RewardModelStage(Stage):
     produces = ("reward_model",)
 
     def settings_class(self) -> type:
-        from .reward_settings import RMSettings
+        from .reward_model.settings import RMSettings
         return RMSettings
 
     def config_class(self, static: bool = False) -> type:
@@ -113,13 +113,13 @@ class RewardModelStage(Stage):
         registry().reward_heads.get(settings.head, **settings.head_config())
 
     def check(self, settings: Any, trl_kwargs: dict[str, Any], output_dir: Path) -> None:
-        from .reward import build_rm_config
+        from .reward_model.train import build_rm_config
 
         build_rm_config(trl_kwargs, output_dir)  # the plugins were checked by quick_check
 
     def run(self, settings: Any, trl_kwargs: dict[str, Any], output_dir: Path,
             ctx: StageContext) -> StageResult:
-        from .reward import run_rm
+        from .reward_model.train import run_rm
 
         result = run_rm(settings, trl_kwargs, output_dir)
         return StageResult(StageOutputs(reward_model=str(output_dir), evaluate=False),
@@ -135,7 +135,7 @@ class RejectionSamplingStage(Stage):
     produces = ("policy", "samples")
 
     def settings_class(self) -> type:
-        from .sampling_settings import SamplingSettings
+        from .rejection_sampling.settings import SamplingSettings
         return SamplingSettings
 
     def defaults(self, ctx: StageContext) -> dict[str, Any]:
@@ -155,7 +155,7 @@ class RejectionSamplingStage(Stage):
             resolve_reward_functions(settings.reward_functions)
 
     def check(self, settings: Any, trl_kwargs: dict[str, Any], output_dir: Path) -> None:
-        from .sampling import resolve_components
+        from .rejection_sampling.components import resolve_components
 
         resolve_components(settings, settings.num_prompts or 8, output_dir, policy_ref="<policy>")
 
@@ -164,7 +164,7 @@ class RejectionSamplingStage(Stage):
 
     def run(self, settings: Any, trl_kwargs: dict[str, Any], output_dir: Path,
             ctx: StageContext) -> StageResult:
-        from .sampling import run_sampling
+        from .rejection_sampling.run import run_sampling
 
         result = run_sampling(settings, output_dir)
         metrics = {k: v for k, v in result.summary.items()
@@ -188,7 +188,7 @@ class PPOStage(Stage):
     produces = ("policy", "policy_adapter")
 
     def settings_class(self) -> type:
-        from .ppo import PPOSettings
+        from .ppo.settings import PPOSettings
         return PPOSettings
 
     def config_class(self, static: bool = False) -> type:
@@ -204,14 +204,14 @@ class PPOStage(Stage):
 
     def quick_check(self, settings: Any) -> None:
         from .. import registry
-        from .ppo import check_ppo_components
+        from .ppo.train import check_ppo_components
 
         if settings.template is not None:
             registry().chat_templates.get(settings.template)
         check_ppo_components(settings)
 
     def check(self, settings: Any, trl_kwargs: dict[str, Any], output_dir: Path) -> None:
-        from .ppo import check_ppo_config
+        from .ppo.train import check_ppo_config
 
         check_ppo_config(settings, trl_kwargs, output_dir)
 
@@ -220,7 +220,7 @@ class PPOStage(Stage):
 
     def run(self, settings: Any, trl_kwargs: dict[str, Any], output_dir: Path,
             ctx: StageContext) -> StageResult:
-        from .ppo import run_ppo
+        from .ppo.train import run_ppo
 
         result = run_ppo(settings, trl_kwargs, output_dir)
         outputs = StageOutputs(policy=ctx.policy)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from ...errors import ComponentError, DataError, RlhfPluginsError
 from ...guard import check_mask, guarded, located, row_place
 from ...protocols import member
-from ..sft import check_assistant_content, get_components
+from ..sft.dataset import check_assistant_content, get_components
 from ..skeleton import SYNTHETIC, load_dataset_source
 
 if TYPE_CHECKING:  # pragma: no cover

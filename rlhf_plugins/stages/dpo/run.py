@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ...errors import ConfigError
 from ..resume import check_run_config, output_state
-from ..sft import PreparedSFT, SFTResult, finished_sft
+from ..sft.train import PreparedSFT, SFTResult, finished_sft
 from ..skeleton import (build_trl_config, finish_stage, keep_float32_adapter_on_cpu,
                         load_trainable_model, resume_checkpoint, stage_config)
 from .settings import DPO_METRICS_FILE, DPO_REJECTED_TRL_FIELDS, DPOSettings, resolve_losses
@@ -66,7 +66,7 @@ def encoded_splits(settings: Any, tokenizer: Any, template: Any, masking: Any, a
                    ) -> tuple[Any, Any, str, int]:
     """(train, eval or None, source label, dropped rows): the rows of `settings` loaded by `load`
     and encoded by `encode`, evaluation rows from `eval_dataset`/`eval_split` or held out."""
-    from ..sft import split_eval
+    from ..sft.dataset import split_eval
 
     rows, source = load(settings)
     train, dropped = encode(rows, tokenizer, template, masking, where=source,
@@ -86,7 +86,7 @@ def prepare_direct(settings: Any, args: Any, load: Callable[..., tuple[Any, str]
     """Encode the rows (`load`, `encode`) and build `trainer_class` on the model to train; a fresh
     LoRA adapter's reference is the base (the trainer gets `fresh_adapter=True`)."""
     from ...models import is_adapter_dir, load_tokenizer, resolve_model
-    from ..sft import get_components
+    from ..sft.dataset import get_components
 
     template, masking = get_components(settings.template, settings.masking)
     model_path = resolve_model(settings.model)
@@ -142,7 +142,7 @@ def train_and_save(prepared: PreparedSFT, settings: Any, trl_kwargs: Mapping[str
                    train_keys: Mapping[str, str], started: float, **record: Any) -> SFTResult:
     """Resume, evaluate before, train, evaluate after, save (+ merge), write metrics and record."""
     from ...models import base_model_of, is_adapter_dir
-    from ..sft import merge_adapter
+    from ..sft.train import merge_adapter
 
     out = Path(output_dir)
     trainer = prepared.trainer

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ...errors import ConfigError
-from ..sft import SFTSettings
+from ..sft.settings import SFTSettings
 
 __all__ = ["DPOSettings", "DirectSettings", "DPO_METRICS_FILE", "DPO_REJECTED_TRL_FIELDS",
            "LossSpec"]

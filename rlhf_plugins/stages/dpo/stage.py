@@ -94,7 +94,7 @@ class DPOStage(Stage):
         return direct_defaults(ctx)
 
     def quick_check(self, settings: Any) -> None:
-        from ..sft import get_components
+        from ..sft.dataset import get_components
         from .settings import resolve_losses
 
         get_components(settings.template, settings.masking)

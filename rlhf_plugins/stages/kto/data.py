@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ...errors import DataError
 from ..dpo.data import completion_features, encode_rows, pair_messages, split_prompt
-from ..sft import get_components
+from ..sft.dataset import get_components
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset

@@ -9,7 +9,7 @@ from ...errors import ConfigError
 from ..dpo.data import load_preference_rows
 from ..dpo.run import prepare_direct, train_and_save
 from ..resume import output_state
-from ..sft import PreparedSFT, SFTResult, finished_sft
+from ..sft.train import PreparedSFT, SFTResult, finished_sft
 from ..skeleton import build_trl_config, stage_config
 from .settings import KTO_METRICS_FILE, KTOSettings
 

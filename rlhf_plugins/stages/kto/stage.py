@@ -53,7 +53,7 @@ class KTOStage(Stage):
         return direct_defaults(ctx)
 
     def quick_check(self, settings: Any) -> None:
-        from ..sft import get_components
+        from ..sft.dataset import get_components
 
         get_components(settings.template, settings.masking)
 

@@ -7,24 +7,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..cache import atomic_write_dir, atomic_write_figure, atomic_write_jsonl
-from ..config import config_hash
-from .sampling_settings import (ALL, HISTOGRAM_FILE, RESERVED_COLUMNS, SELECTED, SUMMARY_FILE,
-                                SamplingResult, SamplingSettings)
+from ...cache import atomic_write_dir, atomic_write_figure, atomic_write_jsonl
+from ...config import config_hash
+from .settings import (ALL, HISTOGRAM_FILE, RESERVED_COLUMNS, SELECTED, SUMMARY_FILE,
+                       SamplingResult, SamplingSettings)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .sampling import SamplingRun
-
-
-def nan_to_none(values: Sequence[float]) -> list[float | None]:
-    """NaN (unscored) as None, for JSON."""
-    return [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-            for v in values]
-
-
-def none_to_nan(values: Sequence[float | None]) -> list[float]:
-    """None (unscored, from JSON) as NaN."""
-    return [math.nan if v is None else float(v) for v in values]
+    from .sampler import SamplingRun
 
 
 def mean_or_none(values: Sequence[float]) -> float | None:
@@ -55,7 +44,7 @@ def ranks_of(rewards: Sequence[float]) -> list[int | None]:
 def build_rows(run: "SamplingRun", completions: list[list[dict[str, Any]]],
                scored: dict[str, Any], selected: set[tuple[int, int]]) -> list[dict[str, Any]]:
     """One output row per completion: prompt, completion, rewards, rank, selected, provenance."""
-    from ..generation import sample_seed
+    from ...generation import sample_seed
 
     s = run.s
     provenance = {
@@ -182,8 +171,8 @@ def summarize(settings: SamplingSettings, run: "SamplingRun", rows: list[dict[st
 
 def finished_outputs(output_dir: Path) -> SamplingResult:
     """The result the finished sampling run in `output_dir` wrote (nothing is generated)."""
-    from ..cache import read_json
-    from .sft import finished_sft
+    from ...cache import read_json
+    from ..sft.train import finished_sft
 
     def rows(name: str) -> list[dict[str, Any]]:
         path = output_dir / f"{name}.jsonl"

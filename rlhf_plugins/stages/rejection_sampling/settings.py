@@ -1,20 +1,18 @@
-"""Rejection sampling: its settings (YAML fields of `rlhf-plugins sample`), result, prompts
-and components (resolved and validated before any model loads)."""
+"""Rejection sampling: its settings (YAML fields of `rlhf-plugins sample`), file names and result.
+
+Its prompts are loaded by :mod:`.prompts`, its components resolved by :mod:`.components`."""
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..config import build_dataclass, check_strings
-from ..errors import ConfigError, DataError, RlhfPluginsError
-from ..models import QuantSettings, check_dtype
-from .skeleton import SYNTHETIC, load_dataset_source, read_stage_source
-
-logger = logging.getLogger(__name__)
+from ...config import build_dataclass, check_strings
+from ...errors import ConfigError
+from ...models import QuantSettings, check_dtype
+from ..skeleton import SYNTHETIC, read_stage_source
 
 BACKENDS = ("hf", "vllm", "auto")
 SUMMARY_FILE = "summary.json"
@@ -171,10 +169,6 @@ class SamplingResult:
         return self.output_dir / f"{SELECTED}.jsonl"
 
 
-# --------------------------------------------------------------------------------------------
-# Config and prompts
-# --------------------------------------------------------------------------------------------
-
 def load_sampling_config(source: str | os.PathLike | Mapping[str, Any],
                          overrides: Sequence[str] | Mapping[str, Any] | None = None,
                          output_dir: str | os.PathLike | None = None,
@@ -182,138 +176,3 @@ def load_sampling_config(source: str | os.PathLike | Mapping[str, Any],
     """Read a sampling YAML (or mapping) + `key=value` overrides -> (settings, output dir)."""
     data, where, out = read_stage_source(source, overrides, output_dir)
     return build_dataclass(SamplingSettings, data, where), Path(out)
-
-
-def load_prompt_rows(settings: SamplingSettings) -> tuple[list[dict[str, Any]], str]:
-    """The prompt rows (each with a conversational `prompt`) and a label naming their source."""
-    split = settings.dataset_split
-    if settings.dataset == SYNTHETIC:
-        from ..data import synth
-
-        rows = synth.rl_rows(settings.num_prompts or 64, seed=settings.dataset_seed, split=split)
-        label = f"synthetic[{split}]"
-    else:
-        dataset, label = load_dataset_source(settings.dataset, split=split,
-                                             config=settings.dataset_config,
-                                             num_examples=settings.num_prompts)
-        rows = [dict(r) for r in dataset]
-    if not rows:
-        raise DataError(f"dataset: {label}: no rows")
-    out = []
-    for i, row in enumerate(rows):
-        if row.get(settings.prompt_field) is None:  # absent (or null in a file whose other rows have it)
-            from ..guard import row_number
-
-            raise DataError(f"dataset {label}: row {row_number(label, i)}: missing field "
-                            f"{settings.prompt_field!r}")
-        prompt = row[settings.prompt_field]
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        prompt = check_prompt(prompt, i, label)
-        extra = {k: v for k, v in row.items() if k != settings.prompt_field}
-        out.append({"prompt": prompt, **extra})
-    return out, label
-
-
-def check_prompt(prompt: Any, i: int, label: str) -> list[dict]:
-    """A prompt as validated messages (a DataError naming the 1-based row; no final assistant turn)."""
-    from ..messages import validate_messages
-    from ..guard import row_number
-
-    row = row_number(label, i)
-    try:
-        messages = validate_messages(prompt, row=row)
-    except DataError as exc:
-        raise DataError(f"dataset {label}: {exc}") from None
-    if messages[-1].get("role") == "assistant":
-        raise DataError(f"dataset {label}: row {row}: the prompt ends with an assistant message")
-    return [dict(m) for m in messages]
-
-
-# --------------------------------------------------------------------------------------------
-# Components (resolved and validated before any model loads)
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class SamplingComponents:
-    """What a run uses, resolved from its settings: template, scorers, rule, SFT config."""
-
-    template: Any
-    funcs: list[Any]
-    weights: list[float]
-    function_specs: list[Any]
-    rule: Any
-    reward_model_dir: Path | None
-    sft: tuple[Any, dict[str, Any], Path] | None
-
-
-def _spec_repr(spec: Any) -> Any:
-    """A JSON-able description of a reward function spec (for hashes and provenance)."""
-    if isinstance(spec, (str, int, float)) or spec is None:
-        return spec
-    if isinstance(spec, Mapping):
-        return {str(k): _spec_repr(v) for k, v in spec.items()}
-    if isinstance(spec, (list, tuple)):
-        return [_spec_repr(v) for v in spec]
-    from ..rewarding import reward_function_name
-
-    return f"<callable {reward_function_name(spec)}>"
-
-
-def resolve_components(settings: SamplingSettings, num_prompts: int, output_dir: Path,
-                       policy_ref: str | None = None) -> SamplingComponents:
-    """Look up the template, reward functions, selection rule, reward model and SFT config.
-
-    Unknown names, bad rule parameters (the rule is run once on a dummy reward matrix of the
-    run's shape), a missing reward model and a bad SFT section fail here, before loading models.
-    """
-    from .. import registry
-    from ..rewarding import resolve_reward_functions
-
-    if not settings.reward_functions and not settings.reward_model:
-        raise ConfigError("no scorer: set `reward_functions` (names) and/or `reward_model` "
-                          "(a saved reward model directory)")
-    reg = registry()
-    template = reg.chat_templates.get(settings.template)
-    funcs, weights = resolve_reward_functions(settings.reward_functions) \
-        if settings.reward_functions else ([], [])
-    rule = reg.selection_rules.get(settings.selection, **settings.selection_params) \
-        if settings.selection_params else reg.selection_rules.get(settings.selection)
-    dummy = [[0.0] * settings.num_samples for _ in range(num_prompts)]
-    try:
-        rule.select(dummy)
-    except RlhfPluginsError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a third-party rule may dislike the dummy input
-        logger.warning("selection rule %r failed on a dummy reward matrix (%s: %s); "
-                       "continuing", settings.selection, type(exc).__name__, exc)
-    rm_dir = None
-    if settings.reward_model:
-        from .reward_export import check_reward_model_dir
-
-        rm_dir = check_reward_model_dir(settings.reward_model)
-    if settings.backend == "vllm":
-        from ..generation import vllm_available
-
-        if not vllm_available():
-            raise ConfigError("backend: vllm is not installed (use backend: hf)")
-    sft = None
-    if settings.finetune:
-        sft = _sft_settings(settings, output_dir, policy_ref)
-    specs = [_spec_repr(s) for s in settings.reward_functions]
-    return SamplingComponents(template, funcs, weights, specs, rule, rm_dir, sft)
-
-
-def _sft_settings(settings: SamplingSettings, output_dir: Path,
-                  policy_ref: str | None) -> tuple[Any, dict[str, Any], Path]:
-    from trl import SFTConfig
-
-    from ..config import load_stage_config
-    from .sft import SFTSettings
-
-    data = dict(settings.sft)
-    out = Path(data.pop("output_dir", None) or output_dir / "sft")
-    base = {"model": policy_ref if policy_ref is not None else settings.model,
-            "dataset": str(output_dir / f"{SELECTED}.jsonl"), "template": settings.template}
-    ours, trl_kwargs = load_stage_config({**base, **data}, SFTSettings, SFTConfig, where="sft")
-    return ours, trl_kwargs, out

@@ -13,7 +13,7 @@ from typing import Any
 
 from trl import GRPOConfig
 
-from .ppo_options import (check_estimator_args, check_group_filter_refill, check_policy_loss_args,
+from .options import (check_estimator_args, check_group_filter_refill, check_policy_loss_args,
                           check_trainer_options, resolve_estimator, resolve_group_filter,
                           resolve_policy_loss)
 

@@ -1,11 +1,11 @@
 """Reward-model stage: a reward head component on a (LoRA / 4-bit) causal LM, trained with
 :class:`RewardHeadTrainer` (a transformers Trainer subclass), evaluated and saved.
 
-Public API (re-exported here): :class:`RewardModel`, :class:`RewardHeadTrainer`,
-:func:`score`, :func:`step_outputs`, :func:`save_reward_model`, :func:`load_reward_model`,
-:func:`attach_reward_adapter`, :func:`encode_rows`, :func:`evaluate_rows`, the metric
-functions, :func:`run_rm` / :func:`rm_from_config` (what ``rlhf-plugins rm --config`` runs) and
-:func:`mc_step_labels` (Monte Carlo PRM labels, Math-Shepherd style).
+Here: :func:`prepare_rm`, :func:`run_rm` / :func:`rm_from_config` (what ``rlhf-plugins rm
+--config`` runs) and :func:`mc_step_labels` (Monte Carlo PRM labels, Math-Shepherd style). The
+rest of the package: :mod:`.model` (:class:`~.model.RewardModel`), :mod:`.artifact` (save, load,
+attach), :mod:`.scoring` (:func:`~.scoring.score`, :func:`~.scoring.step_outputs`),
+:mod:`.data` (rows, encoding, metrics), :mod:`.trainer` (:class:`~.trainer.RewardHeadTrainer`).
 """
 from __future__ import annotations
 
@@ -17,19 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..cache import atomic_write_figure
-from ..errors import ConfigError, DataError
-from ..protocols import member
-from .reward_data import (EncodedRows, encode_rows, evaluate_rows, first_error, load_rows,
-                          outcome_metrics, pairwise_accuracy, step_metrics)
-from .reward_model import (RewardModel, attach_reward_adapter, load_reward_model, read_meta,
-                           save_reward_model)
-from .reward_scoring import score, step_outputs
-from .reward_trainer import FeatureDataset, RewardHeadTrainer
-from .resume import check_run_config, output_state
-from .reward_settings import RMSettings
-from .skeleton import (SYNTHETIC, build_trl_config, finish_stage, finished_stage,
-                       load_trainable_model, resume_checkpoint, stage_config)
+from ...cache import atomic_write_figure
+from ...errors import ConfigError, DataError
+from ...protocols import member
+from ..resume import check_run_config, output_state
+from ..skeleton import (SYNTHETIC, build_trl_config, finish_stage, finished_stage,
+                        load_trainable_model, resume_checkpoint, stage_config)
+from .artifact import save_reward_model
+from .data import EncodedRows, encode_rows, evaluate_rows, load_rows
+from .model import RewardModel
+from .scoring import score
+from .settings import RMSettings
+from .trainer import RewardHeadTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +40,6 @@ _REJECTED_TRL_FIELDS = {
     "pad_token": "set by the tokenizer",
     "eos_token": "the chat template decides the end-of-turn token",
 }
-
-__all__ = [
-    "EncodedRows", "FeatureDataset", "RMResult", "RMSettings", "RewardHeadTrainer", "RewardModel",
-    "attach_reward_adapter", "encode_rows", "evaluate_rows", "first_error", "load_reward_model",
-    "mc_step_labels", "normalize_scores", "outcome_metrics", "pairwise_accuracy", "plot_training",
-    "policy_sampler", "prepare_rm", "read_meta", "rm_from_config", "run_rm", "save_reward_model",
-    "score", "step_metrics", "step_outputs",
-]
-
 
 @dataclass
 class RMResult:
@@ -111,8 +101,8 @@ def _normalizes(settings: RMSettings, head: Any) -> bool:
 def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
                output_dir: str | os.PathLike) -> PreparedRM:
     """Validate, load and encode the data, build the model and the trainer (config errors first)."""
-    from .. import registry
-    from ..models import base_model_of, load_tokenizer, resolve_model
+    from ... import registry
+    from ...models import base_model_of, load_tokenizer, resolve_model
 
     args = build_rm_config(trl_kwargs or {}, output_dir)
     head = registry().reward_heads.get(settings.head, **settings.head_config())
@@ -333,7 +323,7 @@ def policy_sampler(model: Any, tokenizer: Any, template: Any, *, max_new_tokens:
     """``sample(prompt, prefix, n)``: `n` sampled continuations of an assistant `prefix` (HF generate)."""
     import torch
 
-    from ..generation import end_of_turn_token_ids
+    from ...generation import end_of_turn_token_ids
 
     stops = end_of_turn_token_ids(template, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]

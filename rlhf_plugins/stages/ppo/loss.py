@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..protocols import member
+from ...protocols import member
 
 #: batch keys TRL forwards to the model besides ids/masks (multimodal inputs)
 FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
@@ -48,7 +48,7 @@ class PluginPolicyLoss:
 
     def _policy_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """The configured policy loss on TRL's per-token log-probs, plus TRL's KL term (beta)."""
-        from ..policy_objectives import AGG_MODES, aggregate
+        from ...policy_objectives import AGG_MODES, aggregate
 
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)

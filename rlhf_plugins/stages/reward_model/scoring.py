@@ -1,29 +1,28 @@
 """Scoring with a reward model: rows encoded by its head, batched by length, input order kept.
 
 :func:`score` returns one score per row (``prompt`` + ``completion``, PRM ``steps``, or
-``input_ids``); :func:`step_outputs` the PRM's per-step probabilities and labels.
+``input_ids``); :func:`step_outputs` the PRM's per-step probabilities and labels. Their
+`model` is a :class:`~.model.RewardModel` (read duck-typed: its ``head``, ``head_module``,
+``tokenizer``, ``template``, ``score_pad_token_id``), so this module sits below the model's.
 """
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import ConfigError, DataError
-from ..protocols import member
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .reward_model import RewardModel
+from ...errors import ConfigError, DataError
+from ...protocols import member
 
 __all__ = ["reward_model_function", "score", "scoring_batch", "step_outputs"]
 
 
-def _model_device(model: RewardModel) -> torch.device:
+def _model_device(model: Any) -> torch.device:
     return next(model.head_module.parameters()).device
 
 
-def _encode_for_scoring(model: RewardModel, rows: Sequence[Mapping[str, Any]], tokenizer: Any,
+def _encode_for_scoring(model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any,
                         template: Any, max_length: int | None) -> list[dict[str, Any]]:
     encode = member(model.head, "reward_heads", "encode_for_scoring")
     feats = []
@@ -35,7 +34,7 @@ def _encode_for_scoring(model: RewardModel, rows: Sequence[Mapping[str, Any]], t
     return feats
 
 
-def _run_batches(model: RewardModel, feats: list[dict[str, Any]], fn: Any, *, pad_token_id: int,
+def _run_batches(model: Any, feats: list[dict[str, Any]], fn: Any, *, pad_token_id: int,
                  batch_size: int, sort_by_length: bool, padding_side: str, progress: bool,
                  desc: str = "Scoring") -> tuple[list[Any], dict[str, Any]]:
     """Apply `fn(head_outputs, batch) -> per-row values` over batches; results in input order."""
@@ -89,7 +88,7 @@ def _pad_id(tokenizer: Any) -> int:
     return 0 if pad_id is None else int(pad_id)
 
 
-def score(model: RewardModel, rows: Sequence[Mapping[str, Any]], *, tokenizer: Any = None,
+def score(model: Any, rows: Sequence[Mapping[str, Any]], *, tokenizer: Any = None,
           template: Any = None, batch_size: int = 16, max_length: int | None = None,
           sort_by_length: bool = True, padding_side: str = "right", progress: bool = True,
           return_stats: bool = False) -> Any:
@@ -114,7 +113,7 @@ def score(model: RewardModel, rows: Sequence[Mapping[str, Any]], *, tokenizer: A
     return (scores, stats) if return_stats else scores
 
 
-def step_outputs(model: RewardModel, rows: Sequence[Mapping[str, Any]], *, tokenizer: Any = None,
+def step_outputs(model: Any, rows: Sequence[Mapping[str, Any]], *, tokenizer: Any = None,
                  template: Any = None, batch_size: int = 16, max_length: int | None = None,
                  progress: bool = False) -> list[dict[str, Any]]:
     """PRM per-row outputs: ``score``, per-step ``p_correct`` and ``predicted`` labels (-1/0/+1)."""
@@ -137,7 +136,7 @@ def step_outputs(model: RewardModel, rows: Sequence[Mapping[str, Any]], *, token
     return out
 
 
-def reward_model_function(model: RewardModel, *, batch_size: int = 16, max_length: int | None = None,
+def reward_model_function(model: Any, *, batch_size: int = 16, max_length: int | None = None,
                           name: str = "reward_model") -> Any:
     """A TRL-style reward function scoring with `model`: every scorer (sample, best-of-n, ppo)
     uses this one, so one reward model gives one score per (prompt, completion).
@@ -146,7 +145,7 @@ def reward_model_function(model: RewardModel, *, batch_size: int = 16, max_lengt
     completion is unscored (None). The train/eval mode of the model underneath (a policy
     sharing its base) is restored after each call.
     """
-    from ..rewarding import completion_text
+    from ...rewarding import completion_text
 
     backbone = getattr(model, "backbone", model)
 

@@ -1,7 +1,7 @@
 """Policy optimisation (PPO with a critic, GRPO, RLOO, ...) on one base model through TRL.
 
 `run_ppo(settings, trl_kwargs, output_dir)` wires :class:`PolicyOptimizationTrainer` (a thin
-subclass of TRL's GRPOTrainer, see ``ppo_trainer.py``):
+subclass of TRL's GRPOTrainer, see :mod:`.trainer`):
 
 - the advantage estimator is looked up by name in ``registry().advantage_estimators``;
 - rewards are registered reward functions (family ``reward_functions``) with weights and/or a
@@ -20,30 +20,23 @@ without a critic, batch sizes that do not hold whole prompt groups, ...) is rais
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..config import check_strings
-from ..errors import ConfigError
-from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
-from .ppo_prompts import check_prompt_tokens, held_out_prompts, load_prompt_rows
-from .ppo_rewards import (load_reward_scorer, prm_reward_function, reward_adapter_function,  # noqa: F401
-                          scorer_function)
-from .resume import check_run_config, output_state
-from .skeleton import (SYNTHETIC, build_trl_config, finish_stage, finished_stage,
-                       keep_float32_adapter_on_cpu, load_trainable_model, resume_checkpoint,
-                       stage_config)
+from ...errors import ConfigError
+from ..resume import check_run_config, output_state
+from ..skeleton import (build_trl_config, finish_stage, finished_stage, keep_float32_adapter_on_cpu,
+                        load_trainable_model, resume_checkpoint, stage_config)
+from .prompts import check_prompt_tokens, held_out_prompts, load_prompt_rows
+from .rewards import load_reward_scorer, scorer_function
+from .settings import PPOSettings
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "ppo_metrics.json"
-#: how a PRM reward model's step outputs become the PPO reward (see PPOSettings.prm_reward)
-PRM_REWARDS = ("probability", "sign", "score")
 #: TRL fields replaced by our settings
 _REJECTED_TRL_FIELDS = {
     "reward_weights": "give weights in `reward_functions` ({name: ..., weight: ...})",
@@ -52,122 +45,6 @@ _REJECTED_TRL_FIELDS = {
     "multi_objective_aggregation": "rewards are summed with their weights, then the "
                                    "advantage estimator normalises",
 }
-
-
-@dataclass
-class PPOSettings:
-    """Our part of a PPO/GRPO config (the rest are TRL `GRPOConfig` fields, e.g. `beta`)."""
-
-    #: HF model directory, hub id, .gguf file, saved LoRA adapter, or None for the embedded SmolLM2
-    model: str | None = None
-    #: "synthetic" (the verifiable arithmetic task), a JSONL/JSON file or a saved HF dataset
-    #: with a `prompt` column (string or message list) plus the columns reward functions read
-    dataset: str = SYNTHETIC
-    dataset_split: str = "train"
-    dataset_config: str | None = None
-    num_examples: int | None = None
-    dataset_seed: int = 0
-    #: held-out prompts for TRL's evaluation; 0 disables it unless `eval_split`/`eval_dataset`
-    #: is set. They never overlap the training prompts: the synthetic task's "test" split,
-    #: `eval_split` of `eval_dataset` (default: `dataset`), or else `eval_examples` rows carved
-    #: from the training data (seeded by `dataset_seed`) and removed from training
-    eval_examples: int = 0
-    #: the split (of `eval_dataset`, default `dataset`) evaluated on; None: see `eval_examples`
-    eval_split: str | None = None
-    #: where held-out prompts come from (same forms as `dataset`); None: `dataset`
-    eval_dataset: str | None = None
-    #: evaluate before training too (metrics `eval_reward_before`)
-    eval_before: bool = True
-    #: chat template plugin whose Jinja becomes the tokenizer's chat_template (None: keep it)
-    template: str | None = "chatml"
-    #: registered reward function names or {name, weight, **options}
-    reward_functions: list[Any] = field(default_factory=list)
-    #: a saved reward adapter + head (the reward-model stage's output) on the same base
-    reward_adapter: str | None = None
-    reward_adapter_weight: float = 1.0
-    #: a reward model directory (`rlhf-plugins rm` output or any transformers sequence-classification
-    #: RM): attached to the policy's base when it is an adapter on that base with the same
-    #: quantization, else loaded as a separate model (as it was trained)
-    reward_model: str | None = None
-    reward_model_weight: float = 1.0
-    #: registered advantage estimator (gae, grpo, dr_grpo, rloo, reinforce, ...)
-    advantage_estimator: str = "gae"
-    estimator_options: dict[str, Any] = field(default_factory=dict)
-    gamma: float = 1.0
-    lam: float = 0.95
-    #: "value_head" (shared backbone) or "none"; only estimators with needs_values use it
-    critic: str = "value_head"
-    vf_coef: float = 0.1
-    value_clip: float | None = 0.2
-    #: where the KL to the reference goes: "loss" (TRL's k3, weight beta) or "reward" (per token)
-    kl_penalty: str = "loss"
-    kl_estimator: str = "k1"
-    #: adaptive KL controller: target KL (nats per sequence) and horizon (samples); None = fixed
-    kl_target: float | None = None
-    kl_horizon: float = 10000.0
-    whiten_advantages: bool = False
-    #: registered policy loss (ppo_clip, gspo, cispo, ...) replacing TRL's surrogate; None = TRL's
-    policy_loss: str | None = None
-    policy_loss_options: dict[str, Any] = field(default_factory=dict)
-    #: selection rule dropping whole groups from the update (DAPO dynamic sampling: nonzero_variance)
-    group_filter: str | None = None
-    group_filter_options: dict[str, Any] = field(default_factory=dict)
-    #: over-generate to refill dropped groups: not supported on GRPOTrainer (must stay false)
-    group_filter_refill: bool = False
-    #: a PRM reward model's reward: per-step P(correct) ("probability"), +1/0/-1 by the arg-max
-    #: class ("sign"), both as step rewards at the step ends; or its aggregated score ("score")
-    prm_reward: str = "probability"
-    lora: LoraSettings | None = None
-    peft: LoraSettings | None = None
-    quantization: QuantSettings | None = None
-    resume: bool = True
-    #: replace what the output directory holds (files of another program, a finished run)
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-
-        self.lora, self.quantization = resolve_adapter_settings(self.lora, self.peft,
-                                                                self.quantization)
-        self.peft = None
-        if self.reward_adapter is not None and self.lora is None:
-            raise ConfigError("reward_adapter: attaching a reward adapter to the policy's base needs "
-                              "a LoRA policy (`lora`)")
-        if isinstance(self.reward_functions, (str, Mapping)):
-            self.reward_functions = [self.reward_functions]
-        if not isinstance(self.reward_functions, (list, tuple)):
-            raise ConfigError(f"reward_functions: expected a list, got {self.reward_functions!r}")
-        self.reward_functions = list(self.reward_functions)
-        if not self.reward_functions and self.reward_adapter is None and self.reward_model is None:
-            raise ConfigError("reward_functions: give at least one reward function (e.g. "
-                              "exact_answer), a reward_model or a reward_adapter")
-        if self.reward_adapter is not None and self.reward_model is not None:
-            raise ConfigError("reward_model: give either `reward_model` or `reward_adapter`, not both")
-        for name in ("estimator_options", "policy_loss_options", "group_filter_options"):
-            value = getattr(self, name)
-            if value is None:
-                setattr(self, name, {})
-            elif not isinstance(value, Mapping):
-                raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        for name in ("policy_loss", "group_filter"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ConfigError(f"{name}: expected a registered name or null, got {value!r}")
-        if self.prm_reward not in PRM_REWARDS:
-            raise ConfigError(f"prm_reward: expected one of {', '.join(PRM_REWARDS)}, got "
-                              f"{self.prm_reward!r}")
-        check_strings(self, ("dataset", "advantage_estimator", "dataset_split"),
-                      ("eval_split", "eval_dataset"))
-        for name in ("num_examples",):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
-        if not isinstance(self.eval_examples, int) or isinstance(self.eval_examples, bool) \
-                or self.eval_examples < 0:
-            raise ConfigError(f"eval_examples: expected an integer >= 0, got {self.eval_examples!r}")
-        for name in ("reward_adapter_weight", "reward_model_weight"):
-            w = getattr(self, name)
-            if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
-                raise ConfigError(f"{name}: expected a finite number, got {w!r}")
 
 
 @dataclass
@@ -202,7 +79,7 @@ def build_grpo_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLi
     """A `PolicyOptimizationConfig` (TRL's `GRPOConfig` + our `options`: estimator, critic, KL,
     policy loss, group filter) from the YAML's TRL fields (CPU-friendly defaults; ConfigError on
     bad values, the options checked once by the config)."""
-    from .ppo_config import PolicyOptimizationConfig
+    from .config import PolicyOptimizationConfig
 
     extra = {} if reward_weights is None else {"reward_weights": list(reward_weights)}
     return build_trl_config(PolicyOptimizationConfig, trl_kwargs, output_dir, label="GRPO",
@@ -229,8 +106,8 @@ def policy_options(settings: PPOSettings) -> dict[str, Any]:
 def check_ppo_components(settings: PPOSettings) -> tuple[Any, Any, Any, list, list]:
     """(estimator, policy loss, group filter, reward functions, weights), resolved and checked
     against the trainer options; no TRL import (the pipeline runs it first for every section)."""
-    from ..rewarding import resolve_reward_functions
-    from .ppo_options import (check_group_filter_refill, check_trainer_options, resolve_estimator,
+    from ...rewarding import resolve_reward_functions
+    from .options import (check_group_filter_refill, check_trainer_options, resolve_estimator,
                               resolve_group_filter, resolve_policy_loss)
 
     estimator = resolve_estimator(settings.advantage_estimator, settings.estimator_options)
@@ -248,12 +125,12 @@ def check_ppo_components(settings: PPOSettings) -> tuple[Any, Any, Any, list, li
 def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
                      output_dir: str | os.PathLike) -> CheckedPPO:
     """Resolve the estimator and reward functions and build the trainer's config; all errors, no models."""
-    from ..rewarding import resolve_reward_functions
+    from ...rewarding import resolve_reward_functions
 
     funcs, weights = resolve_reward_functions(settings.reward_functions) if settings.reward_functions \
         else ([], [])
     if settings.reward_adapter is not None:
-        from .reward_model import read_meta
+        from ..reward_model.artifact import read_meta
 
         directory = Path(settings.reward_adapter)
         if not directory.is_dir():
@@ -263,7 +140,7 @@ def check_ppo_config(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None
             raise ConfigError(f"reward_adapter: {directory} is a full reward model, not an adapter")
         weights = weights + [float(settings.reward_adapter_weight)]
     if settings.reward_model is not None:
-        from .reward_export import check_reward_model_dir
+        from ..reward_model.hf_export import check_reward_model_dir
 
         check_reward_model_dir(settings.reward_model)
         weights = weights + [float(settings.reward_model_weight)]
@@ -300,9 +177,9 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
                 output_dir: str | os.PathLike, *, checked: CheckedPPO | None = None,
                 train_dataset: Any = None, eval_dataset: Any = None) -> PreparedPPO:
     """Validate (before loading anything), load the base once, attach adapters/heads, build the trainer."""
-    from .. import registry
-    from ..models import load_tokenizer, resolve_model
-    from .ppo_trainer import PolicyOptimizationTrainer
+    from ... import registry
+    from ...models import load_tokenizer, resolve_model
+    from .trainer import PolicyOptimizationTrainer
 
     checked = checked or check_ppo_config(settings, trl_kwargs, output_dir)
     args = checked.args
@@ -334,10 +211,10 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
     funcs = list(checked.reward_funcs)
     scorer = None
     if settings.reward_adapter is not None:
-        from .reward_model import attach_reward_adapter
+        from ..reward_model.artifact import attach_reward_adapter
 
-        from ..models import quant_settings
-        from .reward_model import read_meta
+        from ...models import quant_settings
+        from ..reward_model.artifact import read_meta
 
         recorded = quant_settings(read_meta(settings.reward_adapter).get("quantization"))
         if recorded != settings.quantization:
@@ -411,25 +288,3 @@ def load_ppo_config(source: str | os.PathLike | Mapping[str, Any],
     from trl import GRPOConfig
 
     return stage_config(source, overrides, output_dir, PPOSettings, GRPOConfig)
-
-
-__all__ = ["PPOSettings", "PPOResult", "PreparedPPO", "CheckedPPO", "build_grpo_config",
-           "check_ppo_config", "held_out_prompts", "load_policy", "load_ppo_config", "load_prompt_rows",
-           "load_reward_scorer", "ppo_from_config", "prepare_ppo", "prm_reward_function",
-           "reward_adapter_function", "run_ppo", "PRM_REWARDS"]
-
-
-def __getattr__(name: str) -> Any:  # lazy re-exports of the trainer pieces (they import TRL)
-    if name in ("PolicyOptimizationTrainer", "validated_reward_function", "resolve_estimator"):
-        from . import ppo_trainer
-
-        return getattr(ppo_trainer, name)
-    if name in ("AdaptiveKLController", "FixedKLController", "make_kl_controller"):
-        from . import kl
-
-        return getattr(kl, name)
-    if name == "ValueHead":
-        from .value_head import ValueHead
-
-        return ValueHead
-    raise AttributeError(name)

@@ -6,23 +6,23 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 if TYPE_CHECKING:
-    from .ppo import PPOSettings
+    from .settings import PPOSettings
 
-logger = logging.getLogger("rlhf_plugins.stages.ppo")
+logger = logging.getLogger("rlhf_plugins.stages.ppo.train")
 
 
 def reward_adapter_function(scorer: Any, tokenizer: Any = None, template: Any = None,
                             name: str = "reward_adapter") -> Any:
     """A TRL-style reward function scoring with a reward model (attached adapter or separate).
 
-    The one scorer `sample` and `best-of-n` use too (:func:`~.reward_scoring.reward_model_function`);
+    The one scorer `sample` and `best-of-n` use too (:func:`~rlhf_plugins.stages.reward_model.scoring.reward_model_function`);
     the shared model's train/eval mode and active adapter are restored after each call, and an
     empty completion is unscored (None).
     """
-    from .reward_scoring import reward_model_function
+    from ..reward_model.scoring import reward_model_function
 
     if tokenizer is not None:
         scorer.tokenizer = tokenizer
@@ -40,9 +40,9 @@ def prm_reward_function(scorer: Any, mode: str = "probability", tokenizer: Any =
     each step's reward sits at its end offset: P(correct) (``mode="probability"``) or +1/0/-1
     by the arg-max class (``mode="sign"``). A completion with no non-blank step is unscored.
     """
-    from ..rewarding import completion_text
-    from ..step_rewards import PRM_MODES, prm_step_rewards, step_end_offsets
-    from .reward_scoring import step_outputs
+    from ...rewarding import completion_text
+    from ...step_rewards import PRM_MODES, prm_step_rewards, step_end_offsets
+    from ..reward_model.scoring import step_outputs
 
     if mode not in PRM_MODES:
         raise ConfigError(f"prm_reward: expected one of {', '.join(PRM_MODES)}, got {mode!r}")
@@ -82,7 +82,7 @@ def prm_reward_function(scorer: Any, mode: str = "probability", tokenizer: Any =
 def scorer_function(scorer: Any, settings: PPOSettings, name: str, tokenizer: Any = None,
                      template: Any = None) -> Any:
     """The reward function of a reward-model scorer: step rewards for a PRM (``prm_reward``)."""
-    from ..protocols import member
+    from ...protocols import member
 
     head = scorer.head
     if settings.prm_reward != "score" and member(head, "reward_heads", "label_kind") == "step" \
@@ -92,7 +92,7 @@ def scorer_function(scorer: Any, settings: PPOSettings, name: str, tokenizer: An
 
 
 def same_base(meta: Mapping[str, Any], model_path: str) -> bool:
-    from ..models import base_model_of, resolve_model
+    from ...models import base_model_of, resolve_model
 
     base = meta.get("base_model")
     if not base:
@@ -110,8 +110,8 @@ def load_reward_scorer(settings: PPOSettings, policy: Any, model_path: str) -> t
     to the policy (a second adapter, no second base); anything else (another base, another
     quantization, a full or transformers reward model) loads as a separate model, as trained.
     """
-    from ..models import quant_settings
-    from .reward_model import META_FILE, attach_reward_adapter, load_reward_model, read_meta
+    from ...models import quant_settings
+    from ..reward_model.artifact import META_FILE, attach_reward_adapter, load_reward_model, read_meta
 
     directory = Path(settings.reward_model)
     meta = read_meta(directory) if (directory / META_FILE).is_file() else {}
@@ -125,7 +125,7 @@ def load_reward_scorer(settings: PPOSettings, policy: Any, model_path: str) -> t
     scorer = load_reward_model(directory)
     import torch
 
-    from ..models import is_quantized
+    from ...models import is_quantized
 
     if torch.cuda.is_available() and not is_quantized(scorer.backbone):
         scorer = scorer.to("cuda")

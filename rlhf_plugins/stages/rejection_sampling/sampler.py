@@ -1,14 +1,15 @@
 """Rejection sampling and best-of-N: generate N completions per prompt, score, select, write, tune.
 
-The stage's public names are importable from here; its settings, prompts and components live in
-:mod:`.sampling_settings`, its output rows, files and summary in :mod:`.sampling_outputs`.
+:class:`SamplingRun` generates, scores and selects; :func:`~.run.run_sampling` drives it. The
+settings live in :mod:`.settings`, prompts in :mod:`.prompts`, components in :mod:`.components`,
+the output rows, files and summary in :mod:`.outputs`.
 
 1. **Generate** (:mod:`rlhf_plugins.generation`): prompts rendered by the chat template component with
    ``add_generation_prompt=True``; HF ``generate`` (or vLLM when installed and asked for),
    stopping at the template's end-of-turn token; one seeded random stream per completion.
 2. **Score**: registered reward functions (weighted sum, :func:`~rlhf_plugins.rewarding.
    call_reward_functions`) and/or a saved reward model (length-sorted
-   :func:`~rlhf_plugins.stages.reward_scoring.score`), added together with
+   :func:`~rlhf_plugins.stages.reward_model.scoring.score`), added together with
    ``reward_model_weight``. A completion no scorer applies to gets NaN.
 3. **Select** with a selection rule component by name (NaN is never selected).
 4. **Write** ``selected.jsonl`` + ``selected/`` (HF ``datasets``), optionally ``all.jsonl`` +
@@ -26,23 +27,17 @@ complete run.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-from ..cache import JsonCache, atomic_write_json, model_fingerprint
-from ..config import config_hash
-from ..errors import DataError, PluginError
-from .sampling_outputs import (build_rows, nan_to_none, none_to_nan, plot_histogram, summarize,
-                               write_outputs)
-from .sampling_settings import (ALL, BACKENDS, HISTOGRAM_FILE, RESERVED_COLUMNS, REWARD_MODEL_KEY,
-                                SELECTED, SUMMARY_FILE, SYNTHETIC, SamplingComponents,
-                                SamplingResult, SamplingSettings, check_prompt, load_prompt_rows,
-                                load_sampling_config, resolve_components)
+from ...cache import JsonCache, model_fingerprint
+from ...config import config_hash
+from ...errors import DataError, PluginError
+from .components import SamplingComponents
+from .settings import REWARD_MODEL_KEY, SamplingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +48,19 @@ _CACHE_VERSION = 2  # 2: inverse-CDF sampler (generation._make_sampler)
 # The run
 # --------------------------------------------------------------------------------------------
 
+def nan_to_none(values: Sequence[float]) -> list[float | None]:
+    """NaN (unscored) as None, for JSON."""
+    return [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+            for v in values]
+
+
+def none_to_nan(values: Sequence[float | None]) -> list[float]:
+    """None (unscored, from JSON) as NaN."""
+    return [math.nan if v is None else float(v) for v in values]
+
+
 def _chunks(n: int, size: int) -> list[range]:
     return [range(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def _load_tokenizer_for(policy_ref: str) -> Any:
-    from ..models import adapter_base_model, is_adapter_dir, load_tokenizer
-
-    path = Path(policy_ref)
-    if is_adapter_dir(path) and not (path / "tokenizer_config.json").is_file():
-        return load_tokenizer(adapter_base_model(path))
-    return load_tokenizer(policy_ref)
 
 
 def _free_memory() -> None:
@@ -82,7 +79,7 @@ def _free_memory() -> None:
 def _load_policy(settings: SamplingSettings, policy_ref: str) -> Any:
     import torch
 
-    from ..models import is_adapter_dir, is_quantized, load_causal_lm, load_peft_model
+    from ...models import is_adapter_dir, is_quantized, load_causal_lm, load_peft_model
 
     if is_adapter_dir(policy_ref):
         model = load_peft_model(policy_ref, quantization=settings.quantization, dtype=settings.dtype)
@@ -109,28 +106,28 @@ class SamplingRun:
         self.policy = policy
         self.cache = JsonCache(output_dir / "cache")
         self.chunks = _chunks(len(rows), settings.chunk_size)
-        from ..generation import encode_prompt, end_of_turn_stop_strings, end_of_turn_token_ids
+        from ...generation import encode_prompt, end_of_turn_stop_strings, end_of_turn_token_ids
 
         self.prompt_ids = []
         for i, r in enumerate(rows):
             try:
                 self.prompt_ids.append(encode_prompt(components.template, tokenizer, r["prompt"]))
             except DataError as exc:  # a forged turn marker, a role the template lacks: name the row
-                from ..guard import located, row_number
+                from ...guard import located, row_number
 
                 raise located(exc, f"dataset {source}: row {row_number(source, i)}") from None
         self.stop_ids = end_of_turn_token_ids(components.template, tokenizer)
         self.stop_strings = end_of_turn_stop_strings(components.template, tokenizer)
         self.backend = settings.backend
         if self.backend == "auto":
-            from ..generation import vllm_available
+            from ...generation import vllm_available
 
             self.backend = ("vllm" if vllm_available() and policy is None
                             and not settings.stop_pattern else "hf")
         if policy is not None:
             self.backend = "hf"  # an in-memory policy runs through transformers
         self.policy_fingerprint = model_fingerprint(policy_ref)
-        from .resume import plugin_versions, settings_components
+        from ..resume import plugin_versions, settings_components
 
         #: plugin versions of the template / reward functions: an upgrade invalidates the cache
         self.versions = plugin_versions(settings_components(settings))
@@ -215,7 +212,7 @@ class SamplingRun:
         return [row for c in range(len(self.chunks)) for row in results[c]]
 
     def _generator(self) -> Any:
-        from ..generation import HFGenerator, VLLMGenerator
+        from ...generation import HFGenerator, VLLMGenerator
 
         s = self.s
         common = dict(stop_ids=self.stop_ids, stop_strings=self.stop_strings,
@@ -232,7 +229,7 @@ class SamplingRun:
         """Per-prompt totals and per-scorer rewards (NaN = unscored); cached per chunk."""
         from tqdm.auto import tqdm
 
-        from ..rewarding import call_reward_functions
+        from ...rewarding import call_reward_functions
 
         started = time.perf_counter()
         reward_model = None
@@ -298,8 +295,8 @@ class SamplingRun:
     def _reward_model(self) -> Any:
         import torch
 
-        from ..models import is_quantized
-        from .reward_model import load_reward_model
+        from ...models import is_quantized
+        from ..reward_model.artifact import load_reward_model
 
         # the quantization it was trained with (reward_model.json), not the policy's
         model = load_reward_model(self.c.reward_model_dir)
@@ -308,7 +305,7 @@ class SamplingRun:
         return model
 
     def _head_scores(self, model: Any, prompts: list[Any], texts: list[str]) -> list[float]:
-        from .reward_scoring import reward_model_function
+        from ..reward_model.scoring import reward_model_function
 
         # the scorer `ppo` uses too (empty completions: unscored)
         scores = reward_model_function(model, batch_size=self.s.reward_batch_size)(prompts, texts)
@@ -316,7 +313,7 @@ class SamplingRun:
 
     # -- selection ---------------------------------------------------------------------------
     def select(self, totals: list[list[float]]) -> list[tuple[int, int]]:
-        from ..guard import guarded
+        from ...guard import guarded
 
         with guarded(self.c.rule, "selection_rules", "select()"):  # names rule, plugin, distribution
             pairs = self.c.rule.select(totals)
@@ -338,107 +335,3 @@ class SamplingRun:
                                   f"(NaN or -inf) completion {pair!r}")
             out.append((i, j))
         return sorted(set(out))
-
-
-def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
-                 rows: Sequence[Mapping[str, Any]] | None = None, policy: Any = None,
-                 tokenizer: Any = None, finetune: bool | None = None) -> SamplingResult:
-    """Generate, score, select and write (and optionally fine-tune); resumes from the cache.
-
-    `rows` replaces the configured dataset (each with a `prompt`); `policy`/`tokenizer` pass an
-    already loaded policy (its identity for caching is still `settings.model`); `finetune`
-    overrides `settings.finetune`.
-    """
-    out = Path(output_dir)
-    if finetune is not None:
-        settings = dataclasses.replace(settings, finetune=bool(finetune))
-    from .resume import check_run_config, finish_run, output_state
-
-    given = None if rows is None else {"rows": [dict(r) for r in rows]}  # part of the config
-    if output_state(out, "sample", settings, given).finished:  # before any model loads
-        from .sampling_outputs import finished_outputs
-
-        return finished_outputs(out)
-    if rows is None:
-        prompt_rows, source = load_prompt_rows(settings)
-    else:
-        prompt_rows = [{**dict(r), "prompt": check_prompt(
-            [{"role": "user", "content": r["prompt"]}] if isinstance(r.get("prompt"), str)
-            else r.get("prompt"), i, "rows")} for i, r in enumerate(rows)]
-        source = "rows"
-        if not prompt_rows:
-            raise DataError("rows: no prompts")
-    from ..models import resolve_model
-    from .distributed import main_process_first
-
-    policy_ref = resolve_model(settings.model)
-    components = resolve_components(settings, len(prompt_rows), out, policy_ref)
-    started = time.perf_counter()
-    if tokenizer is None:
-        tokenizer = _load_tokenizer_for(policy_ref)
-    # encodes every prompt: a row the template refuses fails here, before anything is written
-    run = SamplingRun(settings, out, prompt_rows, source, components, policy_ref, tokenizer, policy)
-    out.mkdir(parents=True, exist_ok=True)
-    check_run_config(out, "sample", settings, given, keep=("cache",))  # keyed by content: kept
-    (out / SUMMARY_FILE).unlink(missing_ok=True)  # this folder is incomplete until the end
-    with main_process_first():  # under accelerate: the other processes read the main one's cache
-        completions = run.generate()
-        scored = run.score(completions)
-        totals = scored["totals"]
-        pairs = run.select(totals)
-        chosen = set(pairs)
-        result_rows = build_rows(run, completions, scored, chosen)
-        summary = summarize(settings, run, result_rows, pairs, totals)
-        summary["files"] = write_outputs(run, result_rows, pairs, summary)
-        summary["seconds"] = round(time.perf_counter() - started, 3)
-    sft_result = None
-    if components.sft is not None and not pairs and settings.on_empty_selection == "skip":
-        logger.warning("the selection is empty: no fine-tuning, the policy stays as it was")
-        summary["sft"] = {"skipped": "empty selection"}
-    elif components.sft is not None:
-        sft_result = _finetune(components.sft, len(pairs))
-        summary["sft"] = {"output_dir": str(sft_result.output_dir),
-                          "merged_dir": str(sft_result.merged_dir) if sft_result.merged_dir else None,
-                          "train_loss": sft_result.metrics.get("train_loss"),
-                          "train_rows": sft_result.metrics.get("train_rows")}
-    atomic_write_json(out / SUMMARY_FILE, summary)
-    finish_run(out)  # last: a rerun of this config now has nothing to do
-    logger.info("selected %d of %d completions (mean reward %s -> %s)", summary["selected"],
-                summary["completions"], summary["reward_mean_all"], summary["reward_mean_selected"])
-    selected_rows = [r for r in result_rows if r["selected"]]
-    return SamplingResult(out, summary, selected_rows, result_rows, sft_result)
-
-
-def _finetune(sft: tuple[Any, dict[str, Any], Path], selected: int) -> Any:
-    from .sft import run_sft
-
-    if selected == 0:
-        raise DataError("sft: the selection is empty; nothing to fine-tune on")
-    ours, trl_kwargs, out = sft
-    return run_sft(ours, trl_kwargs, out)
-
-
-def best_of_n(settings: SamplingSettings, output_dir: str | os.PathLike, **kwargs: Any,
-              ) -> SamplingResult:
-    """Best-of-N at inference: per prompt, the highest-scoring of N samples (no fine-tuning)."""
-    settings = dataclasses.replace(settings, selection="top_per_prompt", selection_params={},
-                                   finetune=False)
-    kwargs.pop("finetune", None)
-    return run_sampling(settings, output_dir, finetune=False, **kwargs)
-
-
-def sample_from_config(source: str | os.PathLike | Mapping[str, Any],
-                       output_dir: str | os.PathLike | None = None,
-                       overrides: Sequence[str] | Mapping[str, Any] | None = None,
-                       finetune: bool | None = None) -> SamplingResult:
-    """`rlhf-plugins sample --config` as a function: load the YAML, run the stage."""
-    settings, out = load_sampling_config(source, overrides, output_dir)
-    return run_sampling(settings, out, finetune=finetune)
-
-
-__all__ = [
-    "ALL", "BACKENDS", "HISTOGRAM_FILE", "RESERVED_COLUMNS", "REWARD_MODEL_KEY", "SELECTED",
-    "SUMMARY_FILE", "SYNTHETIC", "SamplingComponents", "SamplingResult", "SamplingRun",
-    "SamplingSettings", "best_of_n", "check_prompt", "load_prompt_rows", "load_sampling_config",
-    "plot_histogram", "resolve_components", "run_sampling", "sample_from_config",
-]

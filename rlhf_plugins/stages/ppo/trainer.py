@@ -38,10 +38,10 @@ What this subclass changes, and nothing else (no TRL code is copied):
   (a hook on the backbone).
 - ``_save`` / ``_load_from_checkpoint``: the value head travels with checkpoints.
 
-Where the pieces live: component resolution and option checks in ``ppo_options.py`` (no torch),
+Where the pieces live: component resolution and option checks in ``options.py`` (no torch),
 the reward side of the rollout (per-function rewards, step rewards on tokens, the greedy
-baseline, the group filter) in the ``RolloutRewards`` mixin (``ppo_rollout_rewards.py``), and
-the plugin policy loss in the ``PluginPolicyLoss`` mixin (``ppo_loss.py``).
+baseline, the group filter) in the ``RolloutRewards`` mixin (``rollout_rewards.py``), and
+the plugin policy loss in the ``PluginPolicyLoss`` mixin (``loss.py``).
 
 The trainer never looks at a component's name: it asks the estimator's capabilities
 (:func:`rlhf_plugins.protocols.member`) and the loss's ``agg``, and calls them.
@@ -56,17 +56,18 @@ import torch
 from torch import nn
 from trl import GRPOTrainer
 
-from ..advantage_contract import call_estimator
-from ..errors import ConfigError
-from ..losses import kl_estimate, masked_mean, value_loss
-from ..protocols import member
+from ...advantage_contract import call_estimator
+from ...errors import ConfigError
+from ...losses import kl_estimate, masked_mean, value_loss
+from ...models import hidden_size_of, unwrap
+from ...protocols import member
+from .config import PolicyOptimizationConfig
 from .kl import AdaptiveKLController, make_kl_controller
-from .ppo_loss import FORWARD_KEYS, PluginPolicyLoss
-from .ppo_config import PolicyOptimizationConfig
-from .ppo_options import validated_reward_function
-from .ppo_rollout_rewards import RolloutRewards
+from .loss import FORWARD_KEYS, PluginPolicyLoss
+from .options import validated_reward_function
+from .rollout_rewards import RolloutRewards
 from .value_head import (GenerationValueCapture, ValueHead, capture_generation_values,
-                         capture_values, hidden_size_of, unwrap)
+                         capture_values)
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ class PolicyOptimizationTrainer(RolloutRewards, PluginPolicyLoss, GRPOTrainer):
 
         Dropped rows get advantage 0 (and returns 0: they are masked out of the value loss).
         """
-        from ..advantage_types import Advantages
+        from ...advantage_types import Advantages
 
         device = mask.device
         if keep is None or bool(keep.all()):

@@ -1,6 +1,6 @@
 """The reward-model trainer: a ``transformers.Trainer`` whose loss is the reward head's.
 
-:class:`RewardHeadTrainer` trains a :class:`~rlhf_plugins.stages.reward_model.RewardModel` on
+:class:`RewardHeadTrainer` trains a :class:`~rlhf_plugins.stages.reward_model.model.RewardModel` on
 rows encoded by the head (`head.encode`), logs the head's batch metrics the way TRL's
 RewardTrainer does, and saves / resumes the reward artifact (adapter or backbone + head).
 """
@@ -14,10 +14,11 @@ import torch
 from transformers import Trainer
 from trl.trainer.utils import disable_dropout_in_model
 
-from ..errors import ConfigError
-from ..guard import guarded
-from ..protocols import member
-from .reward_model import RewardModel, load_weights_into, save_reward_model
+from ...errors import ConfigError
+from ...guard import guarded
+from ...protocols import member
+from .artifact import load_weights_into, save_reward_model
+from .model import RewardModel
 
 __all__ = ["FeatureDataset", "HeadCollator", "RewardHeadTrainer"]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-from ..errors import ConfigError
-from ..losses import KL_KINDS
-from ..protocols import member
+from ...errors import ConfigError
+from ...losses import KL_KINDS
+from ...protocols import member
 
 __all__ = ["resolve_estimator", "resolve_group_filter", "resolve_policy_loss",
            "validated_reward_function", "check_policy_loss_args", "check_estimator_args",
@@ -27,7 +27,7 @@ def _resolve(family: str, value: Any, options: Mapping[str, Any] | None, field: 
     """A component of `family`: a registered name (looked up with its options) or a component
     (configured with `options` when given); ConfigError naming `field` otherwise."""
     if isinstance(value, str):
-        from .. import registry
+        from ... import registry
 
         return getattr(registry(), family).get(value, **dict(options or {}))
     if options:
@@ -78,7 +78,7 @@ def validated_reward_function(func: Callable[..., Any]) -> Callable[..., Any]:
     outputs of the last call stay on the wrapper (``last_outputs``, with the completion texts
     the offsets index in ``last_texts``) for the trainer to place on tokens.
     """
-    from ..rewarding import (call_reward_functions, completion_text, reward_function_name,
+    from ...rewarding import (call_reward_functions, completion_text, reward_function_name,
                              reward_value_total)
 
     name = reward_function_name(func)

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from ..protocols import member
+from ...protocols import member
 
-logger = logging.getLogger("rlhf_plugins.stages.ppo_trainer")
+logger = logging.getLogger("rlhf_plugins.stages.ppo.trainer")
 
 
 def weighted_rewards(per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def weighted_rewards(per_func: torch.Tensor, weights: torch.Tensor) -> torch.Ten
 
 
 class RolloutRewards:
-    """Mixin for :class:`~rlhf_plugins.stages.ppo_trainer.PolicyOptimizationTrainer`."""
+    """Mixin for :class:`~rlhf_plugins.stages.ppo.trainer.PolicyOptimizationTrainer`."""
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -43,7 +43,7 @@ class RolloutRewards:
         completion no function scored gets NaN on its last token (unscorable). None when every
         reward this rollout was a scalar.
         """
-        from ..step_rewards import batch_token_rewards, is_step_rewards
+        from ...step_rewards import batch_token_rewards, is_step_rewards
 
         outputs = self._last_reward_outputs
         if not any(out is not None and any(is_step_rewards(v) for v in out) for out, _ in outputs):
@@ -123,7 +123,7 @@ class RolloutRewards:
         """[B_global] bool: the completions of the groups the group filter keeps (None: no filter)."""
         if self.group_filter_rule is None:
             return None
-        from ..group_filters import completion_keep_mask, group_filter_metrics, group_keep_mask
+        from ...group_filters import completion_keep_mask, group_filter_metrics, group_keep_mask
 
         keep = group_keep_mask(self.group_filter_rule, rewards.detach().cpu().tolist(), num_generations)
         for key, value in group_filter_metrics(keep).items():

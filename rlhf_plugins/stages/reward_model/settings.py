@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..config import check_strings
-from ..errors import ConfigError
-from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
-from .skeleton import SYNTHETIC
+from ...config import check_strings
+from ...errors import ConfigError
+from ...models import LoraSettings, QuantSettings, resolve_adapter_settings
+from ..skeleton import SYNTHETIC
 
 
 @dataclass

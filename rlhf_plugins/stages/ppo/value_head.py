@@ -24,8 +24,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..cache import atomic_write_bytes
-from ..models import backbone_of, hidden_size_of, unwrap
+from ...cache import atomic_write_bytes
+from ...models import backbone_of, hidden_size_of, unwrap
 
 __all__ = ["ValueHead", "ValueCapture", "GenerationValueCapture", "backbone_of", "capture_values",
            "capture_generation_values", "hidden_size_of", "unwrap"]

@@ -35,10 +35,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
+from ...models import quant_settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .reward_model import RewardModel
+    from .model import RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def hf_kind(model: "RewardModel") -> str | None:
     """The classification kind `model` saves as (None: the first format, head file apart)."""
     from torch import nn
 
-    from ..models import unwrap
-    from ..protocols import member
+    from ...models import unwrap
+    from ...protocols import member
 
     linear = getattr(model.head_module, _SCORE, None)
     extra = [n for n, _ in model.head_module.named_parameters() if not n.startswith(f"{_SCORE}.")]
@@ -175,7 +176,7 @@ def write_hf_artifact(model: "RewardModel", folder: Path, kind: str, pad_token_i
     import torch
     from safetensors.torch import save_file
 
-    from ..models import backbone_of, unwrap
+    from ...models import backbone_of, unwrap
 
     head = score_state(model)
     num_labels = int(head["weight"].shape[0])
@@ -223,7 +224,7 @@ def write_hf_artifact(model: "RewardModel", folder: Path, kind: str, pad_token_i
 def load_classification_model(path: str | os.PathLike, kind: str, *, quantization: Any = None,
                               dtype: Any = None, **config_kwargs: Any) -> Any:
     """``AutoModelFor{Sequence,Token}Classification.from_pretrained`` with our 4-bit/dtype rules."""
-    from ..models import load_pretrained, quant_settings
+    from ...models import load_pretrained
 
     return load_pretrained(_auto_class(kind), path, quantization=quant_settings(quantization),
                            dtype=dtype, what="reward model", **config_kwargs)
@@ -267,9 +268,9 @@ def load_hf_reward_model(path: str | os.PathLike, *, quantization: Any = None, d
     """
     from torch import nn
 
-    from .. import registry
-    from ..models import load_tokenizer, resolve_model
-    from .reward_model import RewardModel
+    from ... import registry
+    from ...models import load_tokenizer, resolve_model
+    from .model import RewardModel
 
     directory = Path(path)
     adapter = _json(directory / "adapter_config.json")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..errors import ConfigError, DataError
-from .skeleton import SYNTHETIC, load_dataset_source
+from ...errors import ConfigError, DataError
+from ..skeleton import SYNTHETIC, load_dataset_source
 
 if TYPE_CHECKING:
-    from .ppo import PPOSettings
+    from .settings import PPOSettings
 
-logger = logging.getLogger("rlhf_plugins.stages.ppo")
+logger = logging.getLogger("rlhf_plugins.stages.ppo.train")
 
 
 def load_prompt_rows(settings: PPOSettings, split: str | None = None, n: int | None = None,
@@ -20,7 +20,7 @@ def load_prompt_rows(settings: PPOSettings, split: str | None = None, n: int | N
     split = split or settings.dataset_split
     dataset = dataset or settings.dataset
     if dataset == SYNTHETIC:
-        from ..data import synth
+        from ...data import synth
 
         count = n or settings.num_examples or 256
         return synth.rl_dataset(count, seed=settings.dataset_seed, split=split), f"synthetic[{split}]"
@@ -36,8 +36,8 @@ def check_prompt_column(prompts: Sequence[Any], source: str) -> None:
     """DataError naming the 1-based row of a prompt that is neither a non-empty string nor a valid
     message list (known roles, not ending with an assistant turn), or whose form differs from the
     first row's (TRL treats the whole dataset as conversational or not from one row)."""
-    from ..messages import validate_messages
-    from ..guard import row_number
+    from ...messages import validate_messages
+    from ...guard import row_number
 
     first: str | None = None
     for i, prompt in enumerate(prompts):
@@ -70,7 +70,7 @@ def check_prompt_tokens(prompts: Sequence[Any], tokenizer: Any, template: Any, s
     tokens (TRL renders prompts as text and parses special tokens in it, so the content would
     become that control token) or a turn marker the template rejects (a forged turn).
     `prompts` are `source`'s rows in order; `label` names them in messages (default `source`)."""
-    from ..guard import guarded, located, row_number
+    from ...guard import guarded, located, row_number
 
     added = sorted(getattr(tokenizer, "added_tokens_encoder", None) or {}, key=len, reverse=True)
     for i, prompt in enumerate(prompts):

@@ -19,10 +19,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..errors import ComponentError, DataError, RlhfPluginsError
-from ..guard import guarded, located, row_place
-from ..protocols import member
-from .skeleton import SYNTHETIC, load_dataset_source
+from ...errors import ComponentError, DataError, RlhfPluginsError
+from ...guard import guarded, located, row_place
+from ...protocols import member
+from ..skeleton import SYNTHETIC, load_dataset_source
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def load_rows(source: str, *, split: str, head: Any, num_examples: int | None, s
     if source == SYNTHETIC:
         n = num_examples or default_synthetic
         return member(head, "reward_heads", "synthetic_rows")(n, seed, split), f"synthetic[{split}]"
-    from ..data.formats import normalize_reward_row
+    from ...data.formats import normalize_reward_row
 
     rows, where = load_dataset_source(source, split=split, config=dataset_config,
                                       num_examples=num_examples)
@@ -212,7 +212,7 @@ def step_metrics(predicted: Sequence[Sequence[int]], labels: Sequence[Sequence[i
 def evaluate_rows(model: Any, rows: Sequence[Mapping[str, Any]], *, batch_size: int = 16,
                   max_length: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Held-out metrics of a reward model on rows of its head's format (see module docstring)."""
-    from .reward_model import score, step_outputs
+    from .scoring import score, step_outputs
 
     if not rows:
         return {}

@@ -1,0 +1,1 @@
+"""The SFT stage: `settings` (SFTSettings), `dataset` (rows -> encoded conversations), `train`."""
