@@ -10,7 +10,8 @@
 - :func:`check_output_dir`: an output folder that is a file (or under one, or not writable) is a
   ConfigError before any model loads.
 - :func:`check_model_ref`: a `model:` reference that cannot exist, without loading anything.
-- :func:`row_place`: ``source row N`` with N the file's 1-based line for JSON lines.
+- :func:`row_place`: ``source row N`` with N the file's 1-based line for JSON lines (of the
+  row's index in the file, whatever split or shuffle it went through since).
 
 Light module: no torch import.
 """
@@ -188,9 +189,11 @@ def row_number(source: str, index: int) -> int:
     return lines[index] if lines is not None and 0 <= index < len(lines) else index + 1
 
 
-def row_place(source: str, index: int) -> str:
-    """``source row N`` with N from :func:`row_number`."""
-    return f"{source} row {row_number(source, index)}"
+def row_place(source: str, index: int, label: str | None = None) -> str:
+    """``label row N`` (`label` defaults to `source`) with N from :func:`row_number`: the user's
+    number of row `index` (0-based, in the order `source` holds its rows - map a row of a
+    shuffled or split subset back to that index first)."""
+    return f"{label or source} row {row_number(source, index)}"
 
 
 _LINE_CACHE: dict[tuple[str, int, int], list[int] | None] = {}

@@ -104,3 +104,13 @@ def quiet_env() -> dict[str, str]:
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     return env
+
+
+def as_interrupted(out: Path) -> None:
+    """Make the finished stage run in `out` look interrupted (killed before its end): its run
+    record is not marked finished, so a rerun of the same config resumes instead of reporting
+    that there is nothing to do."""
+    record_path = out / "rlhf_plugins_run.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({k: v for k, v in record.items()
+                                       if k not in ("finished", "entries")}))

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from helpers_bad_inputs import FAST, GOOD_ROWS, cli_error, run_main, write_jsonl, write_yaml
+from helpers_bad_inputs import (FAST, GOOD_ROWS, as_interrupted, cli_error, run_main, write_jsonl,
+                                write_yaml)
 from rlhf_plugins.testing import tiny_model_dir
 
 
@@ -166,6 +167,7 @@ def test_resume_past_a_checkpoint_with_an_empty_trainer_state(tmp_path, tiny_dir
     assert code == 0, err[-2000:]
     first = json.loads((out / "sft_metrics.json").read_text())
     (out / "checkpoint-3" / "trainer_state.json").write_text("{}")  # torn by a crash
+    as_interrupted(out)  # the crash came before the run's end
     kept = {n: (out / n / "trainer_state.json").stat().st_mtime_ns for n in ("checkpoint-1", "checkpoint-2")}
     code, _, err = run_main(["sft", "--config", cfg])
     assert code == 0, err[-2000:]

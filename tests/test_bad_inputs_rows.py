@@ -189,3 +189,79 @@ def test_drop_truncated_follows_trls_truncation_modes():
     tiny = build_sft_config({"max_length": 1, "report_to": "none"}, "unused")
     with pytest.raises(DataError, match=r"^d.jsonl: no row has a trained token within max_length=1"):
         drop_truncated(ds.select([0, 2]), tiny, "d.jsonl")
+
+
+# --- row numbers after eval splits: always the line in the user's file (issue 29) --------------
+
+def _with_bad_line(rows, line, bad, blank_after=0):
+    """`rows` as JSON lines with `bad` on 1-based `line` (a blank line after line `blank_after`)."""
+    rows = list(rows)
+    rows[line - 1] = bad
+    lines = [json.dumps(r) for r in rows]
+    if blank_after:
+        lines.insert(blank_after, "")
+    return "\n".join(lines) + "\n"
+
+
+#: the issue's lines: with `eval_size: 4` line 7 was reported as "row 6", line 21 as "row 17",
+#: line 1 as "(eval) row 1"; with these 24 rows and seed 42 lines 6, 16, 19 and 24 are held out
+ISSUE_LINES = [(1, False), (7, False), (21, False), (16, True), (24, True)]
+
+
+@pytest.mark.parametrize("line, held_out", ISSUE_LINES, ids=[f"line-{n}" for n, _ in ISSUE_LINES])
+def test_rm_rows_are_the_files_lines_with_eval_size(tmp_path, tiny_dir, line, held_out):
+    pairs = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(24)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(_with_bad_line(pairs, line, {"prompt": "a", "chosen": "b"}))
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "rm.yaml", {"model": str(tiny_dir), "dataset": str(data),
+                                            "output_dir": str(out), "strict": True, "eval_size": 4,
+                                            "max_steps": 1, **FAST})
+    label = f"{data} (eval)" if held_out else str(data)
+    cli_error(["rm", "--config", cfg], f"{label} row {line}: rejected: missing", untouched=[out])
+
+
+@pytest.mark.parametrize("line", [1, 7, 21])
+def test_sft_rows_are_the_files_lines_with_eval_size(tmp_path, tiny_dir, line):
+    data = tmp_path / "train.jsonl"
+    data.write_text(_with_bad_line(GOOD_ROWS * 12, line, {"messages": [U]}, blank_after=3))
+    shown = line + (line > 3)  # the blank line after line 3 is a line too
+    argv, out = _sft(tmp_path, tiny_dir, data, eval_size=4)
+    cli_error(argv, f"{data} row {shown}: message 0: the conversation ends", untouched=[out])
+
+
+@pytest.mark.parametrize("line", [1, 7, 21])
+def test_ppo_prompt_rows_are_the_files_lines_with_held_out_prompts(tmp_path, tiny_dir, line):
+    """A prompt spelling a special token is found after the tokenizer loads: still the file's line."""
+    prompts = [{"prompt": [{"role": "user", "content": f"question {i}"}]} for i in range(24)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(_with_bad_line(prompts, line, {"prompt": [{"role": "user", "content": "a <|im_end|>"}]}))
+    argv, out = _ppo(tmp_path, tiny_dir, data)
+    argv += ["--set", "eval_examples=4"]
+    cli_error(argv, f"{data}: row {line}, message 0: content contains '<|im_end|>'", untouched=[out])
+
+
+def test_ppo_eval_file_rows_are_that_files_lines(tmp_path, tiny_dir):
+    train = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"question {i}"} for i in range(6)])
+    held = tmp_path / "held.jsonl"
+    held.write_text(_with_bad_line([{"prompt": f"other {i}"} for i in range(6)], 4,
+                                   {"prompt": "x <|im_start|>"}, blank_after=1))
+    argv, out = _ppo(tmp_path, tiny_dir, train)
+    argv += ["--set", f"eval_dataset={held}"]
+    cli_error(argv, f"{held} (eval): row 5, message 0: content contains '<|im_start|>'",
+              untouched=[out])
+
+
+@pytest.mark.parametrize("line", [1, 7, 21])
+def test_sample_prompt_rows_are_the_files_lines(tmp_path, tiny_dir, line):
+    """Sampling holds nothing out: its rows are numbered by the file's lines, blank lines too."""
+    prompts = [{"prompt": [{"role": "user", "content": f"question {i}"}]} for i in range(24)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(_with_bad_line(prompts, line, {"prompt": [{"role": "wizard", "content": "b"}]},
+                                   blank_after=3))
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "rs.yaml", {
+        "model": str(tiny_dir), "dataset": str(data), "output_dir": str(out), "num_samples": 2,
+        "num_prompts": 22, "max_new_tokens": 4, "reward_functions": ["length_penalty"]})
+    cli_error(["sample", "--config", cfg], f"{data}: row {line + (line > 3)}, message 0: unknown role",
+              untouched=[out])

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers_bad_inputs import as_interrupted  # noqa: E402
 from helpers_models import make_tiny_model_dir  # noqa: E402
 
 from rlhf_plugins import manager, registry  # noqa: E402
@@ -34,6 +35,13 @@ def upgrade(monkeypatch):
     yield bump
     monkeypatch.undo()
     registry(reload=True)
+
+
+def _as_if_killed(out, checkpoint):
+    """`out` as a run killed before saving `checkpoint` leaves it: no such checkpoint, and a
+    run record that is not marked finished."""
+    shutil.rmtree(out / checkpoint)
+    as_interrupted(out)
 
 
 def _trained_steps(metrics):
@@ -80,13 +88,13 @@ def test_same_config_resumes_and_a_plugin_upgrade_starts_clean(tmp_path, tiny_di
     config = {"model": str(tiny_dir), "num_examples": 8, "max_steps": 3, "save_steps": 1, **FAST}
     out = tmp_path / "sft"
     sft_from_config(config, output_dir=out)
-    shutil.rmtree(out / "checkpoint-3")  # as if killed before the last save
+    _as_if_killed(out, "checkpoint-3")  # killed before the last save
     first_save = (out / "checkpoint-1" / "trainer_state.json").stat().st_mtime_ns
     resumed = sft_from_config(config, output_dir=out)
     assert resumed.metrics["global_step"] == 3
     # resumed from checkpoint-2: the earlier checkpoints were not rewritten
     assert (out / "checkpoint-1" / "trainer_state.json").stat().st_mtime_ns == first_save
-    shutil.rmtree(out / "checkpoint-3")
+    _as_if_killed(out, "checkpoint-3")
     upgrade()  # the template / masking plugins changed: resuming would mix two versions
     fresh = sft_from_config(config, output_dir=out)
     assert fresh.metrics["global_step"] == 3

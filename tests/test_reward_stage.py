@@ -259,7 +259,10 @@ def test_rm_stage_resumes_from_checkpoint(tmp_path, tiny_dir):
     assert (tmp_path / "o" / "checkpoint-2" / "adapter_model.safetensors").is_file()
     import shutil
 
+    from helpers_bad_inputs import as_interrupted
+
     shutil.rmtree(tmp_path / "o" / "checkpoint-3")  # as if killed before the last save
+    as_interrupted(tmp_path / "o")  # ... which leaves the run unfinished
     # the same config resumes (a changed one would start afresh: tests/test_resume_safety.py)
     second = rm_from_config(config, output_dir=tmp_path / "o")
     steps = [e["step"] for e in second.metrics["log_history"] if "loss" in e]

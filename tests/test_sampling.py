@@ -358,6 +358,12 @@ def test_second_run_reuses_cache_and_only_recomputes_what_changed(tmp_path, tiny
     first = S.run_sampling(_settings(tiny_dir, data), out, policy=counting_model)
     calls = cls.generate_calls
     assert calls == 3 + 3 + 1  # chunks of 3, 3, 1 prompts x 3 samples, 4 sequences per batch
+    again = S.run_sampling(_settings(tiny_dir, data), out, policy=counting_model)
+    assert again.up_to_date and again.summary == first.summary  # finished: nothing to do
+    assert again.rows == first.rows and again.selected == first.selected
+    from helpers_bad_inputs import as_interrupted
+
+    as_interrupted(out)  # killed before its end: the rerun goes through the cache
     second = S.run_sampling(_settings(tiny_dir, data), out, policy=counting_model)
     assert cls.generate_calls == calls  # nothing regenerated
     assert second.rows == first.rows

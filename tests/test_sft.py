@@ -319,10 +319,14 @@ def test_rerun_resumes_from_the_last_checkpoint(tmp_path, tiny_dir):
     assert first.metrics["global_step"] == 3 and (out / "checkpoint-2").is_dir()
     import shutil
 
+    from helpers_bad_inputs import as_interrupted
+
+    assert run_sft(settings, trl, out).up_to_date  # finished: a rerun has nothing to do
     shutil.rmtree(out / "checkpoint-3")  # as if killed before the last save
+    as_interrupted(out)  # ... which leaves the run unfinished
     # the same config resumes: the log of steps 1-2 comes from checkpoint-2
     second = run_sft(settings, trl, out)
-    assert second.metrics["global_step"] == 3
+    assert second.metrics["global_step"] == 3 and not second.up_to_date
     old_log = [(e["step"], e["learning_rate"]) for e in first.metrics["log_history"] if "loss" in e]
     new_log = [(e["step"], e["learning_rate"]) for e in second.metrics["log_history"] if "loss" in e]
     assert [s for s, _ in new_log] == [1, 2, 3] and new_log[:2] == old_log[:2]

@@ -62,6 +62,11 @@ def add_output_and_overrides(parser: Any, output_help: str, example: str = SET_E
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable; dotted keys for sections, "
                              f"e.g. {example})")
+    parser.add_argument("--overwrite", dest="overrides", action="append_const",
+                        const="overwrite=true",
+                        help="replace what the output directory holds: files no run of "
+                             "rlhf-plugins recorded, or a finished run of this config (which "
+                             "is otherwise reported and left as it is)")
 
 
 def stage_command(subparsers: Any, name: str, *, help: str, description: str,  # noqa: A002
@@ -83,4 +88,11 @@ def metric_parts(metrics: Any, keys: Sequence[str], prefix: str = "") -> list[st
 def print_stage_result(parts: Sequence[str], metrics_path: Any) -> int:
     """Print a stage command's one-line result; return exit status 0."""
     print("; ".join(parts) + f" (metrics: {metrics_path})")
+    return 0
+
+
+def print_up_to_date(command: str, output_dir: Any) -> int:
+    """Print that `output_dir` already holds a finished run of this config; return exit status 0."""
+    print(f"{command}: {output_dir} already holds a finished run of this config; nothing to do "
+          "(--overwrite retrains)")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import metric_parts, print_stage_result, stage_command
+from .common import metric_parts, print_stage_result, print_up_to_date, stage_command
 
 
 def add_parser(subparsers: Any) -> None:
@@ -24,7 +24,9 @@ def add_parser(subparsers: Any) -> None:
         output_help="where the model, tokenizer and metrics go", func=handle_kto)
 
 
-def _report(result: Any, metrics_file: str, keys: tuple[str, ...]) -> int:
+def _report(command: str, result: Any, metrics_file: str, keys: tuple[str, ...]) -> int:
+    if result.up_to_date:
+        return print_up_to_date(command, result.output_dir)
     parts = [f"saved {'adapter' if result.adapter else 'model'} to {result.output_dir}"]
     parts += metric_parts(result.metrics, keys)
     return print_stage_result(parts, result.output_dir / metrics_file)
@@ -36,7 +38,7 @@ def handle_dpo(args: argparse.Namespace) -> int:
     from ..stages.dpo.settings import DPO_METRICS_FILE
 
     result = dpo_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
-    return _report(result, DPO_METRICS_FILE, ("train_loss", "eval_preference_accuracy_before",
+    return _report("dpo", result, DPO_METRICS_FILE, ("train_loss", "eval_preference_accuracy_before",
                                               "eval_preference_accuracy"))
 
 
@@ -46,4 +48,4 @@ def handle_kto(args: argparse.Namespace) -> int:
     from ..stages.kto.settings import KTO_METRICS_FILE
 
     result = kto_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
-    return _report(result, KTO_METRICS_FILE, ("train_loss", "eval_loss_before", "eval_loss"))
+    return _report("kto", result, KTO_METRICS_FILE, ("train_loss", "eval_loss_before", "eval_loss"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import stage_command, metric_parts, print_stage_result
+from .common import metric_parts, print_stage_result, print_up_to_date, stage_command
 
 
 def add_parser(subparsers: Any) -> None:
@@ -25,6 +25,8 @@ def handle(args: argparse.Namespace) -> int:
     from ..stages.ppo.train import METRICS_FILE, ppo_from_config
 
     result = ppo_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
+    if result.up_to_date:
+        return print_up_to_date("ppo", result.output_dir)
     m = result.metrics
     parts = [f"saved {'adapter' if result.adapter else 'model'} to {result.output_dir}"]
     train_logs = [h for h in m.get("log_history", []) if "reward" in h]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import stage_command, metric_parts, print_stage_result
+from .common import metric_parts, print_stage_result, print_up_to_date, stage_command
 
 
 def add_parser(subparsers: Any) -> None:
@@ -51,6 +51,8 @@ def handle(args: argparse.Namespace) -> int:
     from ..stages.reward_model.train import METRICS_FILE, rm_from_config
 
     result = rm_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
+    if result.up_to_date:
+        return print_up_to_date("rm", result.output_dir)
     m = result.metrics
     parts = [f"saved {m['head']} reward model to {result.output_dir}"]
     parts += metric_parts(m, ("train_loss", "eval_loss", "eval_accuracy"))

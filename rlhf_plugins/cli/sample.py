@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_output_and_overrides
+from .common import add_output_and_overrides, print_up_to_date
 
 
 def add_parser(subparsers: Any) -> None:
@@ -66,6 +66,8 @@ def handle_sample(args: argparse.Namespace) -> int:
 
     result = sample_from_config(args.config, output_dir=args.output_dir,
                                 overrides=args.overrides, finetune=True if args.sft else None)
+    if result.up_to_date:
+        return print_up_to_date("sample", result.output_dir)
     print(_report(result))
     if result.sft is not None:
         print(f"fine-tuned model: {result.summary['sft']['merged_dir'] or result.sft.output_dir}")

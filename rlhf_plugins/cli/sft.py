@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import stage_command, metric_parts, print_stage_result
+from .common import metric_parts, print_stage_result, print_up_to_date, stage_command
 
 
 def add_parser(subparsers: Any) -> None:
@@ -22,6 +22,8 @@ def handle(args: argparse.Namespace) -> int:
     from ..stages.sft.train import METRICS_FILE, sft_from_config
 
     result = sft_from_config(args.config, output_dir=args.output_dir, overrides=args.overrides)
+    if result.up_to_date:
+        return print_up_to_date("sft", result.output_dir)
     m = result.metrics
     parts = [f"saved {'adapter' if result.adapter else 'model'} to {result.output_dir}"]
     parts += metric_parts(m, ("train_loss", "eval_loss_before", "eval_loss"))

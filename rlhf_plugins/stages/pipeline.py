@@ -97,6 +97,8 @@ class PipelineSettings:
     #: stages whose model is kept only when it beats its start on validation problems (gate.py)
     gate: GateSettings = field(default_factory=GateSettings)
     smoke: dict[str, Any] = field(default_factory=dict)
+    #: empty every selected stage's folder and rerun it (also what no record of ours claims)
+    overwrite: bool = False
     #: each stage's own section (top-level keys of the YAML named after a registered stage)
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -296,6 +298,7 @@ class Pipeline:
         from .resume import plugin_versions, settings_components
 
         versions = plugin_versions(settings_components(settings)) if settings is not None else {}
+        section = {k: v for k, v in section.items() if k != "overwrite"}  # not what is trained
         return config_hash(name, section, upstream, dataclasses.asdict(self.settings.task), versions)
 
     # stage configs ------------------------------------------------------------------------
@@ -355,6 +358,7 @@ class Pipeline:
         label = f"{self.config_label}: " if self.config_label else ""
         check_model_ref(self.settings.model, f"{label}model")  # before data is written or a model evaluated
         check_output_dir(self.run_dir, f"{label}output_dir")
+        self.check_stage_folders()
         policy = "<policy of the previous stage>"
         self.paths = {key: f"<{key} data>" for key in DATA_FILES}
         stages = registered_stages()
@@ -404,6 +408,16 @@ class Pipeline:
             self.warn_requantizing(section_name, ctx.policy, quantization)
         return data, settings, trl_kwargs
 
+    def check_stage_folders(self) -> None:
+        """ConfigError naming the entries of a selected stage's folder that no record of ours
+        claims (nothing is removed on a guess); `overwrite` replaces them."""
+        from .resume import unclaimed_entries, unclaimed_error
+
+        for name in self.settings.stages:
+            foreign = [] if self.settings.overwrite else unclaimed_entries(self.run_dir / name)
+            if foreign:
+                raise unclaimed_error(self.run_dir / name, foreign, self.where(name))
+
     def run_stage(self, name: str, policy: str, upstream: str | None) -> StageRecord:
         """Stage `name` on `policy`: skipped when its output is up to date, else run and recorded."""
         stage = registered_stages()[name]
@@ -414,7 +428,8 @@ class Pipeline:
             result = stage.run(settings, trl_kwargs, stage_dir, ctx)
             return StageRecord(name, "", result.outputs.as_dict(), result.metrics,
                                result.log_history, result.components)
-        return run_stage(name, self.run_dir / name, self.stage_hash(name, data, upstream, settings), body)
+        return run_stage(name, self.run_dir / name, self.stage_hash(name, data, upstream, settings),
+                         body, overwrite=self.settings.overwrite)
 
     # run --------------------------------------------------------------------------------
     def run(self) -> Path:

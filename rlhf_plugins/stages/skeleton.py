@@ -3,12 +3,19 @@
 A training stage (SFT, reward model, PPO) reads like this::
 
     settings, trl_kwargs, out = stage_config(source, overrides, output_dir, SFTSettings, SFTConfig)
+    if output_state(out, "sft", settings, trl_kwargs).finished:  # before any model loads
+        metrics, record = finished_stage(out, "sft", METRICS_FILE)   # nothing to do: return them
     args = build_trl_config(SFTConfig, trl_kwargs, out, label="SFT", rejected=...)
     rows, label = load_dataset_source(settings.dataset, split=..., num_examples=...)
     model = load_trainable_model(model_path, settings.lora, settings.quantization, ...)
     trainer = ...; keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
+    check_run_config(out, "sft", settings, trl_kwargs)  # clear what is ours to clear, record
     trainer.train(resume_from_checkpoint=resume_checkpoint(out, settings.resume, "SFT"))
     finish_stage(trainer, out, metrics, metrics_file=..., started=..., stage="sft", ...)
+
+`output_state` (which also refuses an output folder holding entries no record of ours claims,
+unless `settings.overwrite`) and `check_run_config` live in stages/resume.py; `finish_stage`
+marks the run finished, so a rerun of the same config has nothing to do.
 
 Nothing here imports torch, transformers or datasets at module level.
 """
@@ -377,15 +384,31 @@ def finish_stage(trainer: Any, output_dir: str | os.PathLike, metrics: dict[str,
     metrics.update(resource_metrics())
     metrics["log_history"] = trainer.state.log_history
     if trainer.is_world_process_zero():
+        from .resume import finish_run
+
         atomic_write_json(out / metrics_file, metrics)
         atomic_write_json(out / STAGE_FILE, {"stage": stage, **record,
                                              "settings": dataclasses.asdict(settings)})
+        finish_run(out)  # last: a rerun of this config now has nothing to do
     return metrics
+
+
+def finished_stage(output_dir: str | os.PathLike, stage: str,
+                   metrics_file: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, stage record) of the finished run in `output_dir` that a rerun of the same
+    config returns without a training step (`output_state(...).finished`)."""
+    from ..cache import read_json
+
+    out = Path(output_dir)
+    logger.info("%s: %s already holds a finished run of this config; nothing to do "
+                "(overwrite: true retrains)", stage, out)
+    metrics, record = read_json(out / metrics_file), read_json(out / STAGE_FILE)
+    return (metrics if isinstance(metrics, dict) else {}), (record if isinstance(record, dict) else {})
 
 
 __all__ = [
     "FILE_BUILDERS", "SYNTHETIC", "apply_overrides", "build_trl_config",
-    "finish_stage", "keep_float32_adapter_on_cpu", "last_checkpoint", "load_dataset_source",
+    "finish_stage", "finished_stage", "keep_float32_adapter_on_cpu", "last_checkpoint", "load_dataset_source",
     "load_trainable_model", "parse_override", "read_stage_source", "resource_metrics",
     "resume_checkpoint", "stage_config",
 ]

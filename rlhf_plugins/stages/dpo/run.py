@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ...errors import ConfigError
-from ..resume import check_run_config
-from ..sft.train import PreparedSFT, SFTResult
+from ..resume import check_run_config, output_state
+from ..sft.train import PreparedSFT, SFTResult, finished_sft
 from ..skeleton import (build_trl_config, finish_stage, keep_float32_adapter_on_cpu,
                         load_trainable_model, resume_checkpoint, stage_config)
 from .settings import DPO_METRICS_FILE, DPO_REJECTED_TRL_FIELDS, DPOSettings, resolve_losses
@@ -188,6 +188,8 @@ def run_dpo(settings: DPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
             output_dir: str | os.PathLike = "outputs/dpo") -> SFTResult:
     """Train with the plugin-loss DPOTrainer; save the model/adapter + tokenizer + metrics."""
     started = time.time()
+    if output_state(output_dir, "dpo", settings, trl_kwargs).finished:  # before any model loads
+        return finished_sft(output_dir, "dpo", DPO_METRICS_FILE)
     prepared = prepare_dpo(settings, trl_kwargs, output_dir)
     metrics: dict[str, Any] = {
         "train_pairs": len(prepared.train_dataset), "dropped_pairs": prepared.dropped_rows,

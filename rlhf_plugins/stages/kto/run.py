@@ -8,7 +8,8 @@ from typing import Any, Mapping, Sequence
 from ...errors import ConfigError
 from ..dpo.data import load_preference_rows
 from ..dpo.run import prepare_direct, train_and_save
-from ..sft.train import PreparedSFT, SFTResult
+from ..resume import output_state
+from ..sft.train import PreparedSFT, SFTResult, finished_sft
 from ..skeleton import build_trl_config, stage_config
 from .settings import KTO_METRICS_FILE, KTOSettings
 
@@ -58,6 +59,8 @@ def run_kto(settings: KTOSettings, trl_kwargs: Mapping[str, Any] | None = None,
             output_dir: str | os.PathLike = "outputs/kto") -> SFTResult:
     """Train with TRL's KTOTrainer; save the model/adapter + tokenizer + metrics."""
     started = time.time()
+    if output_state(output_dir, "kto", settings, trl_kwargs).finished:  # before any model loads
+        return finished_sft(output_dir, "kto", KTO_METRICS_FILE)
     prepared = prepare_kto(settings, trl_kwargs, output_dir)
     labels = prepared.train_dataset["label"]
     metrics: dict[str, Any] = {

@@ -3,7 +3,7 @@ training prompt."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ...errors import ConfigError, DataError
 from ..skeleton import SYNTHETIC, load_dataset_source
@@ -64,16 +64,18 @@ def check_prompt_column(prompts: Sequence[Any], source: str) -> None:
                             f"{row_number(source, 0)} holds {first}; use one form for every row")
 
 
-def check_prompt_tokens(prompts: Sequence[Any], tokenizer: Any, template: Any, source: str) -> None:
+def check_prompt_tokens(prompts: Sequence[Any], tokenizer: Any, template: Any, source: str,
+                        label: str | None = None) -> None:
     """DataError naming the row of a prompt whose content spells one of the tokenizer's special
     tokens (TRL renders prompts as text and parses special tokens in it, so the content would
-    become that control token) or a turn marker the template rejects (a forged turn)."""
+    become that control token) or a turn marker the template rejects (a forged turn).
+    `prompts` are `source`'s rows in order; `label` names them in messages (default `source`)."""
     from ...guard import guarded, located, row_number
 
     added = sorted(getattr(tokenizer, "added_tokens_encoder", None) or {}, key=len, reverse=True)
     for i, prompt in enumerate(prompts):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        place = f"{source}: row {row_number(source, i)}"
+        place = f"{label or source}: row {row_number(source, i)}"
         for j, message in enumerate(messages):
             content = message.get("content")
             hit = next((t for t in added if isinstance(content, str) and t in content), None)
@@ -97,12 +99,14 @@ def _prompt_key(prompt: Any) -> str:
     return json.dumps(prompt, sort_keys=True, default=str)
 
 
-def held_out_prompts(settings: PPOSettings, train: Any) -> tuple[Any, Any]:
+def held_out_prompts(settings: PPOSettings, train: Any,
+                     check: Callable[[Any, str, str], None] | None = None) -> tuple[Any, Any]:
     """(training rows, held-out rows or None): the eval rows never hold a training prompt.
 
     Synthetic data evaluates on its "test" split; `eval_split` / `eval_dataset` name the eval
     rows; otherwise `eval_examples` rows are carved from `train` (seeded) and removed from it.
-    Eval rows whose prompt is also a training prompt are dropped (logged).
+    Eval rows whose prompt is also a training prompt are dropped (logged). `check(rows, source,
+    label)` sees rows loaded from another split or source as `source` holds them (before any drop).
     """
     n = settings.eval_examples or None
     named = settings.eval_split is not None or settings.eval_dataset is not None
@@ -114,7 +118,9 @@ def held_out_prompts(settings: PPOSettings, train: Any) -> tuple[Any, Any]:
         if source == settings.dataset and split == settings.dataset_split and source != SYNTHETIC:
             raise ConfigError(f"eval_split: {split!r} is the training split; name another split "
                               "(or leave eval_split unset to carve eval_examples rows out of it)")
-        held, _ = load_prompt_rows(settings, split=split, n=n, dataset=source)
+        held, label = load_prompt_rows(settings, split=split, n=n, dataset=source)
+        if check is not None:
+            check(held, label, f"{label} (eval)")
     else:
         if n >= len(train):
             raise ConfigError(f"eval_examples: {n} held-out prompts would leave none of the "

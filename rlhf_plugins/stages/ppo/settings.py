@@ -81,6 +81,8 @@ class PPOSettings:
     peft: LoraSettings | None = None
     quantization: QuantSettings | None = None
     resume: bool = True
+    #: replace what the output directory holds (files of another program, a finished run)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
 

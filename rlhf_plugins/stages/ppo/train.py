@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...errors import ConfigError
-from ..resume import check_run_config
-from ..skeleton import (build_trl_config, finish_stage, keep_float32_adapter_on_cpu, load_trainable_model,
-                        resume_checkpoint, stage_config)
+from ..resume import check_run_config, output_state
+from ..skeleton import (build_trl_config, finish_stage, finished_stage, keep_float32_adapter_on_cpu,
+                        load_trainable_model, resume_checkpoint, stage_config)
 from .prompts import check_prompt_tokens, held_out_prompts, load_prompt_rows
 from .rewards import load_reward_scorer, scorer_function
 from .settings import PPOSettings
@@ -54,6 +54,8 @@ class PPOResult:
     output_dir: Path
     metrics: dict[str, Any]
     adapter: bool
+    #: the output already held a finished run of this config: nothing was trained
+    up_to_date: bool = False
 
 
 @dataclass
@@ -182,20 +184,26 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
     checked = checked or check_ppo_config(settings, trl_kwargs, output_dir)
     args = checked.args
     template = registry().chat_templates.get(settings.template) if settings.template else None
-    if train_dataset is None:
-        train_dataset, source = load_prompt_rows(settings)
-        if eval_dataset is None:
-            train_dataset, eval_dataset = held_out_prompts(settings, train_dataset)
-    else:
-        source = "given dataset"
-    if eval_dataset is not None and args.eval_strategy == "no":
-        args.do_eval = True
-
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
-    for rows, label in ((train_dataset, source), (eval_dataset, f"{source} (eval)")):
+
+    def check(rows: Any, where: str, label: str | None = None) -> None:  # before the model loads
         if rows is not None and "prompt" in getattr(rows, "column_names", ()):
-            check_prompt_tokens(rows["prompt"], tokenizer, template, label)  # before the model loads
+            check_prompt_tokens(rows["prompt"], tokenizer, template, where, label)
+
+    if train_dataset is None:
+        train_dataset, source = load_prompt_rows(settings)
+        check(train_dataset, source)  # before the split: errors name the file's lines
+        if eval_dataset is None:
+            train_dataset, eval_dataset = held_out_prompts(settings, train_dataset, check=check)
+        else:
+            check(eval_dataset, "given eval dataset")
+    else:
+        source = "given dataset"
+        check(train_dataset, source)
+        check(eval_dataset, "given eval dataset")
+    if eval_dataset is not None and args.eval_strategy == "no":
+        args.do_eval = True
     if template is not None:
         tokenizer.chat_template = template.jinja
     policy = load_policy(model_path, settings, bool(args.gradient_checkpointing), args.seed)
@@ -231,6 +239,9 @@ def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
     """Train the policy with the configured estimator; save adapter/model, value head, metrics."""
     out = Path(output_dir)
     started = time.time()
+    if output_state(out, "ppo", settings, trl_kwargs).finished:  # before any model loads
+        metrics, record = finished_stage(out, "ppo", METRICS_FILE)
+        return PPOResult(out, metrics, bool(record.get("adapter")), up_to_date=True)
     prepared = prepare_ppo(settings, trl_kwargs, out)
     trainer = prepared.trainer
     metrics: dict[str, Any] = {"train_prompts": len(prepared.train_dataset),
@@ -240,7 +251,7 @@ def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
                                "policy_loss": settings.policy_loss or f"trl:{trainer.loss_type}",
                                "policy_loss_options": dict(settings.policy_loss_options),
                                "group_filter": settings.group_filter}
-    check_run_config(out, "ppo", settings, trl_kwargs)  # another config's checkpoints: start clean
+    check_run_config(out, "ppo", settings, trl_kwargs)  # another config's files: cleared
     resume = resume_checkpoint(out, settings.resume, "PPO")
     if prepared.eval_dataset is not None and settings.eval_before and resume is None:
         before = trainer.evaluate()

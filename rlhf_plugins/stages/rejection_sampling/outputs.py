@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ...cache import atomic_write_dir, atomic_write_figure, atomic_write_jsonl
 from ...config import config_hash
-from .settings import (ALL, HISTOGRAM_FILE, RESERVED_COLUMNS, SELECTED,
-                                SamplingSettings)
+from .settings import (ALL, HISTOGRAM_FILE, RESERVED_COLUMNS, SELECTED, SUMMARY_FILE,
+                       SamplingResult, SamplingSettings)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sampler import SamplingRun
@@ -167,3 +167,20 @@ def summarize(settings: SamplingSettings, run: "SamplingRun", rows: list[dict[st
         "sampler": run.sampler_params(), "scorer": run.scorer_params(),
         "generation": run.stats.get("generation"), "scoring": run.stats.get("scoring"),
     }
+
+
+def finished_outputs(output_dir: Path) -> SamplingResult:
+    """The result the finished sampling run in `output_dir` wrote (nothing is generated)."""
+    from ...cache import read_json
+    from ..sft.train import finished_sft
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        path = output_dir / f"{name}.jsonl"
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()] if path.is_file() else []
+
+    summary = read_json(output_dir / SUMMARY_FILE) or {}
+    sft_dir = (summary.get("sft") or {}).get("output_dir")
+    selected = rows(SELECTED)
+    return SamplingResult(output_dir, summary, selected, rows(ALL) or selected,
+                          finished_sft(sft_dir) if sft_dir else None, up_to_date=True)

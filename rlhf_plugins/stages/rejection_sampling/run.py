@@ -42,6 +42,13 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
     out = Path(output_dir)
     if finetune is not None:
         settings = dataclasses.replace(settings, finetune=bool(finetune))
+    from ..resume import check_run_config, finish_run, output_state
+
+    given = None if rows is None else {"rows": [dict(r) for r in rows]}  # part of the config
+    if output_state(out, "sample", settings, given).finished:  # before any model loads
+        from .outputs import finished_outputs
+
+        return finished_outputs(out)
     if rows is None:
         prompt_rows, source = load_prompt_rows(settings)
     else:
@@ -62,9 +69,7 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
     # encodes every prompt: a row the template refuses fails here, before anything is written
     run = SamplingRun(settings, out, prompt_rows, source, components, policy_ref, tokenizer, policy)
     out.mkdir(parents=True, exist_ok=True)
-    from ..resume import check_run_config
-
-    check_run_config(out, "sample", settings)  # the cache is keyed by content: kept
+    check_run_config(out, "sample", settings, given, keep=("cache",))  # keyed by content: kept
     (out / SUMMARY_FILE).unlink(missing_ok=True)  # this folder is incomplete until the end
     with main_process_first():  # under accelerate: the other processes read the main one's cache
         completions = run.generate()
@@ -87,6 +92,7 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
                           "train_loss": sft_result.metrics.get("train_loss"),
                           "train_rows": sft_result.metrics.get("train_rows")}
     atomic_write_json(out / SUMMARY_FILE, summary)
+    finish_run(out)  # last: a rerun of this config now has nothing to do
     logger.info("selected %d of %d completions (mean reward %s -> %s)", summary["selected"],
                 summary["completions"], summary["reward_mean_all"], summary["reward_mean_selected"])
     selected_rows = [r for r in result_rows if r["selected"]]

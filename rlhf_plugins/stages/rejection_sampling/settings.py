@@ -83,6 +83,8 @@ class SamplingSettings:
     #: SFT stage config (SFTSettings + TRL SFTConfig fields); model/dataset/template default
     #: to the policy, the selection and `template`
     sft: dict[str, Any] = field(default_factory=dict)
+    #: replace what the output directory holds (files of another program, a finished run)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype, "dtype")
@@ -158,6 +160,8 @@ class SamplingResult:
     selected: list[dict[str, Any]]
     rows: list[dict[str, Any]]
     sft: Any = None
+    #: the output already held a finished run of this config: nothing was generated
+    up_to_date: bool = False
 
     @property
     def selected_path(self) -> Path:

@@ -53,11 +53,20 @@ def _reason(message: str) -> str:
 
 def encode_rows(rows: Sequence[Mapping[str, Any]], head: Any, tokenizer: Any, template: Any, *,
                 max_length: int | None = None, strict: bool = False,
-                where: str = "dataset") -> EncodedRows:
-    """Encode rows with `head.encode`; drop bad ones (logged) or raise DataError when `strict`."""
+                where: str = "dataset", numbers: Sequence[int] | None = None,
+                label: str | None = None) -> EncodedRows:
+    """Encode rows with `head.encode`; drop bad ones (logged) or raise DataError when `strict`.
+
+    Errors name the row as the user numbers it in `where`: `numbers[i]` is row i's index in
+    `where` (rows of a split or shuffle; None: the rows are `where`'s, in order); `label`
+    names the rows in messages (default `where`)."""
     from tqdm.auto import tqdm
 
     out = EncodedRows([], [])
+
+    def place(index: int) -> str:
+        return row_place(where, index if numbers is None else numbers[index], label)
+
     total = len(rows) if hasattr(rows, "__len__") else None
     desc = f"Encoding {getattr(head, 'name', None) or 'reward head'} rows"
     for index, row in enumerate(tqdm(rows, total=total, desc=desc,
@@ -68,9 +77,9 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], head: Any, tokenizer: Any, te
             with guarded(head, "reward_heads", "encode()"):
                 feats = head.encode(row, tokenizer=tokenizer, template=template, max_length=max_length)
         except ComponentError as exc:  # the head failed, not the row: never dropped as a bad row
-            raise located(exc, row_place(where, index)) from exc.__cause__
+            raise located(exc, place(index)) from exc.__cause__
         except RlhfPluginsError as exc:
-            message = f"{row_place(where, index)}: {exc}"
+            message = f"{place(index)}: {exc}"
             if strict:
                 raise DataError(message) from None
             out.dropped += 1
@@ -82,10 +91,10 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], head: Any, tokenizer: Any, te
         out.features.append(feats)
         out.kept.append(index)
     if out.dropped:
-        logger.warning("%s: dropped %d of %d rows; first: %s", where, out.dropped,
+        logger.warning("%s: dropped %d of %d rows; first: %s", label or where, out.dropped,
                        out.dropped + len(out.kept), out.first_error)
     if not out.features:
-        raise DataError(f"{where}: no usable rows" + (f" (first problem: {out.first_error})"
+        raise DataError(f"{label or where}: no usable rows" + (f" (first problem: {out.first_error})"
                                                       if out.first_error else ""))
     return out
 

@@ -57,6 +57,8 @@ class RMSettings:
     #: number (tests/test_reward_stage.py), for half the evaluation time
     trainer_eval: bool = True
     resume: bool = True
+    #: replace what the output directory holds (files of another program, a finished run)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
 

@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 from ...cache import atomic_write_figure
 from ...errors import ConfigError, DataError
 from ...protocols import member
-from ..resume import check_run_config
-from ..skeleton import (SYNTHETIC, build_trl_config, finish_stage, load_trainable_model,
-                        resume_checkpoint, stage_config)
+from ..resume import check_run_config, output_state
+from ..skeleton import (SYNTHETIC, build_trl_config, finish_stage, finished_stage,
+                        load_trainable_model, resume_checkpoint, stage_config)
 from .artifact import save_reward_model
 from .data import EncodedRows, encode_rows, evaluate_rows, load_rows
 from .model import RewardModel
@@ -48,6 +48,8 @@ class RMResult:
     output_dir: Path
     metrics: dict[str, Any]
     model: RewardModel | None = None
+    #: the output already held a finished run of this config: nothing was trained
+    up_to_date: bool = False
 
 
 def build_rm_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLike) -> Any:
@@ -75,19 +77,20 @@ class PreparedRM:
     base_model: str
 
 
-def _split_holdout(rows: list[dict], settings: RMSettings, seed: int) -> tuple[list[dict], list[dict]]:
+def _split_holdout(rows: list[dict], settings: RMSettings, seed: int) -> tuple[list[int], list[int]]:
+    """(indices of the training rows, indices of the held-out rows), in file order."""
     import random
 
     n = len(rows)
     k = settings.eval_size if settings.eval_size is not None else int(round(n * settings.eval_fraction))
     if k <= 0:
-        return rows, []
+        return list(range(n)), []
     if k >= n:
         raise ConfigError(f"eval_size/eval_fraction: would hold out {k} of {n} rows, leaving none")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     held = set(order[:k])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return [i for i in range(n) if i not in held], [i for i in range(n) if i in held]
 
 
 def _normalizes(settings: RMSettings, head: Any) -> bool:
@@ -107,6 +110,7 @@ def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
         raise ConfigError(f"normalize: head {settings.head!r} does not support it "
                           "(supports_normalize is false: its module has no score offset)")
     template = registry().chat_templates.get(settings.template)
+    numbers = eval_numbers = None  # each row's index in its source (for messages), None: in order
     rows, source = load_rows(settings.dataset, split=settings.dataset_split, head=head,
                              num_examples=settings.num_examples, seed=settings.dataset_seed,
                              dataset_config=settings.dataset_config)
@@ -117,22 +121,27 @@ def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
         if eval_source == settings.dataset and eval_split == settings.dataset_split:
             raise ConfigError(f"eval_split: {eval_split!r} is the training split; name another "
                               "split (or use eval_size / eval_fraction for a hold-out)")
-        eval_rows, _ = load_rows(eval_source, split=eval_split, head=head,
-                                 num_examples=settings.num_eval_examples, seed=settings.dataset_seed,
-                                 dataset_config=settings.dataset_config, default_synthetic=64)
+        eval_rows, eval_where = load_rows(eval_source, split=eval_split, head=head,
+                                          num_examples=settings.num_eval_examples,
+                                          seed=settings.dataset_seed,
+                                          dataset_config=settings.dataset_config,
+                                          default_synthetic=64)
     elif settings.dataset == SYNTHETIC and settings.eval_size is None and not settings.eval_fraction:
+        eval_where = f"synthetic[{settings.eval_split or 'test'}]"
         eval_rows = member(head, "reward_heads", "synthetic_rows")(
             settings.num_eval_examples or 64, settings.dataset_seed, settings.eval_split or "test")
     else:
-        rows, eval_rows = _split_holdout(list(rows), settings, args.seed)
+        numbers, eval_numbers = _split_holdout(list(rows), settings, args.seed)
+        rows, eval_rows, eval_where = [rows[i] for i in numbers], [rows[i] for i in eval_numbers], source
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
     train = encode_rows(rows, head, tokenizer, template, max_length=args.max_length,
-                        strict=settings.strict, where=source)
+                        strict=settings.strict, where=source, numbers=numbers)
     evaluation = None
     if eval_rows:
         evaluation = encode_rows(eval_rows, head, tokenizer, template, max_length=args.max_length,
-                                 strict=settings.strict, where=f"{source} (eval)")
+                                 strict=settings.strict, where=eval_where, numbers=eval_numbers,
+                                 label=f"{eval_where} (eval)")
     logger.info("RM data: %d train rows (%d dropped), %d eval rows", len(train.kept), train.dropped,
                 0 if evaluation is None else len(evaluation.kept))
     # A saved adapter (e.g. the SFT stage's) is trained on as the reward model's adapter.
@@ -217,6 +226,8 @@ def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
     """Train a reward head; save adapter/backbone + head + tokenizer, metrics JSON and a PNG plot."""
     out = Path(output_dir)
     started = time.time()
+    if output_state(out, "rm", settings, trl_kwargs).finished:  # before any model loads
+        return RMResult(out, finished_stage(out, "rm", METRICS_FILE)[0], up_to_date=True)
     prepared = prepare_rm(settings, trl_kwargs, out)
     trainer, model = prepared.trainer, prepared.model
     head_options = dict(member(prepared.head, "reward_heads", "options"))
@@ -225,7 +236,7 @@ def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
                                "train_data": prepared.train.summary(),
                                "eval_data": None if prepared.eval is None else prepared.eval.summary()}
     kw = dict(batch_size=settings.score_batch_size, max_length=trainer.args.max_length)
-    check_run_config(out, "rm", settings, trl_kwargs)  # another config's checkpoints: start clean
+    check_run_config(out, "rm", settings, trl_kwargs)  # another config's files: cleared
     resume = resume_checkpoint(out, settings.resume, "RM")
     if prepared.eval_rows and resume is None:
         metrics["heldout_before"] = evaluate_rows(model, prepared.eval_rows, **kw)

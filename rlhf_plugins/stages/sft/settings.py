@@ -50,6 +50,8 @@ class SFTSettings:
     merge: bool = False
     #: resume from the last checkpoint in the output directory when there is one
     resume: bool = True
+    #: replace what the output directory holds (files of another program, a finished run)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
 

@@ -21,8 +21,8 @@ from typing import Any, Mapping, Sequence
 
 from ...cache import atomic_write_dir
 from ...errors import ConfigError
-from ..resume import check_run_config
-from ..skeleton import (build_trl_config, finish_stage, keep_float32_adapter_on_cpu,
+from ..resume import check_run_config, output_state
+from ..skeleton import (build_trl_config, finish_stage, finished_stage, keep_float32_adapter_on_cpu,
                         load_trainable_model, resume_checkpoint, stage_config)
 from .dataset import build_sft_dataset, drop_truncated, get_components, load_rows, split_eval
 from .settings import SFTSettings
@@ -48,6 +48,8 @@ class SFTResult:
     adapter: bool
     merged_dir: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the output already held a finished run of this config: nothing was trained
+    up_to_date: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,13 +132,15 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
 
     out = Path(output_dir)
     started = time.time()
+    if output_state(out, "sft", settings, trl_kwargs).finished:  # before any model loads
+        return finished_sft(out)
     prepared = prepare_sft(settings, trl_kwargs, out)
     trainer = prepared.trainer
     metrics: dict[str, Any] = {"train_rows": len(prepared.train_dataset),
                                "dropped_rows": prepared.dropped_rows,
                                "eval_rows": 0 if prepared.eval_dataset is None else len(prepared.eval_dataset),
                                "trained_tokens": int(sum(sum(m) for m in prepared.train_dataset["assistant_masks"]))}
-    check_run_config(out, "sft", settings, trl_kwargs)  # another config's checkpoints: start clean
+    check_run_config(out, "sft", settings, trl_kwargs)  # another config's files: cleared
     resume = resume_checkpoint(out, settings.resume, "SFT")
     if prepared.eval_dataset is not None and settings.eval_before and resume is None:
         before = trainer.evaluate(metric_key_prefix="eval")
@@ -163,6 +167,16 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
                  merged=str(merged_dir) if merged_dir else None, template=settings.template,
                  masking=settings.masking, dataset=prepared.source)
     return SFTResult(out, metrics, adapter, merged_dir)
+
+
+def finished_sft(output_dir: str | os.PathLike, stage: str = "sft",
+                 metrics_file: str = METRICS_FILE) -> SFTResult:
+    """The result recorded by the finished run of an SFT-shaped stage (sft, dpo, kto) in
+    `output_dir`, which a rerun of the same config returns (nothing is trained)."""
+    out = Path(output_dir)
+    metrics, record = finished_stage(out, stage, metrics_file)
+    return SFTResult(out, metrics, bool(record.get("adapter")),
+                     Path(record["merged"]) if record.get("merged") else None, up_to_date=True)
 
 
 def merge_adapter(base_path: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
