@@ -65,6 +65,19 @@ def test_run_hash_covers_config_and_plugin_versions(upgrade):
     assert run_hash("sft", settings, {"max_steps": 2})[0] != first
 
 
+def test_every_component_field_of_ppo_is_in_the_hash():
+    """The group filter is a component too (a selection rule): its plugin's version is hashed."""
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+    from rlhf_plugins.stages.resume import settings_components
+
+    settings = PPOSettings(advantage_estimator="grpo", critic="none", reward_functions=["exact_answer"],
+                           policy_loss="ppo_clip", group_filter="nonzero_variance")
+    assert settings_components(settings) == {
+        "chat_templates": ["chatml"], "advantage_estimators": ["grpo"],
+        "reward_functions": ["exact_answer"], "policy_losses": ["ppo_clip"],
+        "selection_rules": ["nonzero_variance"]}
+
+
 def test_ppo_command_with_another_configs_checkpoints_starts_clean(tmp_path, tiny_dir):
     """The issue's case: max_steps 2 in a folder holding checkpoint-3 of another config."""
     from rlhf_plugins.stages.ppo.train import ppo_from_config

@@ -66,6 +66,7 @@ COMPONENT_FIELDS: dict[str, str] = {
     "advantage_estimator": "advantage_estimators",
     "reward_functions": "reward_functions",
     "policy_loss": "policy_losses",
+    "group_filter": "selection_rules",
 }
 
 

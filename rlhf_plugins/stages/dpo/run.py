@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ...errors import ConfigError
 from ..resume import check_run_config, output_state
-from ..sft.train import PreparedSFT, SFTResult, finished_sft
-from ..skeleton import (build_trl_config, finish_stage, keep_float32_adapter_on_cpu,
+from ..sft.train import PreparedSFT, SFTResult, finished_sft, save_and_finish
+from ..skeleton import (build_trl_config, keep_float32_adapter_on_cpu,
                         load_trainable_model, resume_checkpoint, stage_config)
 from .settings import DPO_METRICS_FILE, DPO_REJECTED_TRL_FIELDS, DPOSettings, resolve_losses
 
@@ -141,9 +141,6 @@ def train_and_save(prepared: PreparedSFT, settings: Any, trl_kwargs: Mapping[str
                    metrics: dict[str, Any], eval_keys: Mapping[str, str],
                    train_keys: Mapping[str, str], started: float, **record: Any) -> SFTResult:
     """Resume, evaluate before, train, evaluate after, save (+ merge), write metrics and record."""
-    from ...models import base_model_of, is_adapter_dir
-    from ..sft.train import merge_adapter
-
     out = Path(output_dir)
     trainer = prepared.trainer
     check_run_config(out, stage, settings, trl_kwargs)  # another config's checkpoints: start clean
@@ -156,22 +153,8 @@ def train_and_save(prepared: PreparedSFT, settings: Any, trl_kwargs: Mapping[str
     metrics.update(_last_logged(trainer.state.log_history, train_keys))
     if prepared.eval_dataset is not None:
         metrics.update(_eval_metrics(trainer.evaluate(), "", eval_keys))
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        prepared.tokenizer.save_pretrained(str(out))
-    adapter = settings.lora is not None or is_adapter_dir(prepared.model_path)
-    base_model = base_model_of(prepared.model_path)
-    merged_dir = None
-    if settings.merge and adapter:
-        merged_dir = out / "merged"
-        if trainer.is_world_process_zero():
-            merge_adapter(base_model, out, merged_dir, quantization=settings.quantization)
-        trainer.accelerator.wait_for_everyone()
-    finish_stage(trainer, out, metrics, metrics_file=metrics_file, started=started, stage=stage,
-                 settings=settings, base_model=base_model, adapter=adapter,
-                 merged=str(merged_dir) if merged_dir else None, template=settings.template,
-                 masking=settings.masking, dataset=prepared.source, **record)
-    return SFTResult(out, metrics, adapter, merged_dir)
+    return save_and_finish(prepared, settings, out, metrics, stage=stage, metrics_file=metrics_file,
+                           started=started, **record)
 
 
 #: TRL's DPO evaluation metrics -> the names in dpo_metrics.json (`_before` for the first pass)

@@ -128,8 +128,6 @@ def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
 def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
             output_dir: str | os.PathLike = "outputs/sft") -> SFTResult:
     """Train with TRL's SFTTrainer; save the model/adapter + tokenizer (with chat_template) + metrics."""
-    from ...models import base_model_of, is_adapter_dir
-
     out = Path(output_dir)
     started = time.time()
     if output_state(out, "sft", settings, trl_kwargs).finished:  # before any model loads
@@ -151,6 +149,18 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
     if prepared.eval_dataset is not None:
         after = trainer.evaluate(metric_key_prefix="eval")
         metrics["eval_loss"] = after.get("eval_loss")
+    return save_and_finish(prepared, settings, out, metrics, stage="sft", metrics_file=METRICS_FILE,
+                           started=started)
+
+
+def save_and_finish(prepared: PreparedSFT, settings: Any, output_dir: str | os.PathLike,
+                    metrics: dict[str, Any], *, stage: str, metrics_file: str, started: float,
+                    **record: Any) -> SFTResult:
+    """After training an SFT-shaped stage (sft, dpo, kto): save the model/adapter and the
+    tokenizer (its chat_template), merge the adapter when asked, write metrics and the record."""
+    from ...models import base_model_of, is_adapter_dir
+
+    out, trainer = Path(output_dir), prepared.trainer
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         prepared.tokenizer.save_pretrained(str(out))
@@ -162,10 +172,10 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
         if trainer.is_world_process_zero():
             merge_adapter(base_model, out, merged_dir, quantization=settings.quantization)
         trainer.accelerator.wait_for_everyone()  # every process goes on with the merged model
-    finish_stage(trainer, out, metrics, metrics_file=METRICS_FILE, started=started, stage="sft",
+    finish_stage(trainer, out, metrics, metrics_file=metrics_file, started=started, stage=stage,
                  settings=settings, base_model=base_model, adapter=adapter,
                  merged=str(merged_dir) if merged_dir else None, template=settings.template,
-                 masking=settings.masking, dataset=prepared.source)
+                 masking=settings.masking, dataset=prepared.source, **record)
     return SFTResult(out, metrics, adapter, merged_dir)
 
 
