@@ -16,9 +16,9 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 __all__ = ["verified_pairs", "write_verified_pairs", "ON_POLICY_KIND"]
 
@@ -62,6 +62,20 @@ def verified_pairs(rows: Iterable[Mapping[str, Any]], *, min_reward: float = 0.5
     return train, held_out
 
 
+def split_graded_samples(samples_jsonl: str | os.PathLike,
+                         build: Callable[..., tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+                         **options: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) rows that `build` makes of the graded samples in `samples_jsonl` (one
+    JSON object per line, as rejection sampling writes them); its errors name the file."""
+    path = Path(samples_jsonl)
+    with path.open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        return build(rows, **options)
+    except (ConfigError, DataError) as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
 def write_verified_pairs(samples_jsonl: str | os.PathLike, out_dir: str | os.PathLike,
                          **options: Any) -> dict[str, str] | None:
     """Write ``preference_on_policy_train.jsonl`` / ``..._heldout.jsonl`` under `out_dir`.
@@ -71,13 +85,7 @@ def write_verified_pairs(samples_jsonl: str | os.PathLike, out_dir: str | os.Pat
     """
     from ..cache import atomic_write_jsonl
 
-    path = Path(samples_jsonl)
-    with path.open(encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    try:
-        train, held_out = verified_pairs(rows, **options)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    train, held_out = split_graded_samples(samples_jsonl, verified_pairs, **options)
     if not train or not held_out:
         return None
     out = Path(out_dir)

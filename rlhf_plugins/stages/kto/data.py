@@ -7,7 +7,6 @@ rejected is not. Graded samples of an earlier stage become rows labelled by the 
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
@@ -105,13 +104,9 @@ def write_labelled_samples(samples_jsonl: str | os.PathLike, out_dir: str | os.P
     under `out_dir`; None when the training side lacks a desirable or an undesirable row."""
     from ...cache import atomic_write_jsonl
 
-    path = Path(samples_jsonl)
-    with path.open(encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    try:
-        train, held_out = labelled_samples(rows, **options)
-    except DataError as exc:
-        raise DataError(f"{path}: {exc}") from None
+    from ...data.verified_pairs import split_graded_samples
+
+    train, held_out = split_graded_samples(samples_jsonl, labelled_samples, **options)
     if len({r["label"] for r in train}) < 2:
         return None
     out = Path(out_dir)
