@@ -24,12 +24,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .errors import ComponentError, ConfigError, RlhfPluginsError
+from .errors import ComponentError, ConfigError, DataError, RlhfPluginsError
 from .protocols import FAMILIES
 
 __all__ = ["FAMILY_LABELS", "call_component", "check_mask", "check_model_ref", "check_output_dir",
-           "component_error", "component_origin", "guarded", "located", "one_line", "row_number",
-           "row_place"]
+           "component_error", "component_origin", "guarded", "located", "one_line", "row_errors",
+           "row_number", "row_place"]
 
 #: how a family's component is called in messages
 FAMILY_LABELS = {name: spec.label for name, spec in FAMILIES.items()}
@@ -135,6 +135,20 @@ def located(exc: RlhfPluginsError, where: str) -> RlhfPluginsError:
     new.args = (f"{where}: {text}",)
     new.__cause__, new.__context__, new.__suppress_context__ = exc.__cause__, None, True
     return new
+
+
+@contextlib.contextmanager
+def row_errors(place: str) -> Iterator[None]:
+    """Encoding one row at `place` (`file: row N`): a component's failure keeps its class, now
+    located there; any other error of the row becomes one DataError line naming the place."""
+    try:
+        yield
+    except ComponentError as exc:  # a plugin's failure, not a bad row: keep its class
+        raise located(exc, place) from exc.__cause__
+    except RlhfPluginsError as exc:
+        raise DataError(f"{place}: {exc}") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DataError(f"{place}: {type(exc).__name__}: {exc}") from None
 
 
 def check_output_dir(path: str | os.PathLike, where: str = "output_dir") -> Path:

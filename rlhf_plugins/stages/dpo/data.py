@@ -19,8 +19,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from ...errors import ComponentError, DataError, RlhfPluginsError
-from ...guard import check_mask, guarded, located, row_place
+from ...errors import DataError
+from ...guard import check_mask, guarded, row_errors, row_place
 from ...protocols import member
 from ..sft.dataset import check_assistant_content, get_components
 from ..skeleton import SYNTHETIC, load_dataset_source
@@ -126,16 +126,10 @@ def encode_rows(rows: Iterable[Mapping[str, Any]], encode_row: Callable[[Mapping
     dropped = 0
     for index, row in enumerate(rows):
         place = row_place(where, index)
-        try:
+        with row_errors(place):
             if not isinstance(row, Mapping):
                 raise DataError(f"expected a mapping, got {type(row).__name__}")
             encoded = encode_row(row)
-        except ComponentError as exc:  # a plugin's failure, not a bad row: keep its class
-            raise located(exc, place) from exc.__cause__
-        except RlhfPluginsError as exc:
-            raise DataError(f"{place}: {exc}") from None
-        except (ValueError, TypeError, KeyError) as exc:
-            raise DataError(f"{place}: {type(exc).__name__}: {exc}") from None
         kept = [e for e in encoded if trained_within(e, keys, max_length)]
         dropped += len(encoded) - len(kept)
         out.extend(kept)

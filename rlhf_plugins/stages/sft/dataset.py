@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from ...errors import ComponentError, ConfigError, DataError, RlhfPluginsError
-from ...guard import check_mask, guarded, located, row_place
+from ...errors import ConfigError, DataError
+from ...guard import check_mask, guarded, row_errors, row_place
 from ...protocols import member
 from ..skeleton import SYNTHETIC, load_dataset_source
 from .settings import SFTSettings
@@ -98,7 +98,7 @@ def build_sft_dataset(rows: Iterable[Mapping[str, Any]], tokenizer: Any, templat
     for index, row in enumerate(tqdm(rows, total=total, desc="Encoding conversations",
                                      leave=False, disable=total is not None and total < 2000)):
         place = row_place(where, index)  # 1-based: the file's line for JSON lines
-        try:
+        with row_errors(place):
             if not isinstance(row, Mapping):
                 raise DataError(f"expected a mapping, got {type(row).__name__}")
             text = row_text(row, messages_field)
@@ -118,12 +118,6 @@ def build_sft_dataset(rows: Iterable[Mapping[str, Any]], tokenizer: Any, templat
             with guarded(msk, "masking_strategies", "mask()"):
                 raw_mask = msk.mask(encoded)
             mask = check_mask(raw_mask, len(encoded.input_ids), msk)  # one 0/1 value per token
-        except ComponentError as exc:  # a plugin's failure, not a bad row: keep its class
-            raise located(exc, place) from exc.__cause__
-        except RlhfPluginsError as exc:
-            raise DataError(f"{place}: {exc}") from None
-        except (ValueError, TypeError, KeyError) as exc:
-            raise DataError(f"{place}: {type(exc).__name__}: {exc}") from None
         if not any(mask):
             raise DataError(f"{place}: no token is trained (masking "
                             f"{getattr(msk, 'name', msk)!r} masks the whole conversation)")
