@@ -8,7 +8,8 @@ from `args` and takes no loose option. The components are resolved once, here, b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import GRPOConfig
@@ -103,3 +104,10 @@ class PolicyOptimizationConfig(GRPOConfig):
 
 def _component_name(value: Any) -> Any:
     return value if value is None or isinstance(value, str) else getattr(value, "name", repr(value))
+
+
+@functools.cache
+def option_fields() -> tuple[str, ...]:
+    """The fields `PolicyOptimizationConfig` adds to TRL's `GRPOConfig` (our options)."""
+    trl = {f.name for f in fields(GRPOConfig)}
+    return tuple(f.name for f in fields(PolicyOptimizationConfig) if f.name not in trl)

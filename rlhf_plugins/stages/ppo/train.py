@@ -88,19 +88,13 @@ def build_grpo_config(trl_kwargs: Mapping[str, Any], output_dir: str | os.PathLi
 
 
 def policy_options(settings: PPOSettings) -> dict[str, Any]:
-    """The `PolicyOptimizationConfig` options of a PPO section."""
-    return {"advantage_estimator": settings.advantage_estimator,
-            "estimator_options": dict(settings.estimator_options or {}),
-            "gamma": settings.gamma, "lam": settings.lam,
-            "critic": settings.critic, "vf_coef": settings.vf_coef,
-            "value_clip": settings.value_clip, "kl_penalty": settings.kl_penalty,
-            "kl_estimator": settings.kl_estimator, "kl_target": settings.kl_target,
-            "kl_horizon": settings.kl_horizon, "whiten_advantages": settings.whiten_advantages,
-            "policy_loss": settings.policy_loss,
-            "policy_loss_options": dict(settings.policy_loss_options or {}),
-            "group_filter": settings.group_filter,
-            "group_filter_options": dict(settings.group_filter_options or {}),
-            "group_filter_refill": settings.group_filter_refill}
+    """The `PolicyOptimizationConfig` options a PPO section sets: its fields of the same names
+    (options mappings copied)."""
+    from .config import option_fields
+
+    return {name: dict(value) if isinstance(value, Mapping) else value
+            for name in option_fields() if hasattr(settings, name)
+            for value in (getattr(settings, name),)}
 
 
 def check_ppo_components(settings: PPOSettings) -> tuple[Any, Any, Any, list, list]:
