@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["static_config_class"]
+__all__ = ["static_config_class", "trl_config_class"]
 
 
 class _Names(dict):
@@ -110,3 +110,13 @@ def static_config_class(module: str, name: str) -> type:
     """A dataclass with the init fields and type hints of `module.name` (not imported)."""
     fields = [(field, hint, dataclasses.field(default=None)) for field, hint in _fields(module, name)]
     return dataclasses.make_dataclass(f"{name}Fields", fields)
+
+
+def trl_config_class(name: str, module: str, static: bool = False) -> type:
+    """TRL's config class `name` (e.g. "SFTConfig" in `trl.trainer.sft_config`), or (`static`)
+    a light copy of its fields read from its source, for checking a section without importing TRL."""
+    if static:
+        return static_config_class(f"trl.trainer.{module}", name)
+    import trl
+
+    return getattr(trl, name)

@@ -10,21 +10,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..config_schema import trl_config_class
 from ..hookspecs import hookimpl
 from ..stage_api import Stage, StageContext, StageOutputs, StageResult, flat_metrics
 
 logger = logging.getLogger(__name__)
-
-
-def _trl_class(name: str, module: str, static: bool) -> type:
-    """TRL's config class `name`, or (`static`) a light copy of its fields read from its source."""
-    if static:
-        from ..config_schema import static_config_class
-
-        return static_config_class(f"trl.trainer.{module}", name)
-    import trl
-
-    return getattr(trl, name)
 
 
 def _training_defaults(ctx: StageContext, data: str, **extra: Any) -> dict[str, Any]:
@@ -42,7 +32,7 @@ class SFTStage(Stage):
         return SFTSettings
 
     def config_class(self, static: bool = False) -> type:
-        return _trl_class("SFTConfig", "sft_config", static)
+        return trl_config_class("SFTConfig", "sft_config", static)
 
     def defaults(self, ctx: StageContext) -> dict[str, Any]:
         return _training_defaults(ctx, "sft", merge=True)
@@ -82,7 +72,7 @@ class RewardModelStage(Stage):
         return RMSettings
 
     def config_class(self, static: bool = False) -> type:
-        return _trl_class("RewardConfig", "reward_config", static)
+        return trl_config_class("RewardConfig", "reward_config", static)
 
     def prepare(self, ctx: StageContext) -> None:
         """With graded samples from an earlier stage: (passing, failing) pairs of them."""
@@ -192,7 +182,7 @@ class PPOStage(Stage):
         return PPOSettings
 
     def config_class(self, static: bool = False) -> type:
-        return _trl_class("GRPOConfig", "grpo_config", static)
+        return trl_config_class("GRPOConfig", "grpo_config", static)
 
     def defaults(self, ctx: StageContext) -> dict[str, Any]:
         """PPO scores with the reward-model stage's output (attached to the policy's base when it

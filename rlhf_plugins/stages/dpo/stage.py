@@ -12,22 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ...config_schema import trl_config_class
 from ...stage_api import Stage, StageContext, StageOutputs, StageResult, flat_metrics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DPOStage", "direct_defaults", "trl_config_class"]
-
-
-def trl_config_class(name: str, module: str, static: bool) -> type:
-    """TRL's config class `name`, or (`static`) a light copy of its fields read from its source."""
-    if static:
-        from ...config_schema import static_config_class
-
-        return static_config_class(f"trl.trainer.{module}", name)
-    import trl
-
-    return getattr(trl, name)
+__all__ = ["DPOStage", "direct_defaults"]
 
 
 def direct_defaults(ctx: StageContext) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ...stage_api import Stage, StageContext, StageResult
-from ..dpo.stage import direct_defaults, stage_result, trl_config_class
+from ...config_schema import trl_config_class
+from ..dpo.stage import direct_defaults, stage_result
 
 logger = logging.getLogger(__name__)
 
