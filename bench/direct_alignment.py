@@ -13,7 +13,7 @@ One command, one run, the embedded model on 2 CPU cores:
 4. every model greedily on the same held-out problems as the quickstart (`exact_answer`), with
    Wilson intervals, and paired bootstrap intervals + McNemar against SFT and against RS-SFT.
 
-    python bench/direct_alignment.py --run runs/direct [--eval-split test] [--dpo-lr 1e-4]
+    python bench/direct_alignment.py --run runs/direct [--eval-split test] [--dpo-lr 1e-4] [--float32]
 
 Tune on `--eval-split validation` only; report `test`. Results: bench/README.md.
 """
@@ -34,12 +34,25 @@ TRAIN = {"bf16": True, "per_device_train_batch_size": 8, "lr_scheduler_type": "c
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 
 
-def _pipeline(run: Path, eval_split: str) -> tuple[Any, str, str]:
+def float32_config() -> dict[str, Any]:
+    """The quickstart's config with every bf16 switch turned to float32 (for CPUs without
+    AVX512-BF16, where bf16 autocast and bf16 decoding are several times slower than float32)."""
+    config = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    config["eval"]["dtype"] = "float32"
+    config["rejection_sampling"]["dtype"] = "float32"
+    for section in (config["sft"], config["reward_model"], config["ppo"],
+                    config["rejection_sampling"]["sft"]):
+        section["bf16"] = False
+    return config
+
+
+def _pipeline(run: Path, eval_split: str, float32: bool = False) -> tuple[Any, str, str]:
     """SFT + rejection sampling as the quickstart runs them; (pipeline, SFT policy, samples)."""
     from rlhf_plugins.stages.gate import GateSettings
     from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
 
-    settings = load_pipeline_config(ROOT / "examples" / "quickstart.yaml", output_dir=str(run))
+    source = float32_config() if float32 else ROOT / "examples" / "quickstart.yaml"
+    settings = load_pipeline_config(source, output_dir=str(run))
     settings = dataclasses.replace(settings, stages=["sft", "rejection_sampling"], gate=GateSettings(),
                                    task=dataclasses.replace(settings.task, eval_split=eval_split))
     pipeline = Pipeline(settings, config_label="examples/quickstart.yaml [sft, rejection_sampling]")
@@ -90,13 +103,17 @@ def main() -> None:
     parser.add_argument("--eval-split", choices=("test", "validation"), default="test")
     parser.add_argument("--dpo-lr", type=float, default=1e-4)
     parser.add_argument("--kto-lr", type=float, default=1e-4)
+    parser.add_argument("--float32", action="store_true",
+                        help="train and decode in float32 (CPUs without AVX512-BF16)")
     args = parser.parse_args()
+    if args.float32:
+        TRAIN["bf16"] = False
 
     from rlhf_plugins.data.verified_pairs import write_verified_pairs
     from rlhf_plugins.stages.kto.data import write_labelled_samples
 
     started = time.time()
-    pipeline, sft_policy, samples = _pipeline(args.run, args.eval_split)
+    pipeline, sft_policy, samples = _pipeline(args.run, args.eval_split, args.float32)
     pairs = write_verified_pairs(samples, args.run / "data" / "bench_dpo", seed=0, max_per_prompt=2)
     labelled = write_labelled_samples(samples, args.run / "data" / "bench_kto")
     if pairs is None or labelled is None:
@@ -113,7 +130,7 @@ def main() -> None:
             _row("rejection-sampling SFT", evals["rs_sft"], {"sft": evals["sft"]}),
             _row("DPO + NLL", evals["dpo"], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]}),
             _row("KTO", evals["kto"], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]})]
-    out = {"eval_split": args.eval_split, "wall_s": round(time.time() - started, 1),
+    out = {"eval_split": args.eval_split, "float32": args.float32, "wall_s": round(time.time() - started, 1),
            "dpo": {"seconds": round(dpo_s, 1), **{k: v for k, v in dpo.metrics.items()
                                                   if isinstance(v, (int, float, str))}},
            "kto": {"seconds": round(kto_s, 1), **{k: v for k, v in kto.metrics.items()

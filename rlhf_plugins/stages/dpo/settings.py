@@ -14,9 +14,12 @@ from ...errors import ConfigError
 from ..sft.settings import SFTSettings
 
 __all__ = ["DPOSettings", "DirectSettings", "DPO_METRICS_FILE", "DPO_REJECTED_TRL_FIELDS",
-           "LossSpec"]
+           "LossSpec", "PAIR_SOURCES"]
 
 DPO_METRICS_FILE = "dpo_metrics.json"
+
+#: where the pairs of an earlier stage's samples come from (`pairs` field)
+PAIR_SOURCES = ("verified", "reward_model")
 
 #: TRL DPOConfig fields that the `loss` / `loss_options` / `rpo_alpha` fields replace
 DPO_REJECTED_TRL_FIELDS = {
@@ -72,6 +75,11 @@ class DPOSettings(DirectSettings):
     #: graded samples of an earlier stage (pipeline): at most this many (passing, failing)
     #: pairs per prompt
     max_pairs_per_prompt: int = 2
+    #: pipeline only, the pairs made of an earlier stage's samples: `verified` (passing vs
+    #: failing by the verifier) or `reward_model` (best vs worst by the reward model's score,
+    #: one pair per prompt, at least `min_score_margin` apart)
+    pairs: str = "verified"
+    min_score_margin: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,6 +90,11 @@ class DPOSettings(DirectSettings):
                 or self.max_pairs_per_prompt < 1):
             raise ConfigError(f"max_pairs_per_prompt: expected a positive integer, got "
                               f"{self.max_pairs_per_prompt!r}")
+        if self.pairs not in PAIR_SOURCES:
+            raise ConfigError(f"pairs: expected one of {', '.join(PAIR_SOURCES)}, got {self.pairs!r}")
+        _check_number(self.min_score_margin, "min_score_margin")
+        if self.min_score_margin < 0:
+            raise ConfigError(f"min_score_margin: expected a number >= 0, got {self.min_score_margin!r}")
         self.loss_specs()  # shape errors now, names and option values in `quick_check`
 
     def loss_specs(self) -> list[LossSpec]:

@@ -2,7 +2,8 @@
 
 In a pipeline it follows any stage. Its pairs: when an earlier stage left graded samples
 (rejection sampling's `all.jsonl`), per prompt (verified-correct, failed) pairs of them, at most
-`max_pairs_per_prompt` (no second sampling pass); else the `dataset` of its section, by default
+`max_pairs_per_prompt`, or with `pairs: reward_model` (best, worst) by the reward model's score
+(no second sampling pass); else the `dataset` of its section, by default
 the task's synthetic preference pairs. It produces the policy (merged when `merge`, the default
 in a pipeline) that the pipeline evaluates.
 """
@@ -60,22 +61,39 @@ class DPOStage(Stage):
         return trl_config_class("DPOConfig", "dpo_config", static)
 
     def prepare(self, ctx: StageContext) -> None:
-        """With graded samples from an earlier stage: (verified-correct, failed) pairs of them."""
+        """With graded samples from an earlier stage: pairs of them, (verified-correct, failed)
+        or, with `pairs: reward_model`, (best, worst) by the reward model's score."""
         if not ctx.samples:
             return
         if ctx.validating:
             ctx.data.update({f"{ctx.name}_train": "<on-policy pairs>",
                              f"{ctx.name}_eval": "<held-out on-policy pairs>"})
             return
-        from ...data.verified_pairs import write_verified_pairs
+        from ...errors import ConfigError, DataError
 
         section = ctx.section
-        pairs = write_verified_pairs(ctx.samples, Path(ctx.data_dir or ".") / ctx.name, seed=ctx.seed,
-                                     max_per_prompt=section.get("max_pairs_per_prompt", 2),
-                                     min_reward=section.get("min_reward", 0.5))
+        out_dir = Path(ctx.data_dir or ".") / ctx.name
+        source = section.get("pairs", "verified")
+        if source == "reward_model":
+            from ...data.scored_pairs import write_scored_pairs
+            from ..rejection_sampling.settings import REWARD_MODEL_KEY
+
+            try:
+                pairs = write_scored_pairs(ctx.samples, out_dir, key=REWARD_MODEL_KEY,
+                                           min_margin=section.get("min_score_margin", 0.0))
+            except (ConfigError, DataError) as exc:
+                raise type(exc)(f"{ctx.name}.pairs: {exc}") from None
+            what = "no prompt with two reward-model scores at least min_score_margin apart"
+        else:
+            from ...data.verified_pairs import write_verified_pairs
+
+            pairs = write_verified_pairs(ctx.samples, out_dir, seed=ctx.seed,
+                                         max_per_prompt=section.get("max_pairs_per_prompt", 2),
+                                         min_reward=section.get("min_reward", 0.5))
+            what = "no prompt with both a passing and a failing sample"
         if pairs is None:
-            logger.warning("%s: the graded samples hold no prompt with both a passing and a failing "
-                           "sample; training on the task's preference pairs", ctx.name)
+            logger.warning("%s: the graded samples hold %s; training on the task's preference "
+                           "pairs", ctx.name, what)
             return
         ctx.data.update({f"{ctx.name}_train": pairs["pairs_train"],
                          f"{ctx.name}_eval": pairs["pairs_eval"]})
@@ -106,4 +124,5 @@ class DPOStage(Stage):
         return stage_result(result, ctx, {"loss": [s.name for s in settings.loss_specs()],
                                           "rpo_alpha": settings.rpo_alpha,
                                           "template": settings.template, "masking": settings.masking,
-                                          "on_policy_pairs": f"{ctx.name}_train" in ctx.data})
+                                          "on_policy_pairs": (settings.pairs if f"{ctx.name}_train" in ctx.data
+                                                              else None)})
