@@ -145,7 +145,8 @@ def _check_lm_folders(folders: list[Path], reference: Any, quantized: bool = Fal
 
 # --- SFT (and the base copied out of the cache), QLoRA ---------------------------------------------
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("quantized", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["lora", "qlora"])
 def test_sft_adapter_and_merged_load_as_trained(tmp_path, cached_tiny, evaluated, quantized):
     from rlhf_plugins.stages.sft.settings import SFTSettings
     from rlhf_plugins.stages.sft.train import run_sft
@@ -165,7 +166,8 @@ def test_sft_adapter_and_merged_load_as_trained(tmp_path, cached_tiny, evaluated
 
 # --- reward models: 4-bit and not, adapter and full -------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["lora", "qlora", "full"])
+@pytest.mark.parametrize("variant", [pytest.param("lora", marks=pytest.mark.slow), "qlora",
+                                     pytest.param("full", marks=pytest.mark.slow)])
 def test_reward_model_scores_as_trained(tmp_path, tiny_dir, variant):
     from rlhf_plugins import load_as_trained
     from rlhf_plugins.stages.reward_model.scoring import score
@@ -215,6 +217,7 @@ def test_dpo_adapter_loads_as_trained(tmp_path, tiny_dir, evaluated):
     _check_lm_folders([result.output_dir, result.merged_dir], _lm_logits(evaluated[-1]))
 
 
+@pytest.mark.slow
 def test_kto_adapter_loads_as_trained(tmp_path, tiny_dir, evaluated):
     from rlhf_plugins.stages.kto.run import run_kto
     from rlhf_plugins.stages.kto.settings import KTOSettings
@@ -245,7 +248,8 @@ def test_rejection_sampling_finetune_loads_as_trained(tmp_path, tiny_dir, evalua
     from rlhf_plugins.stages.rejection_sampling.run import run_sampling
 
     prompts = _jsonl(tmp_path / "prompts.jsonl",
-                     [{"prompt": [{"role": "user", "content": f"question {i}"}]} for i in range(4)])
+                     [{"prompt": [{"role": "user", "content": f"question {i}"}], "answer": "1"}
+                      for i in range(4)])
     settings = S.SamplingSettings(model=str(tiny_dir), dataset=str(prompts), num_samples=2,
                                   max_new_tokens=6, chunk_size=4, batch_size=4, seed=5,
                                   reward_functions=["exact_answer"], selection="top_per_prompt",
