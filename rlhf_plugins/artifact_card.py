@@ -13,8 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from .artifact_recipe import (CAUSAL_LM, OURS, SEQUENCE_CLS, TOKEN_CLS, model_dtype, recipe_code,
-                              write_load_recipe)
+from .artifact_recipe import (CAUSAL_LM, OURS, SEQUENCE_CLS, TOKEN_CLS, bnb_config, model_dtype,
+                              recipe_code, write_load_recipe)
 from .cache import atomic_write_text, read_json
 
 CARD_FILE = "README.md"
@@ -101,6 +101,8 @@ def model_card(folder: str | os.PathLike, recipe: Mapping[str, Any], *, stage: s
                      if recipe.get("quantization_config") else "none (full precision)"))
     elif record.get("base_model"):
         rows.append(("trained from", f"`{record['base_model']}`"))
+    if record.get("made_from"):
+        rows.append(("made from", record["made_from"]))
     rows.append(("dtype", recipe["dtype"]))
     for key in ("template", "masking", "head", "dataset"):
         if record.get(key) is not None:
@@ -165,9 +167,11 @@ def write_artifact_files(model: Any, output_dir: str | os.PathLike, *, stage: st
         merged = Path(merged)
         folders.append((merged, write_load_recipe(merged, auto_class=CAUSAL_LM,
                                                   dtype=_saved_dtype(merged))))
+    merged_into = ("the dequantized 4-bit weights of " if bnb_config(quantization) else "") + str(base)
     for folder, recipe in folders:
         card_record = dict(record, base_model=base) if folder == out else {
-            **record, "base_model": f"{base} with the adapter in `..` merged in"}
+            **record, "base_model": None,
+            "made_from": f"the adapter in `..` merged into `{merged_into}`"}
         atomic_write_text(folder / CARD_FILE, model_card(folder, recipe, stage=stage,
                                                          record=card_record, metrics=metrics,
                                                          plugins=plugins))

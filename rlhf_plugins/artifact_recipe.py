@@ -110,7 +110,7 @@ def write_load_recipe(folder: str | os.PathLike, *, auto_class: str, dtype: str,
                               "base": None, "base_is_path": False, "quantization_config": None,
                               "cpu_bf16_repack": True, "num_labels": num_labels}
     adapter_config = folder / "adapter_config.json"
-    if adapter_config.is_file() and auto_class != OURS:
+    if adapter_config.is_file():
         if not base:
             raise ConfigError(f"{folder}: an adapter needs its base model")
         bnb = bnb_config(quantization)
