@@ -131,8 +131,8 @@ def read_load_recipe(folder: str | os.PathLike) -> dict[str, Any]:
     """The LOAD_FILE of an artifact folder (ConfigError when it has none)."""
     data = read_json(Path(folder) / LOAD_FILE)
     if not isinstance(data, dict):
-        raise ConfigError(f"{folder}: no {LOAD_FILE} (not an artifact saved by rlhf-plugins "
-                          "0.x with load recipes; rerun its stage)")
+        raise ConfigError(f"{folder}: no {LOAD_FILE}: not an artifact folder a stage wrote "
+                          "(or one from before load recipes existed: rerun its stage)")
     return data
 
 

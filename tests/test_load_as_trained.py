@@ -162,6 +162,14 @@ def test_sft_adapter_and_merged_load_as_trained(tmp_path, cached_tiny, evaluated
     assert weights.stat().st_ino == next(cached_tiny.glob("*.safetensors")).stat().st_ino
     assert str(cached_tiny) in (out / "README.md").read_text()  # where it was trained from
     _check_lm_folders([out, result.merged_dir], reference, quantized)
+    # the adapter folder alone moves to "another machine": no cache, another path
+    import shutil
+
+    from rlhf_plugins import load_as_trained
+
+    moved = shutil.copytree(out, tmp_path / "elsewhere" / "adapter", ignore=shutil.ignore_patterns("merged"))
+    shutil.rmtree(cached_tiny.parent.parent)
+    torch.testing.assert_close(_lm_logits(load_as_trained(moved)[0]), reference, atol=1e-4, rtol=0)
 
 
 # --- reward models: 4-bit and not, adapter and full -------------------------------------------------
@@ -207,6 +215,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_dpo_adapter_loads_as_trained(tmp_path, tiny_dir, evaluated):
     from rlhf_plugins.stages.dpo.run import run_dpo
     from rlhf_plugins.stages.dpo.settings import DPOSettings
