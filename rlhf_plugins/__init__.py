@@ -44,4 +44,14 @@ __all__ = [
     "ComponentTypeError",
     "DuplicateComponentError",
     "UnknownComponentError",
+    "load_as_trained",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module attribute hook
+    """`load_as_trained` on first use (it is light, but keeps `import rlhf_plugins` minimal)."""
+    if name == "load_as_trained":
+        from .artifact_recipe import load_as_trained
+
+        return load_as_trained
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .artifact_recipe import PEFT_UNKNOWN_KEY_WARNING, peft_from_pretrained, resolve_base
 from .cache import cache_dir
 from .default_model import (DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME, INSTALL_COMMAND,
                             convert_gguf, default_model_path, find_default_gguf, resolve_model)
@@ -360,26 +362,30 @@ def load_peft_model(adapter_dir: str | os.PathLike, *, quantization: QuantSettin
                     dtype: "str | torch.dtype | None" = None, trainable: bool = False,
                     gradient_checkpointing: bool = False) -> Any:
     """Load a saved LoRA adapter on its base model (optionally 4-bit, optionally trainable)."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig
 
     ref = os.fspath(adapter_dir)
     try:
-        base_ref = PeftConfig.from_pretrained(ref).base_model_name_or_path
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PEFT_UNKNOWN_KEY_WARNING)
+            PeftConfig.from_pretrained(ref)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model: {ref}: not a PEFT adapter: {str(exc).splitlines()[0]}") from None
+    base_ref = adapter_base_model(ref)
     base = load_causal_lm(resolve_model(base_ref), quantization=quantization, dtype=dtype)
     if trainable and is_quantized(base):
         base = _prepare_quantized(base, gradient_checkpointing)
     elif trainable and gradient_checkpointing:
         _enable_checkpointing(base)
-    return PeftModel.from_pretrained(base, ref, is_trainable=trainable)
+    return peft_from_pretrained(base, ref, is_trainable=trainable)
 
 
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
-    """The base model a saved PEFT adapter was trained on (its `base_model_name_or_path`)."""
+    """The base model a saved PEFT adapter was trained on (its `base_model_name_or_path`; a
+    relative path is relative to the adapter folder)."""
     path = Path(adapter_dir) / "adapter_config.json"
     try:
-        return str(json.loads(path.read_text())["base_model_name_or_path"])
+        return resolve_base(adapter_dir, str(json.loads(path.read_text())["base_model_name_or_path"]))
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"model: {adapter_dir}: not a PEFT adapter ({exc})") from None
 

@@ -389,8 +389,20 @@ def finish_stage(trainer: Any, output_dir: str | os.PathLike, metrics: dict[str,
         atomic_write_json(out / metrics_file, metrics)
         atomic_write_json(out / STAGE_FILE, {"stage": stage, **record,
                                              "settings": dataclasses.asdict(settings)})
+        write_artifacts(trainer, out, metrics, stage=stage, settings=settings, record=record)
         finish_run(out)  # last: a rerun of this config now has nothing to do
     return metrics
+
+
+def write_artifacts(trainer: Any, output_dir: Path, metrics: Mapping[str, Any], *, stage: str,
+                    settings: Any, record: Mapping[str, Any]) -> None:
+    """Each artifact folder's load recipe and model card (:mod:`rlhf_plugins.artifact_card`)."""
+    from ..artifact_card import write_artifact_files
+    from .resume import plugin_versions, settings_components
+
+    write_artifact_files(trainer.model, output_dir, stage=stage, record=record,
+                         quantization=getattr(settings, "quantization", None), metrics=metrics,
+                         plugins=plugin_versions(settings_components(settings)))
 
 
 def finished_stage(output_dir: str | os.PathLike, stage: str,

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ...artifact_recipe import peft_from_pretrained
 from ...cache import atomic_update_dir
 from ...errors import ConfigError
 from ...models import backbone_of, hidden_size_of
@@ -215,18 +216,15 @@ def load_reward_model(artifact_dir: str | os.PathLike, *, quantization: Any = RE
     if kind:
         labels = {"num_labels": int(meta.get("num_labels") or 1)}
         if meta.get("adapter"):
-            from peft import PeftModel
-
-            base = load_classification_model(resolve_model(meta["base_model"]), kind,
+            base = load_classification_model(resolve_model(_adapter_base(directory, meta)), kind,
                                              quantization=quant, dtype=dtype, **labels)
-            backbone = PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+            backbone = peft_from_pretrained(base, directory, is_trainable=False)
         else:
             backbone = load_classification_model(directory, kind, quantization=quant, dtype=dtype)
     elif meta.get("adapter"):
-        from peft import PeftModel
-
-        base = load_causal_lm(resolve_model(meta["base_model"]), quantization=quant, dtype=dtype)
-        backbone = PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+        base = load_causal_lm(resolve_model(_adapter_base(directory, meta)), quantization=quant,
+                              dtype=dtype)
+        backbone = peft_from_pretrained(base, directory, is_trainable=False)
     else:
         backbone = load_causal_lm(str(directory), quantization=quant, dtype=dtype)
     tokenizer = load_tokenizer(directory)
@@ -242,6 +240,16 @@ def load_reward_model(artifact_dir: str | os.PathLike, *, quantization: Any = RE
         _load_head_state(model.head_module, directory)
     model.eval()
     return model
+
+
+def _adapter_base(directory: Path, meta: Mapping[str, Any]) -> str:
+    """The base of a saved reward adapter: its adapter_config.json's (portable) reference, else
+    the one recorded in reward_model.json."""
+    from ...models import adapter_base_model
+
+    if (directory / "adapter_config.json").is_file():
+        return adapter_base_model(directory)
+    return str(meta["base_model"])
 
 
 def _lora_config_for_causal_lm(directory: Path) -> Any:

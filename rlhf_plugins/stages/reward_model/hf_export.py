@@ -275,14 +275,15 @@ def load_hf_reward_model(path: str | os.PathLike, *, quantization: Any = None, d
     directory = Path(path)
     adapter = _json(directory / "adapter_config.json")
     if adapter:
-        from peft import PeftModel
+        from ...artifact_recipe import peft_from_pretrained, resolve_base
 
         base_ref = adapter.get("base_model_name_or_path")
         if not base_ref:
             raise ConfigError(f"reward_model: {directory}: adapter_config.json names no base model")
+        base_ref = resolve_base(directory, base_ref)
         base = load_classification_model(resolve_model(base_ref), HF_SEQUENCE, quantization=quantization,
                                          dtype=dtype, num_labels=1)
-        model = PeftModel.from_pretrained(base, str(directory), is_trainable=False)
+        model = peft_from_pretrained(base, directory, is_trainable=False)
         inner = model.get_base_model()
         tok_dir = directory if (directory / "tokenizer_config.json").is_file() else resolve_model(base_ref)
     else:
