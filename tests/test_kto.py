@@ -150,3 +150,51 @@ def test_graded_samples_are_labelled_by_the_verifier(tmp_path):
     assert defaults["eval_dataset"].endswith("kto_samples_heldout.jsonl")
     written = [json.loads(x) for x in Path(defaults["dataset"]).read_text().splitlines()]
     assert written == train
+
+
+# --- reference: precomputed, and QLoRA's 4-bit base with the adapter disabled ------------------
+
+def test_precompute_ref_log_probs_are_the_base_models(tmp_path, tiny_dir):
+    """`precompute_ref_log_probs: true`: TRL's one reference pass stores, per row, the summed
+    log-probs of our masked completion tokens under the base model (computed here with a plain
+    forward), and training runs on those columns."""
+    from rlhf_plugins.models import load_causal_lm
+
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    settings = KTOSettings(model=str(tiny_dir), dataset=str(data), lora=LORA, eval_before=False)
+    prepared = prepare_kto(settings, dict(FAST_TRL, precompute_ref_log_probs=True), tmp_path / "out")
+    ds = prepared.trainer.train_dataset
+    assert "ref_logps" in ds.column_names
+    rows = [ds[i] for i in range(len(ds))]
+    base = load_causal_lm(str(tiny_dir)).eval()
+    with torch.no_grad():
+        ref, _ = completion_logps(base, *hand_batch(rows, ["completion"], prepared.tokenizer.pad_token_id))
+    assert ds["ref_logps"] == pytest.approx(ref.tolist(), rel=1e-4)
+    prepared.trainer.train()  # trains on the precomputed column
+
+
+@pytest.mark.slow
+def test_qlora_kto_reference_is_the_4bit_base_with_the_adapter_disabled(tmp_path, tiny_dir):
+    """QLoRA: no second model and no reference adapter copy; the reference log-probs TRL uses are
+    the 4-bit policy's with its adapter disabled, after training moved the adapter."""
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    settings = KTOSettings(model=str(tiny_dir), dataset=str(data), lora=LORA,
+                           quantization={"quant_type": "nf4"}, eval_before=False)
+    prepared = prepare_kto(settings, dict(FAST_TRL, max_steps=2), tmp_path / "out")
+    trainer = prepared.trainer
+    trainer.train()
+    assert trainer.ref_model is None and "ref" not in trainer.model.peft_config
+    assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(rows)
+    trainer.model.eval()
+    pad = prepared.tokenizer.pad_token_id
+    with torch.no_grad():
+        got, _ = trainer.compute_ref_log_probs(trainer.model, batch)
+        ids, att, mask = hand_batch(rows, ["completion"], pad)
+        with trainer.model.disable_adapter():
+            ref, _ = completion_logps(trainer.model, ids, att, mask)
+        policy, _ = completion_logps(trainer.model, ids, att, mask)
+    assert got.tolist() == pytest.approx(ref.tolist(), abs=1e-2)
+    # the adapter moved (by ~0.27 here): 10x the tolerance, so the policy would not pass as the reference
+    assert (policy - ref).abs().max() > 0.1
