@@ -21,6 +21,8 @@ import torch
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from ...preference_contract import call_preference_loss
+
 __all__ = ["MaskedPreferenceCollator", "PluginDPOTrainer", "completion_logps", "reference_is_base"]
 
 #: batch keys that are not model inputs
@@ -126,7 +128,7 @@ class PluginDPOTrainer(DPOTrainer):
         """Each component's PreferenceLoss on the batch, with its weight."""
         kwargs = {"chosen_lengths": lengths[0], "rejected_lengths": lengths[1]} \
             if self.needs_lengths else {}
-        return [(loss(chosen_logps, rejected_logps, *ref, **kwargs), weight)
+        return [(call_preference_loss(loss, chosen_logps, rejected_logps, *ref, **kwargs), weight)
                 for loss, weight in self.preference_losses]
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:

@@ -1,0 +1,66 @@
+"""The contract between the `dpo` stage's trainer and a preference loss, checked at every call.
+
+A `preference_losses` component is called as ``loss(chosen_logps, rejected_logps,
+ref_chosen_logps, ref_rejected_logps, **lengths)`` on ``[B]`` tensors. Its result must have
+``losses``, ``chosen_rewards`` and ``rejected_rewards`` of shape ``[B]`` (numbers, finite or not:
+a NaN is the loss's own business) and ``metrics`` a mapping of names to numbers. Anything else,
+and any exception raised inside the loss, is a ComponentError naming the plugin, the field and
+the shapes, instead of a broadcast that silently trains on the wrong per-pair losses (a ``[B, 1]``
+against ``[B]`` weights) or a crash deep in TRL's logging.
+
+Light module: torch is imported inside the call.
+"""
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any, Mapping
+
+from .errors import ComponentError
+from .guard import component_origin, guarded
+
+__all__ = ["call_preference_loss"]
+
+FAMILY = "preference_losses"
+FIELDS = ("losses", "chosen_rewards", "rejected_rewards")
+
+
+def call_preference_loss(loss: Any, chosen_logps: Any, rejected_logps: Any, *ref: Any,
+                         **lengths: Any) -> Any:
+    """`loss(chosen_logps, rejected_logps, *ref, **lengths)` under the contract (module docstring)."""
+    import torch
+
+    with guarded(loss, FAMILY, "__call__()"):
+        result = loss(chosen_logps, rejected_logps, *ref, **lengths)
+    batch = chosen_logps.shape[0]
+    for field in FIELDS:
+        value = getattr(result, field, None)
+        if not isinstance(value, torch.Tensor):
+            raise _error(loss, f"returned {type(result).__name__} whose .{field} is "
+                               f"{type(value).__name__}, expected a tensor of shape [B] = [{batch}] "
+                               "(a PreferenceLoss)")
+        if tuple(value.shape) != (batch,):
+            raise _error(loss, f"returned .{field} of shape {list(value.shape)} for log-probs of shape "
+                               f"[{batch}]; expected [B] = [{batch}] (one value per pair)")
+    metrics = getattr(result, "metrics", None)
+    if not isinstance(metrics, Mapping) or not all(
+            isinstance(k, str) and (isinstance(v, Real) or _scalar(v)) for k, v in metrics.items()):
+        raise _error(loss, f"returned .metrics {_short(metrics)}; expected a mapping of names to "
+                           "numbers")
+    return result
+
+
+def _scalar(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor) and value.numel() == 1
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _error(loss: Any, what: str) -> ComponentError:
+    name, origin = component_origin(loss, FAMILY)
+    return ComponentError(f"preference loss {name!r} {what} [{origin}]", family=FAMILY,
+                          component=name, plugin=origin, action="__call__()")
