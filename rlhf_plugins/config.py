@@ -240,6 +240,7 @@ MODEL_CONFIG_NAMES: dict[str, tuple[str, str]] = {
     "bnb_4bit_quant_type": ("quantization", "quant_type"),
     "use_bnb_nested_quant": ("quantization", "double_quant"),
     "bnb_4bit_compute_dtype": ("quantization", "compute_dtype"),
+    "bnb_4bit_quant_storage": ("quantization", "quant_storage"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Sampling N completions per prompt: HF `generate` (batched, left padding) or vLLM when installed.
+"""Sampling N completions per prompt with HF `generate` (batched, left padding).
 
 Every completion has its own random stream, seeded by ``(seed, prompt index, sample index)``
 (:func:`sample_seed`): a logits processor draws each row's next token with that row's
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .errors import ConfigError
@@ -191,7 +190,7 @@ def _make_sampler(seeds: Sequence[int], temperature: float, top_p: float) -> Any
 
 def _sampling_settings(generator: Any, stop_ids: Sequence[int], stop_strings: Sequence[str],
                        max_new_tokens: int, temperature: float, top_p: float, seed: int) -> None:
-    """The sampling settings both backends keep, typed (stop_strings: multi-token stop strings,
+    """The sampling settings a generator keeps, typed (stop_strings: multi-token stop strings,
     the text is cut before them)."""
     generator.stop_ids = [int(t) for t in stop_ids]
     generator.stop_strings = [str(t) for t in stop_strings if t]
@@ -374,57 +373,3 @@ def cut_at_stop_string(tokenizer: Any, tokens: Sequence[int], stop_strings: Sequ
     for special in sorted(getattr(tokenizer, "all_special_tokens", []) or [], key=len, reverse=True):
         text = text.replace(special, "")
     return text, lo
-
-
-def vllm_available() -> bool:
-    """True when vLLM can be imported (it is optional)."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
-class VLLMGenerator:
-    """The same interface as :class:`HFGenerator` on vLLM (per-request seeds); optional backend."""
-
-    def __init__(self, model_path: str | os.PathLike, *, stop_ids: Sequence[int],
-                 max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int = 0, dtype: str | None = None, stop_strings: Sequence[str] = (),
-                 **llm_kwargs: Any) -> None:
-        from vllm import LLM
-
-        self.llm = LLM(model=os.fspath(model_path), seed=int(seed), dtype=dtype or "auto",
-                       **llm_kwargs)
-        _sampling_settings(self, stop_ids, stop_strings, max_new_tokens, temperature, top_p, seed)
-        self.calls = 0
-
-    def generate(self, prompt_ids: Sequence[Sequence[int]], prompt_indices: Sequence[int],
-                 num_samples: int, progress: Callable[[int], Any] | None = None,
-                 ) -> list[list[Completion]]:
-        """`num_samples` completions for each prompt (ids), one seeded request per completion."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        requests, params = [], []
-        for ids, index in zip(prompt_ids, prompt_indices):
-            for j in range(num_samples):
-                requests.append(TokensPrompt(prompt_token_ids=[int(t) for t in ids]))
-                params.append(SamplingParams(
-                    n=1, temperature=self.temperature, top_p=self.top_p,
-                    max_tokens=self.max_new_tokens, stop_token_ids=self.stop_ids,
-                    stop=list(self.stop_strings) or None,
-                    seed=None if self.temperature == 0.0 else sample_seed(self.seed, index, j),
-                    skip_special_tokens=True))
-        self.calls += 1
-        results = self.llm.generate(requests, params, use_tqdm=False)
-        out: list[list[Completion]] = []
-        for p in range(len(prompt_ids)):
-            row = []
-            for j in range(num_samples):
-                o = results[p * num_samples + j].outputs[0]
-                tokens = [t for t in o.token_ids if t not in self.stop_ids]
-                reason = "stop" if o.finish_reason == "stop" else "length"
-                row.append(Completion(o.text, len(tokens), reason))
-            out.append(row)
-        if progress is not None:
-            progress(len(requests))
-        return out

@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: dtypes bitsandbytes can pack 4-bit weights into (`quantization.quant_storage`)
+QUANT_STORAGE_DTYPES = ("uint8", "bfloat16", "float16", "float32")
 #: what a finished stage writes next to its artifact: stage name, base model, settings (the
 #: quantization an adapter was trained with is read back from it)
 STAGE_FILE = "rlhf_plugins_stage.json"
@@ -90,6 +92,10 @@ class QuantSettings:
     #: dtype the 4-bit matmuls compute in; "auto" = bfloat16 on a bf16-capable GPU, float16 on
     #: other GPUs, float32 on CPU
     compute_dtype: str = "auto"
+    #: dtype the packed 4-bit weights are stored in (bitsandbytes' `bnb_4bit_quant_storage`);
+    #: None = bitsandbytes' uint8. FSDP needs every shard in one dtype: set it to the dtype of
+    #: the unquantized modules (the compute dtype, e.g. bfloat16) - docs/scaling.md
+    quant_storage: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.load_in_4bit, bool):
@@ -99,6 +105,9 @@ class QuantSettings:
         if not isinstance(self.double_quant, bool):
             raise ConfigError(f"quantization.double_quant must be true/false, got {self.double_quant!r}")
         check_dtype(self.compute_dtype, "quantization.compute_dtype", nullable=False)
+        if self.quant_storage is not None and self.quant_storage not in QUANT_STORAGE_DTYPES:
+            raise ConfigError(f"quantization.quant_storage: expected one of "
+                              f"{', '.join(QUANT_STORAGE_DTYPES)} or null, got {self.quant_storage!r}")
 
     def resolved_compute_dtype(self) -> "torch.dtype":
         """The torch dtype for `compute_dtype` on this machine."""
@@ -110,9 +119,13 @@ class QuantSettings:
             return None
         from transformers import BitsAndBytesConfig
 
+        import torch
+
+        storage = {} if self.quant_storage is None else {
+            "bnb_4bit_quant_storage": getattr(torch, self.quant_storage)}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
                                   bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=self.resolved_compute_dtype())
+                                  bnb_4bit_compute_dtype=self.resolved_compute_dtype(), **storage)
 
 
 def quant_settings(value: Any) -> QuantSettings | None:

@@ -98,6 +98,7 @@ SAMPLE_CASES = [
     ({"selection": "top_k", "selection_params": {"k": 100}}, ["k", "larger than"]),
     ({"temperature": -1.0}, ["temperature"]),
     ({"backend": "tpu"}, ["backend", "tpu"]),
+    ({"backend": "vllm"}, ["backend: vllm was removed", "use backend: hf"]),
     ({"reward_functions": []}, ["no scorer"]),
     ({"num_prompts": "all"}, ["num_prompts", "expected an integer"]),
     ({"dtype": "bf16"}, ["dtype", "bfloat16", "got 'bf16'"]),

@@ -285,10 +285,13 @@ def check_run_config(output_dir: str | os.PathLike, stage: str, settings: Any,
     (under accelerate the others wait).
     """
     from ..cache import atomic_write_json
-    from .distributed import is_main_process, main_process_first
+    from .distributed import is_main_process, main_process_first, wait_for_everyone
 
     out = Path(output_dir)
     state = output_state(out, stage, settings, trl_kwargs)
+    # Every process reads the folder before the main one writes to it: a late process would
+    # otherwise find the main one's temporary record file and call it a stranger's.
+    wait_for_everyone()
     with main_process_first():
         if not is_main_process():
             return state.digest

@@ -257,7 +257,8 @@ def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
         after = trainer.evaluate()
         metrics["eval_reward"] = after.get("eval_reward")
     trainer.save_model(str(out))
-    prepared.tokenizer.save_pretrained(str(out))
+    if trainer.is_world_process_zero():  # once, like the model (each process holds the same)
+        prepared.tokenizer.save_pretrained(str(out))
     metrics["kl_coef_final"] = float(trainer.kl_controller.value)
     adapter = settings.lora is not None or hasattr(trainer.model, "peft_config")
     finish_stage(trainer, out, metrics, metrics_file=METRICS_FILE, started=started, stage="ppo",

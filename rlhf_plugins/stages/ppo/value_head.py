@@ -82,13 +82,17 @@ class ValueCapture:
         """Forward hook on the backbone."""
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         t = self.completion_length
+        if hidden.size(1) <= t:
+            raise RuntimeError(f"the transformer body returned {hidden.size(1)} positions for {t} "
+                               "completion tokens: the value head needs the whole prompt + completion")
         self.chunks.append(self.head(hidden[:, -t - 1:-1]))
 
     def values(self) -> torch.Tensor:
         """Values [B, T] of all captured forwards, concatenated along the batch."""
         if not self.chunks:
-            raise RuntimeError("no backbone forward was captured (the model's transformer body "
-                               "was not called)")
+            raise RuntimeError("no backbone forward was captured: the model's transformer body "
+                               "(backbone_of, transformers' `base_model`) was not called; TRL's fused "
+                               "LM head must run it for the value head to read its hidden states")
         return torch.cat(self.chunks, dim=0)
 
 

@@ -71,11 +71,6 @@ def resolve_components(settings: SamplingSettings, num_prompts: int, output_dir:
         from ..reward_model.hf_export import check_reward_model_dir
 
         rm_dir = check_reward_model_dir(settings.reward_model)
-    if settings.backend == "vllm":
-        from ...generation import vllm_available
-
-        if not vllm_available():
-            raise ConfigError("backend: vllm is not installed (use backend: hf)")
     sft = None
     if settings.finetune:
         sft = _sft_settings(settings, output_dir, policy_ref)

@@ -5,7 +5,7 @@ settings live in :mod:`.settings`, prompts in :mod:`.prompts`, components in :mo
 the output rows, files and summary in :mod:`.outputs`.
 
 1. **Generate** (:mod:`rlhf_plugins.generation`): prompts rendered by the chat template component with
-   ``add_generation_prompt=True``; HF ``generate`` (or vLLM when installed and asked for),
+   ``add_generation_prompt=True``; HF ``generate``,
    stopping at the template's end-of-turn token; one seeded random stream per completion.
 2. **Score**: registered reward functions (weighted sum, :func:`~rlhf_plugins.rewarding.
    call_reward_functions`) and/or a saved reward model (length-sorted
@@ -118,14 +118,7 @@ class SamplingRun:
                 raise located(exc, f"dataset {source}: row {row_number(source, i)}") from None
         self.stop_ids = end_of_turn_token_ids(components.template, tokenizer)
         self.stop_strings = end_of_turn_stop_strings(components.template, tokenizer)
-        self.backend = settings.backend
-        if self.backend == "auto":
-            from ...generation import vllm_available
-
-            self.backend = ("vllm" if vllm_available() and policy is None
-                            and not settings.stop_pattern else "hf")
-        if policy is not None:
-            self.backend = "hf"  # an in-memory policy runs through transformers
+        self.backend = settings.backend  # "hf": part of the cache key and provenance
         self.policy_fingerprint = model_fingerprint(policy_ref)
         from ..resume import plugin_versions, settings_components
 
@@ -212,14 +205,12 @@ class SamplingRun:
         return [row for c in range(len(self.chunks)) for row in results[c]]
 
     def _generator(self) -> Any:
-        from ...generation import HFGenerator, VLLMGenerator
+        from ...generation import HFGenerator
 
         s = self.s
         common = dict(stop_ids=self.stop_ids, stop_strings=self.stop_strings,
                       max_new_tokens=s.max_new_tokens,
                       temperature=s.temperature, top_p=s.top_p, seed=s.seed)
-        if self.backend == "vllm":
-            return VLLMGenerator(self.policy_ref, dtype=s.dtype, **common)
         model = self.policy if self.policy is not None else _load_policy(s, self.policy_ref)
         return HFGenerator(model, self.tokenizer, batch_size=s.batch_size,
                            stop_patterns=[s.stop_pattern] if s.stop_pattern else [], **common)

@@ -14,7 +14,12 @@ from ...errors import ConfigError
 from ...models import QuantSettings, check_dtype
 from ..skeleton import SYNTHETIC, read_stage_source
 
-BACKENDS = ("hf", "vllm", "auto")
+BACKENDS = ("hf",)
+#: refused with REMOVED_BACKEND's reason (docs/scaling.md, "vLLM")
+REMOVED_BACKENDS = ("vllm", "auto")
+REMOVED_BACKEND = ("backend: {} was removed: no test ever ran the vLLM generation path (vLLM does not "
+                   "install on the CPU machines this project is tested on) and untested code is not a "
+                   "feature; use backend: hf")
 SUMMARY_FILE = "summary.json"
 SELECTED = "selected"
 ALL = "all"
@@ -48,7 +53,7 @@ class SamplingSettings:
     max_new_tokens: int = 128
     #: a regular expression that ends a completion once its text matches (e.g. the synthetic
     #: task's answer line ``The answer is\s*\S+?\.(?=\s)``); the text is kept up to the match
-    #: end. None: run to an end-of-turn token or `max_new_tokens`. HF backend only.
+    #: end. None: run to an end-of-turn token or `max_new_tokens`.
     stop_pattern: str | None = None
     #: 0 = greedy decoding
     temperature: float = 1.0
@@ -58,7 +63,7 @@ class SamplingSettings:
     batch_size: int = 16
     #: prompts per cache chunk (the unit of resume)
     chunk_size: int = 8
-    #: "hf" (transformers generate), "vllm" (must be installed), "auto" (vllm if installed)
+    #: "hf" (transformers generate), the only backend; "vllm" and "auto" were removed
     backend: str = "hf"
     dtype: str | None = None
     quantization: QuantSettings | None = None
@@ -108,9 +113,6 @@ class SamplingSettings:
                 re.compile(self.stop_pattern)
             except re.error as exc:
                 raise ConfigError(f"stop_pattern: not a valid regular expression: {exc}") from None
-            if self.backend == "vllm":
-                raise ConfigError("stop_pattern: only the hf backend supports it (vLLM takes stop "
-                                  "strings); remove stop_pattern or use backend: hf")
         if self.num_prompts is not None:
             _positive_int(self, "num_prompts")
         for name in ("seed", "dataset_seed"):
@@ -124,6 +126,8 @@ class SamplingSettings:
         if _not_number(self.reward_model_weight):
             raise ConfigError(f"reward_model_weight: expected a number, got {self.reward_model_weight!r}")
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        if self.backend in REMOVED_BACKENDS:
+            raise ConfigError(REMOVED_BACKEND.format(self.backend))
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         check_strings(self, ("dataset", "template", "selection", "prompt_field", "dataset_split"))
