@@ -128,8 +128,9 @@ class DroppedRows:
     def warn(self) -> None:
         """Log the drops in one warning line (nothing when no row was dropped)."""
         if self.dropped:
-            logger.warning("%s: dropped %d of %d rows: %s", self.where, self.dropped, self.total,
-                           self.describe())
+            first = f"; first: {self.first_error}" if self.first_error else ""
+            logger.warning("%s: dropped %d of %d rows: %s%s", self.where, self.dropped, self.total,
+                           self.describe(), first)
 
     def metrics(self, prefix: str = "") -> dict[str, Any]:
         """``{prefix}dropped_rows`` (all reasons), ``{prefix}dropped`` (per reason) and
