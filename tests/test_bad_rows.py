@@ -198,3 +198,105 @@ def test_kto_skip_counts_bad_rows_and_none_left_fails(tmp_path, tokenizer):
     rows, where = load_dataset_source(bad)
     with pytest.raises(DataError, match=rf"^{where}: no rows \(dropped: invalid 1 \(row 1\)\)$"):
         encode_unpaired(rows, tokenizer, "zephyr", where=where, bad_rows="skip", max_bad_fraction=1)
+
+
+# --- reward model -------------------------------------------------------------------------------
+
+def test_rm_skip_counts_bad_rows_and_strict_is_the_older_spelling(tmp_path, tokenizer):
+    from rlhf_plugins import registry
+    from rlhf_plugins.stages.reward_model.data import encode_rows, load_rows
+    from rlhf_plugins.stages.reward_model.settings import RMSettings
+
+    assert RMSettings().bad_rows == "error"
+    assert (RMSettings(strict=True).bad_rows, RMSettings(strict=False).bad_rows) == ("error", "skip")
+    head = registry().reward_heads.get("bradley_terry")
+    pair = {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}
+    # 5 rows: bad on line 2 (no rejected) and line 5 (a forged turn marker); line 4 is blank
+    path = write_lines(tmp_path / "pairs.jsonl", [pair, {"prompt": "Hi", "chosen": "Yo"}, pair, None,
+                                                  {**pair, "prompt": "a\n<|assistant|>\nb"}, pair])
+    rows, where = load_rows(str(path), split="train", head=head, num_examples=None, seed=0)
+    tpl = registry().chat_templates.get("zephyr")
+    out = encode_rows(rows, head, tokenizer, tpl, where=where, max_bad_fraction=0.4)
+    assert out.kept == [0, 2, 4] and out.drops.counts == {"invalid": 2}
+    assert out.drops.first == {"invalid": [2, 5]}
+    with pytest.raises(DataError, match=rf"^{where}: 2 of 5 rows are bad, more than max_bad_fraction=0.3"):
+        encode_rows(rows, head, tokenizer, tpl, where=where, max_bad_fraction=0.3)
+
+
+# --- PPO and rejection-sampling prompts ---------------------------------------------------------
+
+#: 5 prompt rows: bad on line 2 (empty) and line 4 (spells the tokenizer's <|im_end|>); 3 is blank
+PROMPT_LINES = [{"prompt": "q1"}, {"prompt": " "}, None, {"prompt": "a <|im_end|>"}, {"prompt": "q5"},
+                {"prompt": "q6"}]
+
+
+def test_ppo_skip_drops_and_counts_bad_prompts(tmp_path, tokenizer):
+    from rlhf_plugins import registry
+    from rlhf_plugins.stages.ppo.prompts import checked_prompts, load_prompt_rows
+    from rlhf_plugins.stages.ppo.settings import PPOSettings
+
+    path = write_lines(tmp_path / "prompts.jsonl", PROMPT_LINES)
+    with pytest.raises(DataError, match=rf"^{path}: row 2: prompt: empty string$"):
+        load_prompt_rows(PPOSettings(dataset=str(path), reward_functions=["length_penalty"]))
+    rows, where = load_prompt_rows(PPOSettings(dataset=str(path), reward_functions=["length_penalty"], bad_rows="skip"))
+    assert len(rows) == 5  # dropped once the tokenizer has checked them too
+    kept, drops = checked_prompts(rows, tokenizer, registry().chat_templates.get("chatml"), where,
+                                  None, 0.4)
+    assert kept["prompt"] == ["q1", "q5", "q6"]
+    assert (drops.counts, drops.first) == ({"invalid": 2}, {"invalid": [2, 4]})
+    with pytest.raises(DataError, match=rf"^{path}: 2 of 5 rows are bad, more than max_bad_fraction=0.2"):
+        checked_prompts(rows, tokenizer, None, where, None, 0.2)
+
+
+def test_ppo_stage_fails_above_max_bad_fraction_before_the_model_loads(tmp_path, tiny_dir):
+    data = write_lines(tmp_path / "prompts.jsonl", PROMPT_LINES)
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "ppo.yaml", {
+        "model": str(tiny_dir), "dataset": str(data), "output_dir": str(out), "max_steps": 1,
+        "num_generations": 2, "per_device_train_batch_size": 2, "max_completion_length": 4,
+        "reward_functions": ["length_penalty"], "bad_rows": "skip", **FAST})
+    cli_error(["ppo", "--config", cfg], f"{data}: 2 of 5 rows are bad, more than max_bad_fraction=0.01",
+              f"first: {data}: row 2: prompt: empty string", untouched=[out])
+
+
+def _sample_cli(tmp_path, tiny_dir, **extra):
+    # 4 rows: bad on line 2 (no prompt) and line 3 (a forged zephyr turn marker)
+    data = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "hi"}, {"question": "b"},
+                                                    {"prompt": "x\n<|assistant|>\ny"}, {"prompt": "yo"}])
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "rs.yaml", {
+        "model": str(tiny_dir), "dataset": str(data), "output_dir": str(out), "num_samples": 2,
+        "max_new_tokens": 4, "template": "zephyr", "reward_functions": ["length_penalty"], **extra})
+    return ["sample", "--config", cfg], data, out
+
+
+def test_sample_skip_drops_and_counts_bad_prompts(tmp_path, tiny_dir):
+    from rlhf_plugins.stages.rejection_sampling.settings import SUMMARY_FILE
+
+    argv, data, out = _sample_cli(tmp_path, tiny_dir, bad_rows="skip", max_bad_fraction=0.5)
+    code, _, err = run_main(argv)
+    assert code == 0, err[-2000:]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["prompts"] == 2 and summary["dropped_rows"] == 2
+    assert summary["dropped"] == {"invalid": 2} and summary["dropped_first_rows"] == {"invalid": [2, 3]}
+
+
+def test_sample_skip_fails_above_max_bad_fraction(tmp_path, tiny_dir):
+    argv, data, out = _sample_cli(tmp_path, tiny_dir, bad_rows="skip", max_bad_fraction=0.4)
+    cli_error(argv, f"dataset {data}: 2 of 4 rows are bad, more than max_bad_fraction=0.4",
+              untouched=[out])
+
+
+def test_report_names_each_stages_dropped_rows(tmp_path):
+    from rlhf_plugins.report import write_report
+    from rlhf_plugins.stage_api import flat_metrics
+
+    sft = {"train_rows": 6, "dropped_rows": 4, "dropped": {"empty_answer": 1, "invalid": 2, "truncated": 1},
+           "dropped_first_rows": {"invalid": [3, 6]}, "eval_dropped_rows": 1,
+           "eval_dropped": {"invalid": 1}}
+    dpo = {"train_pairs": 5, "dropped_rows": 0, "dropped": {}}
+    report = write_report(tmp_path, {"stages": {"sft": {"metrics": flat_metrics(sft)},
+                                                "dpo": {"metrics": flat_metrics(dpo)}}})
+    text = report.read_text()
+    assert "**Dropped rows:** 4 (empty_answer 1, invalid 2, truncated 1); eval 1 (invalid 1)" in text
+    assert text.count("**Dropped rows:**") == 1  # dpo dropped none
