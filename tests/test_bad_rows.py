@@ -300,3 +300,17 @@ def test_report_names_each_stages_dropped_rows(tmp_path):
     text = report.read_text()
     assert "**Dropped rows:** 4 (empty_answer 1, invalid 2, truncated 1); eval 1 (invalid 1)" in text
     assert text.count("**Dropped rows:**") == 1  # dpo dropped none
+
+
+def test_encoding_a_saved_dataset_writes_nothing_into_its_folder(tmp_path, tokenizer):
+    import datasets
+
+    from rlhf_plugins.stages.sft.dataset import build_sft_dataset
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([GOOD, conversation("Say hi", "Hi!")]).save_to_disk(str(saved))
+    before = sorted(p.name for p in saved.iterdir())
+    rows = datasets.load_from_disk(str(saved))
+    ds = build_sft_dataset(rows, tokenizer, "zephyr", where=str(saved))
+    assert len(ds) == 2 and ds.column_names == ["input_ids", "assistant_masks"]
+    assert sorted(p.name for p in saved.iterdir()) == before

@@ -168,6 +168,19 @@ def _empty(feature: Any) -> Any:
     return []
 
 
+def _scratch_file() -> str:
+    """Where `Dataset.map` writes the encoded rows of an on-disk dataset: a temporary folder
+    removed at exit, never the user's dataset folder (its default) nor the HF cache."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="rlhf-plugins-encoded-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return os.path.join(folder, "encoded.arrow")
+
+
 def map_rows(rows: "Iterable[Mapping[str, Any]] | Dataset", encode: Callable[[Any], list[dict]],
              features: Mapping[str, Any], *, where: str, bad_rows: str = "error",
              max_bad_fraction: float = 0.01, num_proc: int | None = None,
@@ -236,6 +249,7 @@ def map_rows(rows: "Iterable[Mapping[str, Any]] | Dataset", encode: Callable[[An
     try:
         mapped = base.map(encode_batch, with_indices=True, batched=True,
                           remove_columns=base.column_names, num_proc=num_proc,
+                          cache_file_name=_scratch_file() if base.cache_files else None,
                           features=Features({**features, ROW: Value("int64"), REASON: Value("string"),
                                              MESSAGE: Value("string")}),
                           desc=desc, load_from_cache_file=False)
