@@ -314,3 +314,23 @@ def test_encoding_a_saved_dataset_writes_nothing_into_its_folder(tmp_path, token
     ds = build_sft_dataset(rows, tokenizer, "zephyr", where=str(saved))
     assert len(ds) == 2 and ds.column_names == ["input_ids", "assistant_masks"]
     assert sorted(p.name for p in saved.iterdir()) == before
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_direct_alignment_stages_count_dropped_rows_in_their_metrics(tmp_path, tiny_dir, stage):
+    """DPO_LINES (8 rows; KTO unpairs each pair into 2 rows): bad rows 2, 5, 7 are skipped,
+    line 4 is cut by max_length=64 (KTO: its two rows)."""
+    data = write_lines(tmp_path / "pairs.jsonl", DPO_LINES)
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / f"{stage}.yaml", {
+        "model": str(tiny_dir), "dataset": str(data), "template": "zephyr", "output_dir": str(out),
+        "bad_rows": "skip", "max_bad_fraction": 0.5, "max_length": 64, "max_steps": 1,
+        "per_device_train_batch_size": 2, "eval_before": False, **FAST})
+    code, _, err = run_main([stage, "--config", cfg])
+    assert code == 0, err[-2000:]
+    metrics = json.loads((out / f"{stage}_metrics.json").read_text())
+    truncated = 1 if stage == "dpo" else 2
+    assert metrics["dropped"] == {"empty_answer": 1, "invalid": 2, "truncated": truncated}
+    assert metrics["dropped_rows"] == 3 + truncated
+    assert metrics["dropped_first_rows"] == {"empty_answer": [7], "invalid": [2, 5], "truncated": [4]}
+    assert metrics["train_pairs" if stage == "dpo" else "train_rows"] == (4 if stage == "dpo" else 8)
