@@ -149,15 +149,6 @@ class DroppedRows:
                             f"max_bad_fraction={max_bad_fraction}: {detail}; first: "
                             f"{self.first_error}")
 
-    def merge(self, other: "DroppedRows") -> None:
-        """Add `other`'s drops (rows of the same source) to these."""
-        for reason, n in other.counts.items():
-            self.counts[reason] = self.counts.get(reason, 0) + n
-            rows = self.first.setdefault(reason, [])
-            rows.extend(r for r in other.first.get(reason, []) if r not in rows)
-            self.first[reason] = sorted(rows)[:FIRST_ROWS]
-        self.first_error = self.first_error or other.first_error
-
 
 def _empty(feature: Any) -> Any:
     """A placeholder value of `feature` for a dropped row (removed before anyone sees it)."""

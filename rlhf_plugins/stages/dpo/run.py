@@ -62,7 +62,7 @@ def load_eval_rows(settings: Any, load: Callable[..., tuple[Any, str]]) -> tuple
 
 
 def encoded_splits(settings: Any, tokenizer: Any, template: Any, masking: Any, args: Any,
-                   load: Callable[..., tuple[Any, str]], encode: Callable[..., tuple[Any, int]],
+                   load: Callable[..., tuple[Any, str]], encode: Callable[..., tuple[Any, Any]],
                    ) -> tuple[Any, Any, str, tuple[Any, Any]]:
     """(train, eval or None, source label, (dropped rows, those of a separate evaluation source
     or None)): the rows of `settings` loaded by `load`
@@ -84,7 +84,7 @@ def encoded_splits(settings: Any, tokenizer: Any, template: Any, masking: Any, a
 
 
 def prepare_direct(settings: Any, args: Any, load: Callable[..., tuple[Any, str]],
-                   encode: Callable[..., tuple[Any, int]], trainer_class: Callable[..., Any],
+                   encode: Callable[..., tuple[Any, Any]], trainer_class: Callable[..., Any],
                    label: str, **trainer_kwargs: Any) -> PreparedSFT:
     """Encode the rows (`load`, `encode`) and build `trainer_class` on the model to train; a fresh
     LoRA adapter's reference is the base (the trainer gets `fresh_adapter=True`)."""

@@ -8,8 +8,10 @@ Row formats (prompts/completions are text or message lists; rendered with the ch
 - step: ``prompt``, ``steps`` (list of str), ``labels`` (-1/0/+1 per step)
 
 Bad rows (chosen == rejected after truncation, label counts that do not match the steps,
-unknown labels, empty completions, ...) are dropped with a count and the first example logged,
-or rejected with a :class:`~rlhf_plugins.errors.DataError` in strict mode - never silently.
+unknown labels, empty completions, ...) are rejected with a
+:class:`~rlhf_plugins.errors.DataError` (`bad_rows: error`, the stage's default), or dropped and
+counted with one warning line naming the first rows (`bad_rows: skip`, up to
+`max_bad_fraction`) - never silently.
 """
 from __future__ import annotations
 

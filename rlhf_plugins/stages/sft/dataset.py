@@ -3,7 +3,9 @@
 The dataset is encoded here, not by TRL: each conversation is rendered by the chat template
 component named in the config (`registry().chat_templates`), the masking strategy
 (`registry().masking_strategies`) picks the trained tokens, and the trainer receives
-pre-tokenized rows `{"input_ids", "assistant_masks"}`.
+pre-tokenized rows `{"input_ids", "assistant_masks"}`. Rows are encoded through
+`datasets.Dataset.map` (:func:`~rlhf_plugins.stages.bad_rows.map_rows`): a bad row is an error
+or, with `bad_rows: skip`, dropped and counted.
 """
 from __future__ import annotations
 
