@@ -334,3 +334,26 @@ def test_direct_alignment_stages_count_dropped_rows_in_their_metrics(tmp_path, t
     assert metrics["dropped_rows"] == 3 + truncated
     assert metrics["dropped_first_rows"] == {"empty_answer": [7], "invalid": [2, 5], "truncated": [4]}
     assert metrics["train_pairs" if stage == "dpo" else "train_rows"] == (4 if stage == "dpo" else 8)
+
+
+def test_a_component_crashing_in_a_worker_process_is_one_componenterror_line(tokenizer):
+    """A plugin's failure is never a bad row, in worker processes too: its class and its one
+    line (naming the row, the component and where it comes from) reach the caller."""
+    from rlhf_plugins.errors import ComponentError
+    from rlhf_plugins.stages.sft.dataset import encode_sft_rows
+
+    class Crash:
+        name = "crash"
+        description = "divides by zero (test component)"
+
+        def mask(self, encoded):
+            return 1 / 0
+
+    rows = [conversation(f"q{i}", "a") for i in range(4)]
+    for num_proc in (None, 2):
+        with pytest.raises(ComponentError) as err:
+            encode_sft_rows(rows, tokenizer, "chatml", Crash(), where="d.jsonl", bad_rows="skip",
+                            num_proc=num_proc)
+        assert "\n" not in str(err.value)
+        assert str(err.value).startswith("d.jsonl row ")
+        assert "masking strategy 'crash' raised ZeroDivisionError in mask(): division by zero" in str(err.value)
