@@ -146,7 +146,10 @@ def row_errors(place: str) -> Iterator[None]:
     except ComponentError as exc:  # a plugin's failure, not a bad row: keep its class
         raise located(exc, place) from exc.__cause__
     except RlhfPluginsError as exc:
-        raise DataError(f"{place}: {exc}") from None
+        new = DataError(f"{place}: {exc}")
+        if getattr(exc, "reason", None):  # why the row is bad (stages.bad_rows counts it)
+            new.reason = exc.reason  # type: ignore[attr-defined]
+        raise new from None
     except (ValueError, TypeError, KeyError) as exc:
         raise DataError(f"{place}: {type(exc).__name__}: {exc}") from None
 

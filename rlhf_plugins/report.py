@@ -314,6 +314,21 @@ def empty_stage_warnings(stages: Mapping[str, Any]) -> list[str]:
             for name, stage in stages.items() if (empty := produced_nothing(stage))]
 
 
+def dropped_line(metrics: Mapping[str, Any]) -> str:
+    """``**Dropped rows:** 4 (empty_answer 1, invalid 2, truncated 1)`` from a stage's (flat)
+    metrics, eval rows after a `;`; '' when the stage dropped none."""
+    parts = []
+    for prefix, label in (("", ""), ("eval_", "eval ")):
+        total = metrics.get(f"{prefix}dropped_rows")
+        if not isinstance(total, int) or isinstance(total, bool) or total <= 0:
+            continue
+        head = f"{prefix}dropped."
+        reasons = sorted((k[len(head):], v) for k, v in metrics.items() if k.startswith(head))
+        detail = f" ({', '.join(f'{k} {v}' for k, v in reasons)})" if reasons else ""
+        parts.append(f"{label}{total}{detail}")
+    return f"**Dropped rows:** {'; '.join(parts)}" if parts else ""
+
+
 def stage_status(name: str, stage: Mapping[str, Any], evals: Mapping[str, Mapping[str, Any]]) -> str:
     """A stage's status cell: ran or skipped, its model not kept, a warning when it produced nothing."""
     status = "skipped (output up to date)" if stage.get("skipped") else "ran"
@@ -370,6 +385,9 @@ def write_report(run_dir: str | os.PathLike, summary: Mapping[str, Any]) -> Path
         metrics = {k: v for k, v in (stage.get("metrics") or {}).items()
                    if isinstance(v, (int, float, str))}
         main = {k: v for k, v in metrics.items() if not _raw_trainer_metric(k)}
+        dropped = dropped_line(metrics)
+        if dropped:
+            parts.append(dropped + "\n")
         if main:
             parts.append(_table([[k, v] for k, v in sorted(main.items())], ["metric", "value"]))
         raw = {k: v for k, v in metrics.items() if _raw_trainer_metric(k)}

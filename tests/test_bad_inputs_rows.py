@@ -147,7 +147,8 @@ def test_rm_with_no_usable_row(tmp_path, tiny_dir):
     data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": 1, "rejected": "c"}] * 2)
     out = tmp_path / "out"
     cfg = write_yaml(tmp_path / "rm.yaml", {"model": str(tiny_dir), "dataset": str(data),
-                                            "output_dir": str(out), "max_steps": 1, **FAST})
+                                            "output_dir": str(out), "max_steps": 1, "bad_rows": "skip",
+                                            "max_bad_fraction": 1, **FAST})
     cli_error(["rm", "--config", cfg], str(data), "no usable rows", f"{data} row 1", untouched=[out])
 
 

@@ -65,7 +65,7 @@ def test_pair_masks_train_each_completion_and_its_eot_never_the_prompt(tokenizer
     prompt = ([start] + token_ids(tokenizer, "user\nHi") + [end] + nl + [start]
               + token_ids(tokenizer, "assistant\nHello") + [end] + nl + [start]
               + token_ids(tokenizer, "user\nSum?") + [end] + nl + [start] + token_ids(tokenizer, "assistant\n"))
-    assert dropped == 0 and got["prompt_ids"] == prompt
+    assert dropped.dropped == 0 and got["prompt_ids"] == prompt
     for key, text in (("chosen", "Four"), ("rejected", "Five")):
         content = token_ids(tokenizer, text)
         assert got[f"{key}_ids"] == content + [end] + nl

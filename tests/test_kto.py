@@ -48,7 +48,7 @@ def test_unpaired_row_mask_by_hand_and_pairs_are_unpaired(tokenizer):
             {"prompt": "Sum?", "chosen": "Four", "rejected": "Five"}]
     ds, dropped = encode_unpaired(rows, tokenizer, "chatml", "final_turn")
     prompt = [start] + token_ids(tokenizer, "user\nSum?") + [end] + nl + [start] + token_ids(tokenizer, "assistant\n")
-    assert dropped == 0 and len(ds) == 3
+    assert dropped.dropped == 0 and len(ds) == 3
     for row, text, label in zip(ds, ("Four", "Four", "Five"), (True, True, False)):
         content = token_ids(tokenizer, text)
         assert row["prompt_ids"] == prompt and row["label"] is label

@@ -221,7 +221,8 @@ def test_rm_cli_writes_model_metrics_and_plot(tmp_path, tiny_dir, capsys):
     rows.append({"prompt": "q", "chosen": "same", "rejected": "same"})  # dropped, counted
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {"model": str(tiny_dir), "head": "bradley_terry", "loss": "margin", "dataset": str(data),
-              "eval_size": 3, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_steps": 4,
+              "eval_size": 3, "bad_rows": "skip", "max_bad_fraction": 0.2,
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "max_steps": 4,
               "per_device_train_batch_size": 2, "logging_steps": 1, "eval_strategy": "steps",
               "eval_steps": 2, "save_steps": 2, "report_to": "none", "learning_rate": 5e-3}
     path = tmp_path / "rm.yaml"
@@ -233,6 +234,9 @@ def test_rm_cli_writes_model_metrics_and_plot(tmp_path, tiny_dir, capsys):
     assert metrics["train_data"]["dropped"] == 1 and metrics["train_data"]["kept"] + \
         metrics["eval_data"]["kept"] == 8
     assert "chosen == rejected" in metrics["train_data"]["first_error"]
+    # the same count in every stage's form: per reason, with the row's line (the 9th)
+    assert metrics["dropped_rows"] == 1 and metrics["dropped"] == {"invalid": 1}
+    assert metrics["dropped_first_rows"] == {"invalid": [9]}
     held = metrics["heldout"]
     assert held["pairs"] == 3 and 0.0 <= held["pairwise_accuracy"] <= 1.0
     # the trainer's exact eval accuracy and the scorer's held-out accuracy agree

@@ -20,8 +20,9 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from ...errors import DataError
-from ...guard import check_mask, guarded, row_errors, row_place
+from ...guard import check_mask, guarded
 from ...protocols import member
+from ..bad_rows import ROW, DroppedRows, bad_row, map_rows
 from ..sft.dataset import check_assistant_content, get_components
 from ..skeleton import SYNTHETIC, load_dataset_source
 
@@ -30,8 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["completion_features", "encode_pairs", "encode_rows", "load_preference_rows", "pair_messages",
-           "split_prompt", "trained_within"]
+__all__ = ["completion_features", "encode_pairs", "encode_rows", "id_features", "load_preference_rows",
+           "pair_messages", "split_prompt", "trained_within"]
 
 
 def load_preference_rows(settings: Any, dataset: str | None = None, split: str | None = None,
@@ -89,8 +90,8 @@ def completion_features(prompt: Sequence[Mapping[str, Any]], completion: Sequenc
     start = max((i + 1 for i, t in enumerate(encoded.turns) if 0 <= t < len(prompt)), default=0)
     mask = [0] * start + list(mask[start:])
     if not any(mask):
-        raise DataError(f"no completion token is trained (masking {getattr(masking, 'name', masking)!r} "
-                        "masks the whole completion)")
+        raise bad_row(f"no completion token is trained (masking {getattr(masking, 'name', masking)!r} "
+                      "masks the whole completion)", "no_trained_token")
     return list(encoded.input_ids), mask
 
 
@@ -115,39 +116,44 @@ def trained_within(row: Mapping[str, Any], keys: Sequence[str], max_length: int 
     return room > 0 and all(any(row[f"{k}_mask"][:room]) for k in keys)
 
 
-def encode_rows(rows: Iterable[Mapping[str, Any]], encode_row: Callable[[Mapping[str, Any]], list],
-                keys: Sequence[str], *, where: str, max_length: int | None) -> tuple["Dataset", int]:
-    """`encode_row(row)` (-> encoded rows) over `rows`, a bad row's error naming it; the rows whose
-    completions (`keys`) keep no trained token within `max_length` are dropped and counted.
-    DataError when none is left."""
-    from datasets import Dataset
+def id_features(*names: str) -> dict[str, Any]:
+    """Arrow features of token-id / 0-1 mask columns named `names`."""
+    from datasets import Sequence, Value
 
-    out: list[dict[str, Any]] = []
-    dropped = 0
-    for index, row in enumerate(rows):
-        place = row_place(where, index)
-        with row_errors(place):
-            if not isinstance(row, Mapping):
-                raise DataError(f"expected a mapping, got {type(row).__name__}")
-            encoded = encode_row(row)
-        kept = [e for e in encoded if trained_within(e, keys, max_length)]
-        dropped += len(encoded) - len(kept)
-        out.extend(kept)
-    if not out:
-        why = f" with a trained token within max_length={max_length}" if dropped else ""
-        raise DataError(f"{where}: no rows{why}")
-    if dropped:
-        logger.warning("%s: %d row(s) have a completion with no trained token within max_length=%s "
-                       "and are dropped", where, dropped, max_length)
-    return Dataset.from_list(out), dropped
+    return {name: Sequence(Value("int64")) for name in names}
 
 
-def encode_pairs(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any = "chatml",
-                 masking: Any = "all_assistant_turns",
-                 *, where: str = "dataset", max_length: int | None = None) -> tuple["Dataset", int]:
+def encode_rows(rows: "Iterable[Mapping[str, Any]] | Dataset",
+                encode_row: Callable[[Mapping[str, Any]], list], keys: Sequence[str],
+                features: Mapping[str, Any], *, where: str, max_length: int | None,
+                bad_rows: str = "error", max_bad_fraction: float = 0.01,
+                num_proc: int | None = None) -> tuple["Dataset", DroppedRows]:
+    """`encode_row(row)` (-> encoded rows with `features`) over `rows` through `Dataset.map`, a bad
+    row's error naming it (`bad_rows: skip`: dropped and counted); the rows whose completions
+    (`keys`) keep no trained token within `max_length` are dropped and counted. DataError when
+    none is left."""
+    def truncated(encoded: dict[str, Any]) -> str | None:
+        return None if trained_within(encoded, keys, max_length) else "truncated"
+
+    dataset, drops = map_rows(rows, encode_row, features, where=where, bad_rows=bad_rows,
+                              max_bad_fraction=max_bad_fraction, num_proc=num_proc, drop=truncated)
+    if len(dataset) == 0:
+        why = f" with a trained token within max_length={max_length}" \
+            if drops.counts.get("truncated") else ""
+        bad = f" (dropped: {drops.describe()})" if drops.bad else ""
+        raise DataError(f"{where}: no rows{why}{bad}")
+    drops.warn()
+    return dataset.remove_columns(ROW), drops
+
+
+def encode_pairs(rows: "Iterable[Mapping[str, Any]] | Dataset", tokenizer: Any,
+                 template: Any = "chatml", masking: Any = "all_assistant_turns",
+                 *, where: str = "dataset", max_length: int | None = None,
+                 **bad_rows: Any) -> tuple["Dataset", DroppedRows]:
     """Preference rows -> a Dataset of `prompt_ids`, `chosen_ids`, `rejected_ids`,
-    `chosen_mask`, `rejected_mask`, and how many rows were dropped because truncation to
-    `max_length` left a completion nothing to train."""
+    `chosen_mask`, `rejected_mask`, and the rows dropped: bad rows (`bad_rows="skip"`,
+    `max_bad_fraction`, see :func:`encode_rows`) and those whose truncation to `max_length` left
+    a completion nothing to train."""
     tpl, msk = get_components(template, masking)
 
     def encode(row: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -158,4 +164,6 @@ def encode_pairs(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: An
         return [{"prompt_ids": c_ids[:cut], "chosen_ids": c_ids[cut:], "rejected_ids": r_ids[cut:],
                  "chosen_mask": c_mask[cut:], "rejected_mask": r_mask[cut:]}]
 
-    return encode_rows(rows, encode, ("chosen", "rejected"), where=where, max_length=max_length)
+    features = id_features("prompt_ids", "chosen_ids", "rejected_ids", "chosen_mask", "rejected_mask")
+    return encode_rows(rows, encode, ("chosen", "rejected"), features, where=where,
+                       max_length=max_length, **bad_rows)

@@ -62,26 +62,29 @@ def load_eval_rows(settings: Any, load: Callable[..., tuple[Any, str]]) -> tuple
 
 
 def encoded_splits(settings: Any, tokenizer: Any, template: Any, masking: Any, args: Any,
-                   load: Callable[..., tuple[Any, str]], encode: Callable[..., tuple[Any, int]],
-                   ) -> tuple[Any, Any, str, int]:
-    """(train, eval or None, source label, dropped rows): the rows of `settings` loaded by `load`
+                   load: Callable[..., tuple[Any, str]], encode: Callable[..., tuple[Any, Any]],
+                   ) -> tuple[Any, Any, str, tuple[Any, Any]]:
+    """(train, eval or None, source label, (dropped rows, those of a separate evaluation source
+    or None)): the rows of `settings` loaded by `load`
     and encoded by `encode`, evaluation rows from `eval_dataset`/`eval_split` or held out."""
     from ..sft.dataset import split_eval
 
     rows, source = load(settings)
-    train, dropped = encode(rows, tokenizer, template, masking, where=source,
-                            max_length=args.max_length)
+    options = dict(max_length=args.max_length, bad_rows=settings.bad_rows,
+                   max_bad_fraction=settings.max_bad_fraction, num_proc=args.dataset_num_proc)
+    train, drops = encode(rows, tokenizer, template, masking, where=source, **options)
     eval_rows = load_eval_rows(settings, load)
+    eval_drops = None
     if eval_rows is not None:
-        evaluation, _ = encode(eval_rows[0], tokenizer, template, masking, where=eval_rows[1],
-                               max_length=args.max_length)
+        evaluation, eval_drops = encode(eval_rows[0], tokenizer, template, masking,
+                                        where=eval_rows[1], **options)
     else:
         train, evaluation = split_eval(train, settings, args.seed)
-    return train, evaluation, source, dropped
+    return train, evaluation, source, (drops, eval_drops)
 
 
 def prepare_direct(settings: Any, args: Any, load: Callable[..., tuple[Any, str]],
-                   encode: Callable[..., tuple[Any, int]], trainer_class: Callable[..., Any],
+                   encode: Callable[..., tuple[Any, Any]], trainer_class: Callable[..., Any],
                    label: str, **trainer_kwargs: Any) -> PreparedSFT:
     """Encode the rows (`load`, `encode`) and build `trainer_class` on the model to train; a fresh
     LoRA adapter's reference is the base (the trainer gets `fresh_adapter=True`)."""
@@ -105,7 +108,7 @@ def prepare_direct(settings: Any, args: Any, load: Callable[..., tuple[Any, str]
                             processing_class=tokenizer, fresh_adapter=fresh, **trainer_kwargs)
     keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
     return PreparedSFT(trainer, tokenizer, template, masking, model_path, train, evaluation,
-                          source, dropped)
+                          source, *dropped)
 
 
 def prepare_dpo(settings: DPOSettings, trl_kwargs: Mapping[str, Any] | None,
@@ -176,6 +179,7 @@ def run_dpo(settings: DPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
     prepared = prepare_dpo(settings, trl_kwargs, output_dir)
     metrics: dict[str, Any] = {
         "train_pairs": len(prepared.train_dataset), "dropped_pairs": prepared.dropped_rows,
+        **prepared.drop_metrics(),
         "eval_pairs": 0 if prepared.eval_dataset is None else len(prepared.eval_dataset),
         "loss": [s.name for s in settings.loss_specs()],
         "reference_free": prepared.trainer.reference_free}

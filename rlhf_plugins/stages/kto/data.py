@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ...errors import DataError
-from ..dpo.data import completion_features, encode_rows, pair_messages, split_prompt
+from ..bad_rows import DroppedRows
+from ..dpo.data import completion_features, encode_rows, id_features, pair_messages, split_prompt
 from ..sft.dataset import get_components
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,11 +46,12 @@ def unpaired_messages(row: Mapping[str, Any]) -> list[tuple[list[dict], list[dic
              as_messages(row["completion"], "assistant", "completion"), _label(row["label"]))]
 
 
-def encode_unpaired(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any = "chatml",
-                    masking: Any = "all_assistant_turns",
-                    *, where: str = "dataset", max_length: int | None = None) -> tuple["Dataset", int]:
-    """Rows -> a Dataset of `prompt_ids`, `completion_ids`, `completion_mask`, `label`, and how
-    many were dropped (no trained token within `max_length`)."""
+def encode_unpaired(rows: "Iterable[Mapping[str, Any]] | Dataset", tokenizer: Any,
+                    template: Any = "chatml", masking: Any = "all_assistant_turns",
+                    *, where: str = "dataset", max_length: int | None = None,
+                    **bad_rows: Any) -> tuple["Dataset", DroppedRows]:
+    """Rows -> a Dataset of `prompt_ids`, `completion_ids`, `completion_mask`, `label`, and the
+    rows dropped (bad rows under `bad_rows="skip"`, no trained token within `max_length`)."""
     tpl, msk = get_components(template, masking)
 
     def encode(row: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -61,7 +63,12 @@ def encode_unpaired(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template:
                         "completion_mask": mask[cut:], "label": label})
         return out
 
-    return encode_rows(rows, encode, ("completion",), where=where, max_length=max_length)
+    from datasets import Value
+
+    features = {**id_features("prompt_ids", "completion_ids", "completion_mask"),
+                "label": Value("bool")}
+    return encode_rows(rows, encode, ("completion",), features, where=where,
+                       max_length=max_length, **bad_rows)
 
 
 def synthetic_unpaired_rows(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:

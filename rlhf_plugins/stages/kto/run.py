@@ -65,7 +65,7 @@ def run_kto(settings: KTOSettings, trl_kwargs: Mapping[str, Any] | None = None,
     labels = prepared.train_dataset["label"]
     metrics: dict[str, Any] = {
         "train_rows": len(labels), "desirable_rows": int(sum(labels)),
-        "dropped_rows": prepared.dropped_rows,
+        **prepared.drop_metrics(),
         "eval_rows": 0 if prepared.eval_dataset is None else len(prepared.eval_dataset)}
     return train_and_save(prepared, settings, trl_kwargs, output_dir, stage="kto",
                           metrics_file=KTO_METRICS_FILE, metrics=metrics, eval_keys=KTO_EVAL_KEYS,

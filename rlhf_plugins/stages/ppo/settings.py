@@ -9,13 +9,14 @@ from typing import Any, Mapping
 from ...config import check_strings
 from ...errors import ConfigError
 from ...models import LoraSettings, QuantSettings, resolve_adapter_settings
+from ..bad_rows import BadRowsSettings
 from ..skeleton import SYNTHETIC
 
 #: how a PRM reward model's step outputs become the PPO reward (see PPOSettings.prm_reward)
 PRM_REWARDS = ("probability", "sign", "score")
 
 @dataclass
-class PPOSettings:
+class PPOSettings(BadRowsSettings):
     """Our part of a PPO/GRPO config (the rest are TRL `GRPOConfig` fields, e.g. `beta`)."""
 
     #: HF model directory, hub id, .gguf file, saved LoRA adapter, or None for the embedded SmolLM2
@@ -117,6 +118,7 @@ class PPOSettings:
                               f"{self.prm_reward!r}")
         check_strings(self, ("dataset", "advantage_estimator", "dataset_split"),
                       ("eval_split", "eval_dataset"))
+        self.check_bad_rows()
         for name in ("num_examples",):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

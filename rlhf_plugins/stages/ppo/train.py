@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +30,7 @@ from ...errors import ConfigError
 from ..resume import check_run_config, output_state
 from ..skeleton import (build_trl_config, finish_stage, finished_stage, keep_float32_adapter_on_cpu,
                         load_trainable_model, resume_checkpoint, stage_config)
-from .prompts import check_prompt_tokens, held_out_prompts, load_prompt_rows
+from .prompts import check_prompt_tokens, checked_prompts, held_out_prompts, load_prompt_rows
 from .rewards import load_reward_scorer, scorer_function
 from .settings import PPOSettings
 
@@ -158,6 +158,8 @@ class PreparedPPO:
     eval_dataset: Any
     source: str
     reward_scorer: Any = None
+    #: the prompt rows dropped (`bad_rows: skip`): the training source's, then the eval source's
+    drops: list[Any] = field(default_factory=list)
 
 
 def load_policy(model_path: str, settings: PPOSettings, gradient_checkpointing: bool = False,
@@ -181,21 +183,30 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
 
-    def check(rows: Any, where: str, label: str | None = None) -> None:  # before the model loads
-        if rows is not None and "prompt" in getattr(rows, "column_names", ()):
+    drops: list[Any] = []
+
+    def check(rows: Any, where: str, label: str | None = None) -> Any:  # before the model loads
+        if rows is None or "prompt" not in getattr(rows, "column_names", ()):
+            return rows
+        if settings.bad_rows == "error":
             check_prompt_tokens(rows["prompt"], tokenizer, template, where, label)
+            return rows
+        rows, dropped = checked_prompts(rows, tokenizer, template, where, label,
+                                        settings.max_bad_fraction)
+        drops.append(dropped)
+        return rows
 
     if train_dataset is None:
         train_dataset, source = load_prompt_rows(settings)
-        check(train_dataset, source)  # before the split: errors name the file's lines
+        train_dataset = check(train_dataset, source)  # before the split: the file's lines
         if eval_dataset is None:
             train_dataset, eval_dataset = held_out_prompts(settings, train_dataset, check=check)
         else:
-            check(eval_dataset, "given eval dataset")
+            eval_dataset = check(eval_dataset, "given eval dataset")
     else:
         source = "given dataset"
-        check(train_dataset, source)
-        check(eval_dataset, "given eval dataset")
+        train_dataset = check(train_dataset, source)
+        eval_dataset = check(eval_dataset, "given eval dataset")
     if eval_dataset is not None and args.eval_strategy == "no":
         args.do_eval = True
     if template is not None:
@@ -225,7 +236,8 @@ def prepare_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None,
     trainer = PolicyOptimizationTrainer(policy, funcs, args, train_dataset=train_dataset,
                                         eval_dataset=eval_dataset, processing_class=tokenizer)
     keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
-    return PreparedPPO(trainer, tokenizer, model_path, train_dataset, eval_dataset, source, scorer)
+    return PreparedPPO(trainer, tokenizer, model_path, train_dataset, eval_dataset, source, scorer,
+                       drops)
 
 
 def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
@@ -245,6 +257,8 @@ def run_ppo(settings: PPOSettings, trl_kwargs: Mapping[str, Any] | None = None,
                                "policy_loss": settings.policy_loss or f"trl:{trainer.loss_type}",
                                "policy_loss_options": dict(settings.policy_loss_options),
                                "group_filter": settings.group_filter}
+    for prefix, dropped in zip(("", "eval_"), prepared.drops):
+        metrics.update(dropped.metrics(prefix))
     check_run_config(out, "ppo", settings, trl_kwargs)  # another config's files: cleared
     resume = resume_checkpoint(out, settings.resume, "PPO")
     if prepared.eval_dataset is not None and settings.eval_before and resume is None:

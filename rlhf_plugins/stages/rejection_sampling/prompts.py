@@ -4,12 +4,23 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import DataError
+from ..bad_rows import DroppedRows
 from ..skeleton import SYNTHETIC, load_dataset_source
 from .settings import SamplingSettings
 
 
 def load_prompt_rows(settings: SamplingSettings) -> tuple[list[dict[str, Any]], str]:
     """The prompt rows (each with a conversational `prompt`) and a label naming their source."""
+    rows, label, _, _ = counted_prompt_rows(settings)
+    return rows, label
+
+
+def counted_prompt_rows(settings: SamplingSettings,
+                        ) -> tuple[list[dict[str, Any]], str, list[int], DroppedRows]:
+    """(prompt rows, source label, each row's index in the source, the rows dropped): under
+    `bad_rows: skip` a row without a valid prompt is dropped and counted, else it is an error."""
+    from ...guard import row_number
+
     split = settings.dataset_split
     if settings.dataset == SYNTHETIC:
         from ...data import synth
@@ -23,20 +34,28 @@ def load_prompt_rows(settings: SamplingSettings) -> tuple[list[dict[str, Any]], 
         rows = [dict(r) for r in dataset]
     if not rows:
         raise DataError(f"dataset: {label}: no rows")
-    out = []
+    out, numbers, drops = [], [], DroppedRows(f"dataset {label}", len(rows))
     for i, row in enumerate(rows):
-        if row.get(settings.prompt_field) is None:  # absent (or null in a file whose other rows have it)
-            from ...guard import row_number
-
-            raise DataError(f"dataset {label}: row {row_number(label, i)}: missing field "
-                            f"{settings.prompt_field!r}")
-        prompt = row[settings.prompt_field]
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        prompt = check_prompt(prompt, i, label)
+        try:
+            if row.get(settings.prompt_field) is None:  # absent (or null in a file whose other rows have it)
+                raise DataError(f"dataset {label}: row {row_number(label, i)}: missing field "
+                                f"{settings.prompt_field!r}")
+            prompt = row[settings.prompt_field]
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            prompt = check_prompt(prompt, i, label)
+        except DataError as exc:
+            if settings.bad_rows == "error":
+                raise
+            drops.add("invalid", row_number(label, i), str(exc))
+            continue
         extra = {k: v for k, v in row.items() if k != settings.prompt_field}
         out.append({"prompt": prompt, **extra})
-    return out, label
+        numbers.append(i)
+    drops.check(settings.max_bad_fraction)
+    if not out:
+        raise DataError(f"dataset {label}: no prompts left (dropped: {drops.describe()})")
+    return out, label, numbers, drops
 
 
 def check_prompt(prompt: Any, i: int, label: str) -> list[dict]:

@@ -14,7 +14,7 @@ from ...cache import atomic_write_json
 from ...errors import DataError
 from .components import resolve_components
 from .outputs import build_rows, summarize, write_outputs
-from .prompts import check_prompt, load_prompt_rows
+from .prompts import check_prompt, counted_prompt_rows
 from .sampler import SamplingRun
 from .settings import SUMMARY_FILE, SamplingResult, SamplingSettings, load_sampling_config
 
@@ -49,8 +49,9 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
         from .outputs import finished_outputs
 
         return finished_outputs(out)
+    numbers = drops = None  # the rows' indices in `source` and the rows dropped (bad_rows: skip)
     if rows is None:
-        prompt_rows, source = load_prompt_rows(settings)
+        prompt_rows, source, numbers, drops = counted_prompt_rows(settings)
     else:
         prompt_rows = [{**dict(r), "prompt": check_prompt(
             [{"role": "user", "content": r["prompt"]}] if isinstance(r.get("prompt"), str)
@@ -67,7 +68,10 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
     if tokenizer is None:
         tokenizer = _load_tokenizer_for(policy_ref)
     # encodes every prompt: a row the template refuses fails here, before anything is written
-    run = SamplingRun(settings, out, prompt_rows, source, components, policy_ref, tokenizer, policy)
+    run = SamplingRun(settings, out, prompt_rows, source, components, policy_ref, tokenizer, policy,
+                      numbers=numbers, drops=drops)
+    if drops is not None:
+        drops.warn()
     out.mkdir(parents=True, exist_ok=True)
     check_run_config(out, "sample", settings, given, keep=("cache",))  # keyed by content: kept
     (out / SUMMARY_FILE).unlink(missing_ok=True)  # this folder is incomplete until the end
@@ -79,6 +83,8 @@ def run_sampling(settings: SamplingSettings, output_dir: str | os.PathLike, *,
         chosen = set(pairs)
         result_rows = build_rows(run, completions, scored, chosen)
         summary = summarize(settings, run, result_rows, pairs, totals)
+        if drops is not None:
+            summary.update(drops.metrics())
         summary["files"] = write_outputs(run, result_rows, pairs, summary)
         summary["seconds"] = round(time.perf_counter() - started, 3)
     sft_result = None

@@ -95,27 +95,36 @@ class SamplingRun:
 
     def __init__(self, settings: SamplingSettings, output_dir: Path, rows: list[dict[str, Any]],
                  source: str, components: SamplingComponents, policy_ref: str, tokenizer: Any,
-                 policy: Any = None) -> None:
+                 policy: Any = None, *, numbers: list[int] | None = None,
+                 drops: Any = None) -> None:
+        from ...generation import encode_prompt, end_of_turn_stop_strings, end_of_turn_token_ids
+        from ...guard import located, row_number
+
         self.s = settings
         self.out = output_dir
-        self.rows = rows
         self.source = source
         self.c = components
         self.policy_ref = policy_ref
         self.tokenizer = tokenizer
         self.policy = policy
         self.cache = JsonCache(output_dir / "cache")
-        self.chunks = _chunks(len(rows), settings.chunk_size)
-        from ...generation import encode_prompt, end_of_turn_stop_strings, end_of_turn_token_ids
-
-        self.prompt_ids = []
+        self.prompt_ids, self.rows = [], []
         for i, r in enumerate(rows):
             try:
                 self.prompt_ids.append(encode_prompt(components.template, tokenizer, r["prompt"]))
             except DataError as exc:  # a forged turn marker, a role the template lacks: name the row
-                from ...guard import located, row_number
-
-                raise located(exc, f"dataset {source}: row {row_number(source, i)}") from None
+                number = row_number(source, i if numbers is None else numbers[i])
+                exc = located(exc, f"dataset {source}: row {number}")
+                if drops is None or settings.bad_rows == "error":
+                    raise exc from None
+                drops.add("invalid", number, str(exc))  # `bad_rows: skip`: dropped, counted
+                continue
+            self.rows.append(r)
+        if drops is not None:
+            drops.check(settings.max_bad_fraction)
+            if not self.rows:
+                raise DataError(f"dataset {source}: no prompts left (dropped: {drops.describe()})")
+        self.chunks = _chunks(len(self.rows), settings.chunk_size)
         self.stop_ids = end_of_turn_token_ids(components.template, tokenizer)
         self.stop_strings = end_of_turn_stop_strings(components.template, tokenizer)
         self.backend = settings.backend  # "hf": part of the cache key and provenance

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 from ...config import build_dataclass, check_strings
 from ...errors import ConfigError
 from ...models import QuantSettings, check_dtype
+from ..bad_rows import BadRowsSettings
 from ..skeleton import SYNTHETIC, read_stage_source
 
 BACKENDS = ("hf",)
@@ -32,7 +33,7 @@ RESERVED_COLUMNS = frozenset({"prompt_index", "completion_index", "prompt", "com
 
 
 @dataclass
-class SamplingSettings:
+class SamplingSettings(BadRowsSettings):
     """A rejection-sampling / best-of-N config (YAML fields of `rlhf-plugins sample`)."""
 
     #: policy: HF model dir, PEFT adapter dir, hub id, .gguf, or None/"default" (embedded SmolLM2)
@@ -131,6 +132,7 @@ class SamplingSettings:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         check_strings(self, ("dataset", "template", "selection", "prompt_field", "dataset_split"))
+        self.check_bad_rows()
         if not isinstance(self.reward_functions, (list, tuple)):
             self.reward_functions = [self.reward_functions]
         self.reward_functions = list(self.reward_functions)

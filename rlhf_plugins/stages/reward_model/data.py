@@ -8,8 +8,10 @@ Row formats (prompts/completions are text or message lists; rendered with the ch
 - step: ``prompt``, ``steps`` (list of str), ``labels`` (-1/0/+1 per step)
 
 Bad rows (chosen == rejected after truncation, label counts that do not match the steps,
-unknown labels, empty completions, ...) are dropped with a count and the first example logged,
-or rejected with a :class:`~rlhf_plugins.errors.DataError` in strict mode - never silently.
+unknown labels, empty completions, ...) are rejected with a
+:class:`~rlhf_plugins.errors.DataError` (`bad_rows: error`, the stage's default), or dropped and
+counted with one warning line naming the first rows (`bad_rows: skip`, up to
+`max_bad_fraction`) - never silently.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ...errors import ComponentError, DataError, RlhfPluginsError
-from ...guard import guarded, located, row_place
+from ...guard import guarded, located, row_number, row_place
 from ...protocols import member
+from ..bad_rows import DroppedRows, reason_of
 from ..skeleton import SYNTHETIC, load_dataset_source
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ class EncodedRows:
     dropped: int = 0
     first_error: str | None = None
     reasons: dict[str, int] = field(default_factory=dict)
+    #: the dropped rows counted per reason with their numbers (the metrics every stage writes)
+    drops: DroppedRows | None = None
 
     def summary(self) -> dict[str, Any]:
         """Counts for the metrics file."""
@@ -54,8 +59,9 @@ def _reason(message: str) -> str:
 def encode_rows(rows: Sequence[Mapping[str, Any]], head: Any, tokenizer: Any, template: Any, *,
                 max_length: int | None = None, strict: bool = False,
                 where: str = "dataset", numbers: Sequence[int] | None = None,
-                label: str | None = None) -> EncodedRows:
-    """Encode rows with `head.encode`; drop bad ones (logged) or raise DataError when `strict`.
+                label: str | None = None, max_bad_fraction: float = 1.0) -> EncodedRows:
+    """Encode rows with `head.encode`; drop bad ones (counted, one warning line) or raise
+    DataError when `strict` (`bad_rows: error`) or more than `max_bad_fraction` of them are bad.
 
     Errors name the row as the user numbers it in `where`: `numbers[i]` is row i's index in
     `where` (rows of a split or shuffle; None: the rows are `where`'s, in order); `label`
@@ -63,36 +69,38 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], head: Any, tokenizer: Any, te
     from tqdm.auto import tqdm
 
     out = EncodedRows([], [])
+    drops = out.drops = DroppedRows(label or where, len(rows))
 
-    def place(index: int) -> str:
-        return row_place(where, index if numbers is None else numbers[index], label)
+    def index_in_source(index: int) -> int:
+        return index if numbers is None else numbers[index]
 
     total = len(rows) if hasattr(rows, "__len__") else None
     desc = f"Encoding {getattr(head, 'name', None) or 'reward head'} rows"
     for index, row in enumerate(tqdm(rows, total=total, desc=desc,
                                      leave=False, disable=total is not None and total < 2000)):
+        place = row_place(where, index_in_source(index), label)
         try:
             if not isinstance(row, Mapping):
                 raise DataError(f"expected a mapping, got {type(row).__name__}")
             with guarded(head, "reward_heads", "encode()"):
                 feats = head.encode(row, tokenizer=tokenizer, template=template, max_length=max_length)
         except ComponentError as exc:  # the head failed, not the row: never dropped as a bad row
-            raise located(exc, place(index)) from exc.__cause__
+            raise located(exc, place) from exc.__cause__
         except RlhfPluginsError as exc:
-            message = f"{place(index)}: {exc}"
+            message = f"{place}: {exc}"
             if strict:
                 raise DataError(message) from None
             out.dropped += 1
             key = _reason(str(exc))
             out.reasons[key] = out.reasons.get(key, 0) + 1
+            drops.add(reason_of(exc), row_number(where, index_in_source(index)), message)
             if out.first_error is None:
                 out.first_error = message
             continue
         out.features.append(feats)
         out.kept.append(index)
-    if out.dropped:
-        logger.warning("%s: dropped %d of %d rows; first: %s", label or where, out.dropped,
-                       out.dropped + len(out.kept), out.first_error)
+    drops.warn()
+    drops.check(max_bad_fraction)
     if not out.features:
         raise DataError(f"{label or where}: no usable rows" + (f" (first problem: {out.first_error})"
                                                       if out.first_error else ""))

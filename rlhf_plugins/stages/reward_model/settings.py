@@ -10,11 +10,12 @@ from typing import Any, Mapping
 from ...config import check_strings
 from ...errors import ConfigError
 from ...models import LoraSettings, QuantSettings, resolve_adapter_settings
+from ..bad_rows import BadRowsSettings
 from ..skeleton import SYNTHETIC
 
 
 @dataclass
-class RMSettings:
+class RMSettings(BadRowsSettings):
     """Our part of a reward-model config (the rest are TRL `RewardConfig` fields)."""
 
     #: HF model directory, hub id, .gguf, saved adapter (e.g. an SFT stage), or None/"default"
@@ -42,8 +43,8 @@ class RMSettings:
     dataset_seed: int = 0
     eval_fraction: float = 0.0
     eval_size: int | None = None
-    #: reject bad rows with an error instead of dropping them (with a count and first example)
-    strict: bool = False
+    #: the older spelling of `bad_rows`: true is `bad_rows: error`, false `bad_rows: skip`
+    strict: bool | None = None
     #: bradley_terry: after training, shift scores so the reference (best) completions of the
     #: training data score 0 on average (InstructGPT)
     normalize: bool = False
@@ -67,6 +68,11 @@ class RMSettings:
         self.peft = None
         check_strings(self, ("head", "template", "dataset", "dataset_split"),
                       ("eval_split", "eval_dataset"))
+        if self.strict is not None:
+            if not isinstance(self.strict, bool):
+                raise ConfigError(f"strict: expected true or false, got {self.strict!r}")
+            self.bad_rows, self.strict = ("error" if self.strict else "skip"), None
+        self.check_bad_rows()
         if not isinstance(self.head_options, Mapping):
             raise ConfigError(f"head_options: expected a mapping, got {self.head_options!r}")
         if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:

@@ -135,12 +135,13 @@ def prepare_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None,
         rows, eval_rows, eval_where = [rows[i] for i in numbers], [rows[i] for i in eval_numbers], source
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
+    strict = dict(strict=settings.bad_rows == "error", max_bad_fraction=settings.max_bad_fraction)
     train = encode_rows(rows, head, tokenizer, template, max_length=args.max_length,
-                        strict=settings.strict, where=source, numbers=numbers)
+                        where=source, numbers=numbers, **strict)
     evaluation = None
     if eval_rows:
         evaluation = encode_rows(eval_rows, head, tokenizer, template, max_length=args.max_length,
-                                 strict=settings.strict, where=eval_where, numbers=eval_numbers,
+                                 where=eval_where, numbers=eval_numbers, **strict,
                                  label=f"{eval_where} (eval)")
     logger.info("RM data: %d train rows (%d dropped), %d eval rows", len(train.kept), train.dropped,
                 0 if evaluation is None else len(evaluation.kept))
@@ -234,7 +235,10 @@ def run_rm(settings: RMSettings, trl_kwargs: Mapping[str, Any] | None = None,
     metrics: dict[str, Any] = {"head": model.head_name, "head_options": head_options,
                                "template": settings.template, "dataset": prepared.source,
                                "train_data": prepared.train.summary(),
-                               "eval_data": None if prepared.eval is None else prepared.eval.summary()}
+                               "eval_data": None if prepared.eval is None else prepared.eval.summary(),
+                               **prepared.train.drops.metrics()}
+    if prepared.eval is not None:
+        metrics.update(prepared.eval.drops.metrics("eval_"))
     kw = dict(batch_size=settings.score_batch_size, max_length=trainer.args.max_length)
     check_run_config(out, "rm", settings, trl_kwargs)  # another config's files: cleared
     resume = resume_checkpoint(out, settings.resume, "RM")

@@ -3,7 +3,9 @@
 The dataset is encoded here, not by TRL: each conversation is rendered by the chat template
 component named in the config (`registry().chat_templates`), the masking strategy
 (`registry().masking_strategies`) picks the trained tokens, and the trainer receives
-pre-tokenized rows `{"input_ids", "assistant_masks"}`.
+pre-tokenized rows `{"input_ids", "assistant_masks"}`. Rows are encoded through
+`datasets.Dataset.map` (:func:`~rlhf_plugins.stages.bad_rows.map_rows`): a bad row is an error
+or, with `bad_rows: skip`, dropped and counted.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import logging
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ...errors import ConfigError, DataError
-from ...guard import check_mask, guarded, row_errors, row_place
+from ...guard import check_mask, guarded
 from ...protocols import member
+from ..bad_rows import ROW, DroppedRows, bad_row, map_rows
 from ..skeleton import SYNTHETIC, load_dataset_source
 from .settings import SFTSettings
 
@@ -84,48 +87,63 @@ def _text_features(text: str, tokenizer: Any) -> tuple[list[int], list[int]]:
     return ids, [1] * len(ids)
 
 
-def build_sft_dataset(rows: Iterable[Mapping[str, Any]], tokenizer: Any, template: Any = "chatml",
-                      masking: Any = "all_assistant_turns", *, messages_field: str = "messages",
-                      where: str = "dataset") -> "Dataset":
-    """Encode conversations into an HF Dataset of `input_ids` + `assistant_masks` (0/1)."""
-    from datasets import Dataset
-    from tqdm.auto import tqdm
+def sft_features() -> dict[str, Any]:
+    """The Arrow features of encoded SFT rows."""
+    from datasets import Sequence, Value
 
+    return {"input_ids": Sequence(Value("int64")), "assistant_masks": Sequence(Value("int64"))}
+
+
+def encode_sft_rows(rows: "Iterable[Mapping[str, Any]] | Dataset", tokenizer: Any,
+                    template: Any = "chatml", masking: Any = "all_assistant_turns", *,
+                    messages_field: str = "messages", where: str = "dataset",
+                    bad_rows: str = "error", max_bad_fraction: float = 0.01,
+                    num_proc: int | None = None) -> tuple["Dataset", DroppedRows]:
+    """Encode conversations (through `Dataset.map`) into `input_ids` + `assistant_masks` (0/1) +
+    `row` (the row's number in `where`), and the rows dropped (`bad_rows: skip`)."""
     tpl, msk = get_components(template, masking)
-    input_ids: list[list[int]] = []
-    masks: list[list[int]] = []
-    total = len(rows) if hasattr(rows, "__len__") else None
-    for index, row in enumerate(tqdm(rows, total=total, desc="Encoding conversations",
-                                     leave=False, disable=total is not None and total < 2000)):
-        place = row_place(where, index)  # 1-based: the file's line for JSON lines
-        with row_errors(place):
-            if not isinstance(row, Mapping):
-                raise DataError(f"expected a mapping, got {type(row).__name__}")
-            text = row_text(row, messages_field)
-            if text is not None:
-                ids, mask = _text_features(text, tokenizer)
-                input_ids.append(ids)
-                masks.append(mask)
-                continue
-            messages = row_messages(row, messages_field)
-            # Full validation (roles the template supports, system first, tool results after
-            # calls, ends with an assistant turn); the Protocol's default when it declares none.
-            with guarded(tpl, "chat_templates", "validate()"):
-                messages = member(tpl, "chat_templates", "validate")(messages, for_training=True)
-            check_assistant_content(messages)
-            with guarded(tpl, "chat_templates", "encode()"):
-                encoded = tpl.encode(messages, tokenizer=tokenizer, add_generation_prompt=False)
-            with guarded(msk, "masking_strategies", "mask()"):
-                raw_mask = msk.mask(encoded)
-            mask = check_mask(raw_mask, len(encoded.input_ids), msk)  # one 0/1 value per token
+
+    def encode(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        text = row_text(row, messages_field)
+        if text is not None:
+            ids, mask = _text_features(text, tokenizer)
+            return [{"input_ids": ids, "assistant_masks": mask}]
+        messages = row_messages(row, messages_field)
+        # Full validation (roles the template supports, system first, tool results after
+        # calls, ends with an assistant turn); the Protocol's default when it declares none.
+        with guarded(tpl, "chat_templates", "validate()"):
+            messages = member(tpl, "chat_templates", "validate")(messages, for_training=True)
+        check_assistant_content(messages)
+        with guarded(tpl, "chat_templates", "encode()"):
+            encoded = tpl.encode(messages, tokenizer=tokenizer, add_generation_prompt=False)
+        with guarded(msk, "masking_strategies", "mask()"):
+            raw_mask = msk.mask(encoded)
+        mask = check_mask(raw_mask, len(encoded.input_ids), msk)  # one 0/1 value per token
         if not any(mask):
-            raise DataError(f"{place}: no token is trained (masking "
-                            f"{getattr(msk, 'name', msk)!r} masks the whole conversation)")
-        input_ids.append(list(encoded.input_ids))
-        masks.append(mask)
-    if not input_ids:
-        raise DataError(f"{where}: no rows")
-    return Dataset.from_dict({"input_ids": input_ids, "assistant_masks": masks})
+            raise bad_row(f"no token is trained (masking {getattr(msk, 'name', msk)!r} masks the "
+                          "whole conversation)", "no_trained_token")
+        return [{"input_ids": list(encoded.input_ids), "assistant_masks": mask}]
+
+    dataset, drops = map_rows(rows, encode, sft_features(), where=where, bad_rows=bad_rows,
+                              max_bad_fraction=max_bad_fraction, num_proc=num_proc,
+                              desc="Encoding conversations")
+    if len(dataset) == 0:
+        raise DataError(f"{where}: no rows" + (f" (dropped: {drops.describe()})" if drops.dropped
+                                               else ""))
+    return dataset, drops
+
+
+def build_sft_dataset(rows: "Iterable[Mapping[str, Any]] | Dataset", tokenizer: Any,
+                      template: Any = "chatml", masking: Any = "all_assistant_turns", *,
+                      messages_field: str = "messages", where: str = "dataset",
+                      bad_rows: str = "error", max_bad_fraction: float = 0.01,
+                      num_proc: int | None = None) -> "Dataset":
+    """Encode conversations into an HF Dataset of `input_ids` + `assistant_masks` (0/1)."""
+    dataset, drops = encode_sft_rows(rows, tokenizer, template, masking,
+                                     messages_field=messages_field, where=where, bad_rows=bad_rows,
+                                     max_bad_fraction=max_bad_fraction, num_proc=num_proc)
+    drops.warn()
+    return dataset.remove_columns(ROW)
 
 
 def check_assistant_content(messages: Sequence[Mapping[str, Any]]) -> None:
@@ -136,13 +154,15 @@ def check_assistant_content(messages: Sequence[Mapping[str, Any]]) -> None:
             continue
         if not any(isinstance(m.get(k), str) and m[k].strip()
                    for k in ("content", "thinking", "reasoning_content")):
-            raise DataError(f"message {i}: empty assistant content (nothing to train on); "
-                            "drop the row or give the assistant turn some text")
+            raise bad_row(f"message {i}: empty assistant content (nothing to train on); "
+                          "drop the row or give the assistant turn some text", "empty_answer")
 
 
-def drop_truncated(dataset: "Dataset", args: Any, where: str) -> tuple["Dataset", int]:
+def drop_truncated(dataset: "Dataset", args: Any, where: str,
+                   drops: DroppedRows | None = None) -> tuple["Dataset", int]:
     """Remove (and count) the rows TRL would drop after truncating to `max_length`: those whose
-    trained tokens all lie in the cut-off part. DataError when no row is left."""
+    trained tokens all lie in the cut-off part. DataError when no row is left. With `drops`
+    (and a `row` column), they are counted there as `truncated` and `drops` warns once."""
     if args.max_length is None or getattr(args, "packing", False) or dataset is None:
         return dataset, 0
     if args.truncation_mode not in ("keep_start", "keep_end"):
@@ -150,14 +170,22 @@ def drop_truncated(dataset: "Dataset", args: Any, where: str) -> tuple["Dataset"
                           f"{args.truncation_mode!r}")
     cut = slice(None, args.max_length) if args.truncation_mode == "keep_start" \
         else slice(-args.max_length, None)
-    keep = [i for i, m in enumerate(dataset["assistant_masks"]) if any(m[cut])]
+    masks = dataset["assistant_masks"]
+    keep = [i for i, m in enumerate(masks) if any(m[cut])]
     dropped = len(dataset) - len(keep)
+    if drops is not None and dropped:
+        numbers = dataset[ROW] if ROW in dataset.column_names else range(1, len(dataset) + 1)
+        kept = set(keep)
+        for i, number in enumerate(numbers):
+            if i not in kept:
+                drops.add("truncated", number)
     if not keep:
         raise DataError(f"{where}: no row has a trained token within max_length={args.max_length} "
                         f"(truncation_mode {args.truncation_mode}); raise max_length")
     if dropped:
-        logger.warning("%s: %d of %d rows have no trained token within max_length=%d and are "
-                       "dropped", where, dropped, len(dataset), args.max_length)
+        if drops is None:
+            logger.warning("%s: %d of %d rows have no trained token within max_length=%d and are "
+                           "dropped", where, dropped, len(dataset), args.max_length)
         dataset = dataset.select(keep)
     return dataset, dropped
 

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from ...config import check_strings
 from ...errors import ConfigError
 from ...models import LoraSettings, QuantSettings, resolve_adapter_settings
+from ..bad_rows import BadRowsSettings
 from ..skeleton import SYNTHETIC
 
 
 @dataclass
-class SFTSettings:
+class SFTSettings(BadRowsSettings):
     """Our part of an SFT config (the rest are TRL `SFTConfig` fields)."""
 
     #: HF model directory, hub id, .gguf file, or None / "default" for the embedded SmolLM2
@@ -59,6 +60,7 @@ class SFTSettings:
                                                                 self.quantization)
         self.peft = None
         check_strings(self, ("dataset", "template", "masking", "dataset_split", "messages_field"))
+        self.check_bad_rows()
         if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
             raise ConfigError(f"model: expected a string, got {self.model!r}")
         if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:

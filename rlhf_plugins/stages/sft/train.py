@@ -21,10 +21,11 @@ from typing import Any, Mapping, Sequence
 
 from ...cache import atomic_write_dir
 from ...errors import ConfigError
+from ..bad_rows import ROW
 from ..resume import check_run_config, output_state
 from ..skeleton import (build_trl_config, finish_stage, finished_stage, keep_float32_adapter_on_cpu,
                         load_trainable_model, resume_checkpoint, stage_config)
-from .dataset import build_sft_dataset, drop_truncated, get_components, load_rows, split_eval
+from .dataset import drop_truncated, encode_sft_rows, get_components, load_rows, split_eval
 from .settings import SFTSettings
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,22 @@ class PreparedSFT:
     train_dataset: Any
     eval_dataset: Any
     source: str
-    #: rows removed because truncation to `max_length` left them nothing to train on
-    dropped_rows: int = 0
+    #: rows dropped (bad rows under `bad_rows: skip`, truncation): the training source's, and
+    #: a separate evaluation source's (None: held out of the training source, or no evaluation)
+    drops: Any = None
+    eval_drops: Any = None
+
+    @property
+    def dropped_rows(self) -> int:
+        """How many rows of the training source were dropped, all reasons."""
+        return 0 if self.drops is None else self.drops.dropped
+
+    def drop_metrics(self) -> dict[str, Any]:
+        """The dropped-row counts for the metrics file (see :class:`~..bad_rows.DroppedRows`)."""
+        out = {} if self.drops is None else self.drops.metrics()
+        if self.eval_drops is not None:
+            out.update(self.eval_drops.metrics("eval_"))
+        return out
 
 
 def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
@@ -90,8 +105,10 @@ def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
     rows, source = load_rows(settings)
     model_path = resolve_model(settings.model)
     tokenizer = load_tokenizer(model_path)
-    dataset = build_sft_dataset(rows, tokenizer, template, masking,
-                                messages_field=settings.messages_field, where=source)
+    encode = dict(messages_field=settings.messages_field, bad_rows=settings.bad_rows,
+                  max_bad_fraction=settings.max_bad_fraction, num_proc=args.dataset_num_proc)
+    dataset, drops = encode_sft_rows(rows, tokenizer, template, masking, where=source, **encode)
+    eval_drops = None
     if settings.eval_split is not None or settings.eval_dataset is not None:
         eval_source = settings.eval_dataset or settings.dataset
         eval_split = settings.eval_split or settings.dataset_split
@@ -100,13 +117,19 @@ def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
                               "split (or use eval_size / eval_fraction for a hold-out)")
         eval_rows, eval_label = load_rows(settings, eval_source, eval_split)
         train_ds = dataset
-        eval_ds = build_sft_dataset(eval_rows, tokenizer, template, masking,
-                                    messages_field=settings.messages_field, where=eval_label)
+        eval_ds, eval_drops = encode_sft_rows(eval_rows, tokenizer, template, masking,
+                                              where=eval_label, **encode)
     else:
         train_ds, eval_ds = split_eval(dataset, settings, args.seed)
-    train_ds, dropped = drop_truncated(train_ds, args, source)  # counted, not silently lost
-    if eval_ds is not None:
-        eval_ds, _ = drop_truncated(eval_ds, args, f"{source} (eval)")
+    train_ds, _ = drop_truncated(train_ds, args, source, drops)  # counted, not silently lost
+    if eval_ds is not None:  # a held-out row is a row of the training source
+        eval_ds, _ = drop_truncated(eval_ds, args, f"{source} (eval)",
+                                    drops if eval_drops is None else eval_drops)
+    for counted in (drops, eval_drops):
+        if counted is not None:
+            counted.warn()
+    train_ds = train_ds.remove_columns(ROW)
+    eval_ds = None if eval_ds is None else eval_ds.remove_columns(ROW)
     logger.info("SFT data: %d train / %d eval conversations from %s", len(train_ds),
                 0 if eval_ds is None else len(eval_ds), source)
     # The saved tokenizer (and every checkpoint) carries the template it was trained with.
@@ -122,7 +145,7 @@ def prepare_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None,
                          processing_class=tokenizer)
     keep_float32_adapter_on_cpu(trainer.model, settings.quantization)
     return PreparedSFT(trainer, tokenizer, template, masking, model_path, train_ds, eval_ds, source,
-                       dropped)
+                       drops, eval_drops)
 
 
 def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
@@ -135,7 +158,7 @@ def run_sft(settings: SFTSettings, trl_kwargs: Mapping[str, Any] | None = None,
     prepared = prepare_sft(settings, trl_kwargs, out)
     trainer = prepared.trainer
     metrics: dict[str, Any] = {"train_rows": len(prepared.train_dataset),
-                               "dropped_rows": prepared.dropped_rows,
+                               **prepared.drop_metrics(),
                                "eval_rows": 0 if prepared.eval_dataset is None else len(prepared.eval_dataset),
                                "trained_tokens": int(sum(sum(m) for m in prepared.train_dataset["assistant_masks"]))}
     check_run_config(out, "sft", settings, trl_kwargs)  # another config's files: cleared
