@@ -9,6 +9,8 @@ row, so 1M rows are ~1 GB) and preference pairs (``prompt``, ``chosen``, ``rejec
 Each measurement runs in a fresh process (so its peak RSS is its own) and goes through a
 stage's own public data path on the file:
 
+- ``load``: the reader alone: `load_dataset_source` (JSON -> memory-mapped Arrow) and one pass
+  over the rows reading every message (no tokenizing): what the stages share;
 - ``sft``: `load_dataset_source` + `build_sft_dataset(rows, tokenizer, "chatml", "all_assistant_turns")`;
 - ``dpo``: `load_dataset_source` + `encode_pairs` (the DPO stage's encoder, same template/masking);
 - ``kto``: `load_dataset_source` + `encode_unpaired` (a pair gives a desirable and an undesirable row);
@@ -40,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-STAGES = ("sft", "dpo", "kto", "rm", "trl_sft")
+STAGES = ("load", "sft", "dpo", "kto", "rm", "trl_sft")
 #: what each measurement records
 FIELDS = ("stage", "rows", "out_rows", "load_s", "prepare_s", "rows_per_s", "baseline_rss_mb",
           "peak_rss_mb", "baseline_anon_mb", "peak_anon_mb", "file_mb")
@@ -140,6 +142,8 @@ def _ours(stage: str, tokenizer: Any) -> Callable[[str], tuple[int, float, int]]
                 rows, head, tokenizer, registry().chat_templates.get("chatml"), where=where))
         rows, where = load_dataset_source(path)
         loaded = time.perf_counter() - start
+        if stage == "load":
+            return len(rows), loaded, sum(1 for row in rows if sum(len(m["content"]) for m in row["messages"]))
         if stage == "sft":
             from rlhf_plugins.stages.sft.dataset import build_sft_dataset as encode
         elif stage == "dpo":
@@ -224,7 +228,7 @@ def measure_in_subprocess(stage: str, data: Path, tokenizer_dir: str | None,
 # --------------------------------------------------------------------------------------------
 
 def _kind(stage: str) -> str:
-    return "sft" if stage in ("sft", "trl_sft") else "preference"
+    return "sft" if stage in ("load", "sft", "trl_sft") else "preference"
 
 
 def bench(row_counts: list[int], stages: list[str], work_dir: Path, tokenizer_dir: str | None = None,
@@ -260,7 +264,7 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in sorted(results, key=lambda r: (r["rows"], STAGES.index(r["stage"]))):
         base = first.setdefault(r["stage"], r)
         t = trl.get(r["rows"])
-        ratio = f"{r['rows_per_s'] / t['rows_per_s']:.2f}x" if t and r["stage"] != "trl_sft" else ""
+        ratio = f"{r['rows_per_s'] / t['rows_per_s']:.2f}x" if t and r["stage"] not in ("load", "trl_sft") else ""
         trl_mem = f"{t['peak_rss_mb']} ({t['peak_anon_mb']})" if t else "n/a"
         growth = (f"+{r['peak_rss_mb'] - base['peak_rss_mb']} (+{r['peak_anon_mb'] - base['peak_anon_mb']})"
                   if base is not r else "-")

@@ -68,3 +68,28 @@ def test_evaluation_of_a_dataset_equals_that_of_its_rows(tmp_path):
     assert from_file == evaluate_policy(model, tok, ROWS, **kw)
     assert from_file["n"] == 5 and len(from_file["samples"]) == 2
     assert from_file["uids"] == [r["uid"] for r in ROWS]
+
+
+def test_mc_labels_reads_a_problems_file_through_datasets(tmp_path):
+    """`--problems FILE` (blank lines, `--num-problems` 3 of 4): each written row is its problem
+    plus labels; the last step's label is the verifier's on the whole solution (no rollout), so
+    it matches the synthetic task's own label of that step."""
+    from helpers_bad_inputs import run_main
+    from rlhf_plugins.data import synth
+    from rlhf_plugins.testing import tiny_model_dir
+
+    problems = synth.step_rows(4, seed=3, split="train")
+    data = tmp_path / "problems.jsonl"
+    data.write_text("\n".join(json.dumps({k: v for k, v in p.items() if k != "labels"}) + "\n"
+                              for p in problems))
+    out = tmp_path / "labels.jsonl"
+    code, _, err = run_main(["rm", "mc-labels", "--problems", data, "--out", out, "--num-problems", "3",
+                             "--policy", tiny_model_dir(tmp_path / "tiny"), "--num-rollouts", "1",
+                             "--max-new-tokens", "2"])
+    assert code == 0, err[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["steps"] for r in rows] == [p["steps"] for p in problems[:3]]
+    assert [r["answer"] for r in rows] == [p["answer"] for p in problems[:3]]
+    for row, problem in zip(rows, problems):
+        assert len(row["labels"]) == len(row["steps"]) and set(row["labels"]) <= {1, -1}
+        assert row["labels"][-1] == (1 if problem["labels"][-1] > 0 else -1)
