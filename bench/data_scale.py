@@ -204,8 +204,8 @@ def measure(stage: str, data: str, tokenizer_dir: str | None = None) -> dict[str
         peak_anon = sampler.stop()
     prepare_s = total - load_s
     mb = 1 / 2 ** 20
-    return {"stage": stage, "rows": rows, "out_rows": out_rows, "load_s": round(load_s, 2),
-            "prepare_s": round(prepare_s, 2), "rows_per_s": round(rows / prepare_s, 1),
+    return {"stage": stage, "rows": rows, "out_rows": out_rows, "load_s": round(load_s, 3),
+            "prepare_s": round(prepare_s, 3), "rows_per_s": round(rows / prepare_s, 1),
             "baseline_rss_mb": round(baseline * mb), "peak_rss_mb": round(_max_rss() * mb),
             "baseline_anon_mb": round(anon_before * mb), "peak_anon_mb": round(peak_anon * mb)}
 

@@ -49,7 +49,7 @@ def test_every_stage_and_trl_prepare_every_row_and_the_table_compares_them(files
         assert set(result) == set(data_scale.FIELDS), stage
         # KTO makes a desirable and an undesirable row of each pair
         assert (result["rows"], result["out_rows"]) == (N, 2 * N if stage == "kto" else N), stage
-        assert result["rows_per_s"] > 0 and result["prepare_s"] > 0 and result["load_s"] >= 0
+        assert result["rows_per_s"] > 0 and result["prepare_s"] >= 0 and result["load_s"] >= 0
         assert result["peak_rss_mb"] >= result["baseline_rss_mb"] > 0
         assert result["peak_anon_mb"] > 0
         results.append(result)
