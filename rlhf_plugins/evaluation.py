@@ -14,7 +14,8 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
                     ) -> dict[str, Any]:
     """Greedy-decode every row's `prompt`, score with the reward functions; accuracy = first one.
 
-    Rows carry a conversational `prompt` plus the columns the reward functions read (`answer`).
+    Rows (a list or a `datasets.Dataset`) carry a conversational `prompt` plus the columns the
+    reward functions read (`answer`).
     Returns `{"accuracy", "mean_reward", "n", "samples": [...]}`.
     """
     from tqdm.auto import tqdm
@@ -51,7 +52,7 @@ def evaluate_policy(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, Any]
         "accuracy_by_kind": accuracy_by_kind(rows, first),
         "samples": [{"prompt": r["prompt"][-1]["content"], "answer": r.get("answer"),
                      "completion": c, "correct": bool(first[i])}
-                    for i, (r, c) in enumerate(zip(rows[:samples], completions[:samples]))],
+                    for i, (r, c) in enumerate(zip(rows, completions[:samples]))],
     }
     logger.info("held-out accuracy %.3f over %d prompts", out["accuracy"], len(rows))
     return out

@@ -1,6 +1,7 @@
 """Reward head components: label construction, last attended token, every loss path, metrics."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -430,3 +431,19 @@ def test_score_sorts_by_length_but_keeps_input_order(tiny_dir, tok, tpl):
                              return_stats=True)
     assert unsorted == pytest.approx(alone, abs=1e-5)
     assert stats["padded_tokens"] < ustats["padded_tokens"] and stats["tokens"] == ustats["tokens"]
+
+
+def test_score_names_a_bad_row_by_its_number_or_its_files_line(tiny_dir, tok, tpl, tmp_path):
+    """1-based, as every other row error: the 2nd row is `score: row 2`; rows of a data file
+    (`where`) are named by the file's line, blank lines counted."""
+    from rlhf_plugins.errors import DataError
+    from rlhf_plugins.stages.reward_model.scoring import score
+
+    model = _model(tiny_dir, tok, tpl, registry().reward_heads.get("bradley_terry")).eval()
+    rows = [{"prompt": PROMPT, "completion": "yes"}, {"prompt": PROMPT}]
+    with pytest.raises(DataError, match=r"^score: row 2: "):
+        score(model, rows, progress=False)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n" + json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    with pytest.raises(DataError, match=rf"^{data} row 4: "):
+        score(model, rows, progress=False, where=str(data))

@@ -61,7 +61,7 @@ def test_max_per_prompt_threshold_and_holdout_options():
 
 
 def test_bad_rows_and_options_are_one_line_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match=r"sample row 1: missing field\(s\) reward"):
+    with pytest.raises(ConfigError, match=r"sample row 2: missing field\(s\) reward"):
         verified_pairs([ROWS[0], {k: v for k, v in ROWS[1].items() if k != "reward"}])
     with pytest.raises(ConfigError, match="holdout_every"):
         verified_pairs(ROWS, holdout_every=1)
@@ -73,9 +73,41 @@ def test_bad_rows_and_options_are_one_line_config_errors(tmp_path):
     assert write_verified_pairs(samples, tmp_path / "out") is None  # no held-out pair: caller falls back
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({k: v for k, v in ROWS[0].items() if k != "prompt"}) + "\n")
-    with pytest.raises(ConfigError, match=rf"^{broken}: sample row 0: missing field\(s\) prompt"):
+    with pytest.raises(ConfigError, match=rf"^{broken} row 1: missing field\(s\) prompt"):
         write_verified_pairs(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_sample_is_named_by_its_line_in_the_file(tmp_path):
+    """Blank lines count, as an editor shows them: the 3rd sample, on line 5, is `row 5`; a field
+    another row has reads as null in a Dataset row and is still missing."""
+    samples = tmp_path / "all.jsonl"
+    bad = {k: v for k, v in ROWS[2].items() if k != "completion"}
+    samples.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n\n"
+                       + json.dumps(bad) + "\n" + json.dumps(ROWS[3]) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{samples} row 5: missing field\(s\) completion \("):
+        write_verified_pairs(samples, tmp_path / "out")
+    from rlhf_plugins.errors import DataError
+    from rlhf_plugins.stages.kto.data import write_labelled_samples
+
+    with pytest.raises(DataError, match=rf"^{samples} row 5: missing field\(s\) completion \("):
+        write_labelled_samples(samples, tmp_path / "out")
+
+
+def test_samples_read_from_a_file_give_the_pairs_of_the_rows_in_memory(tmp_path):
+    """The file goes through `datasets` (Arrow, memory-mapped): same pairs as the list of rows,
+    an ungraded sample (reward null) is left out, and no pair gains a column it lacked."""
+    rows = [dict(r) for r in ROWS]
+    rows[0] = {**rows[0], "uid": "u0"}  # one row's extra column is null in every other Dataset row
+    ungraded = {**rows[1], "completion_index": 9, "reward": None}
+    samples = tmp_path / "all.jsonl"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows + [ungraded]))
+    paths = write_verified_pairs(samples, tmp_path / "out")
+    expected_train, expected_held = verified_pairs(rows)
+    got = [[json.loads(line) for line in Path(paths[k]).read_text().splitlines()]
+           for k in ("pairs_train", "pairs_eval")]
+    assert got == [expected_train, expected_held]
+    assert "uid" not in got[0][0] and got[1][0]["uid"] == "u0"  # prompt 0's pairs are held out
 
 
 @pytest.fixture(scope="module")

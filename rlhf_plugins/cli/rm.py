@@ -64,12 +64,12 @@ def handle(args: argparse.Namespace) -> int:
 
 def handle_mc_labels(args: argparse.Namespace) -> int:
     """Write Monte Carlo step labels for a problem set."""
-    import json
     from pathlib import Path
 
     from .. import registry
     from ..data import synth
-    from ..errors import ConfigError, DataError
+    from ..data.files import load_data_file
+    from ..errors import ConfigError
     from ..models import load_causal_lm, load_tokenizer, resolve_model
     from ..guard import check_output_dir
     from ..stages.reward_model.train import mc_step_labels, policy_sampler
@@ -85,14 +85,9 @@ def handle_mc_labels(args: argparse.Namespace) -> int:
         path = Path(args.problems)
         if not path.is_file():
             raise ConfigError(f"--problems: {path}: no such file")
-        problems = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    problems.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-        problems = problems[:args.num_problems] if args.num_problems else problems
+        problems = load_data_file(path)  # memory-mapped; a broken line is named by its number
+        if args.num_problems and len(problems) > args.num_problems:
+            problems = problems.select(range(args.num_problems))
     template = registry().chat_templates.get(args.template)
     reward = registry().reward_functions.get(args.reward)
     model_path = resolve_model(args.policy)

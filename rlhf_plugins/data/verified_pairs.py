@@ -11,7 +11,6 @@ is seen in training.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections import defaultdict
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import ConfigError, DataError
+from ..guard import row_place
 
 __all__ = ["verified_pairs", "write_verified_pairs", "ON_POLICY_KIND"]
 
@@ -26,21 +26,34 @@ __all__ = ["verified_pairs", "write_verified_pairs", "ON_POLICY_KIND"]
 ON_POLICY_KIND = "on_policy"
 
 
+def missing_sample_fields(row: Mapping[str, Any], where: str, index: int) -> str | None:
+    """What row `index` of `where` lacks to be a graded sample, the row named by its 1-based
+    number (the file's line for JSON lines); None when nothing. A null counts as missing (a
+    `datasets` row holds every key any row has), except a null reward: ungraded."""
+    missing = [k for k in ("prompt_index", "prompt", "completion", "reward") if k not in row
+               or (row[k] is None and k != "reward")]
+    if not missing:
+        return None
+    return (f"{row_place(where, index)}: missing field(s) {', '.join(missing)} "
+            "(expected an `rlhf-plugins sample` all.jsonl)")
+
+
 def verified_pairs(rows: Iterable[Mapping[str, Any]], *, min_reward: float = 0.5,
-                   max_per_prompt: int = 2, holdout_every: int = 3,
-                   seed: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train pairs, held-out pairs) from graded samples; deterministic for a seed."""
+                   max_per_prompt: int = 2, holdout_every: int = 3, seed: int = 0,
+                   where: str = "sample") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train pairs, held-out pairs) from graded samples (rows of `where`: a file names a bad
+    row by its line); ungraded samples (reward null) are left out; deterministic for a seed."""
     if max_per_prompt < 1:
         raise ConfigError(f"max_per_prompt must be at least 1, got {max_per_prompt!r}")
     if holdout_every < 2:
         raise ConfigError(f"holdout_every must be at least 2, got {holdout_every!r}")
     by_prompt: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     for i, row in enumerate(rows):
-        missing = [k for k in ("prompt_index", "prompt", "completion", "reward") if k not in row]
-        if missing:
-            raise ConfigError(f"sample row {i}: missing field(s) {', '.join(missing)} "
-                              "(expected an `rlhf-plugins sample` all.jsonl)")
-        by_prompt[int(row["prompt_index"])].append(row)
+        problem = missing_sample_fields(row, where, i)
+        if problem:
+            raise ConfigError(problem)
+        if row["reward"] is not None:
+            by_prompt[int(row["prompt_index"])].append(row)
     rng = random.Random(seed)
     train: list[dict[str, Any]] = []
     held_out: list[dict[str, Any]] = []
@@ -56,7 +69,7 @@ def verified_pairs(rows: Iterable[Mapping[str, Any]], *, min_reward: float = 0.5
                     "prompt_index": index, "chosen_reward": float(chosen["reward"]),
                     "rejected_reward": float(rejected["reward"])}
             for key in ("uid", "kind", "answer"):
-                if key in chosen:
+                if chosen.get(key) is not None:
                     pair[key] = chosen[key]
             (held_out if index % holdout_every == 0 else train).append(pair)
     return train, held_out
@@ -65,14 +78,18 @@ def verified_pairs(rows: Iterable[Mapping[str, Any]], *, min_reward: float = 0.5
 def split_graded_samples(samples_jsonl: str | os.PathLike,
                          build: Callable[..., tuple[list[dict[str, Any]], list[dict[str, Any]]]],
                          **options: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, held-out) rows that `build` makes of the graded samples in `samples_jsonl` (one
-    JSON object per line, as rejection sampling writes them); its errors name the file."""
+    """(train, held-out) rows that `build(rows, where=..., **options)` makes of the graded
+    samples in `samples_jsonl` (one JSON object per line, as rejection sampling writes them),
+    read as a memory-mapped Dataset; a bad row is named by the file and its line."""
+    from .files import load_data_file
+
     path = Path(samples_jsonl)
-    with path.open(encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = load_data_file(path) if path.stat().st_size else []  # no samples: no pairs, no error
     try:
-        return build(rows, **options)
+        return build(rows, where=str(path), **options)
     except (ConfigError, DataError) as exc:
+        if str(exc).startswith(str(path)):  # a bad row: named by the file and its line
+            raise
         raise type(exc)(f"{path}: {exc}") from None
 
 

@@ -246,9 +246,10 @@ class Pipeline:
             data = json.loads(cache.read_text())
             if data.get("key") == key:
                 return data["result"]
+        from ..data.files import load_data_file
         from ..evaluation import evaluate_saved_policy
 
-        rows = [json.loads(line) for line in Path(self.paths[split]).read_text().splitlines()]
+        rows = load_data_file(self.paths[split])
         e = self.settings.eval
         result = evaluate_saved_policy(model_dir, rows, adapter_dir=adapter_dir,
                                        template=self.settings.template, reward_functions=e.reward_functions,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..cache import atomic_write_json
+from ..data.files import FILE_BUILDERS, first_line, load_data_file
 from ..errors import ConfigError, DataError
 from ..models import STAGE_FILE
 
@@ -41,8 +42,6 @@ logger = logging.getLogger(__name__)
 
 #: the `dataset` value naming a stage's built-in synthetic task
 SYNTHETIC = "synthetic"
-#: `datasets` builders by file suffix; any other file is read as JSON lines
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 #: files that mark a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
 _SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
 
@@ -168,7 +167,7 @@ def load_dataset_source(source: str | os.PathLike, *, split: str = "train",
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.is_file():
-        ds, label = _load_file(path), str(path)
+        ds, label = load_data_file(path), str(path)
     elif path.is_dir():
         try:
             if any((path / name).is_file() for name in _SAVED_DATASET_FILES):
@@ -176,7 +175,7 @@ def load_dataset_source(source: str | os.PathLike, *, split: str = "train",
             else:
                 ds = datasets.load_dataset(str(path), config)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"dataset: {path}: cannot load: {_first_line(exc)}") from None
+            raise ConfigError(f"dataset: {path}: cannot load: {first_line(exc)}") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise ConfigError(f"dataset: {path}: no split {split!r} (has {', '.join(ds)})")
@@ -189,67 +188,13 @@ def load_dataset_source(source: str | os.PathLike, *, split: str = "train",
             ds = datasets.load_dataset(text, config, split=split)
         except Exception as exc:  # noqa: BLE001 - load_dataset raises many types (offline, 404)
             raise ConfigError(f"dataset: cannot load {text!r} (split {split!r}): "
-                              f"{_first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
         label = f"{text}[{split}]"
     if len(ds) == 0:
         raise DataError(f"{label}: no rows")
     if num_examples is not None and len(ds) > num_examples:
         ds = ds.select(range(num_examples))
     return ds, label
-
-
-def _load_file(path: Path) -> "Dataset":
-    """One data file through `datasets` (parsed in memory: no copy in the HF cache)."""
-    import tempfile
-
-    import datasets
-
-    builder = FILE_BUILDERS.get(path.suffix.lower(), "json")
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # "Generating train split" for every small file is noise
-    try:
-        with tempfile.TemporaryDirectory(prefix="rlhf-plugins-data-") as scratch:
-            return datasets.load_dataset(builder, data_files=str(path), split="train",
-                                         cache_dir=scratch, keep_in_memory=True)
-    except Exception as exc:  # noqa: BLE001 - pyarrow/datasets raise many types
-        problem = _json_problem(path) if builder == "json" else None
-        if problem is not None:
-            raise problem from None
-        raise DataError(f"{path}: cannot read: {_first_line(exc)}") from None
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-
-
-def _json_problem(path: Path) -> DataError | None:
-    """What makes a JSON / JSON-lines file unreadable, naming its 1-based line (None: unknown)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        return DataError(f"{path}: no rows")
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError:
-            data = None  # not one JSON document: JSON lines, checked below
-        if isinstance(data, list):
-            bad = next((i for i, row in enumerate(data) if not isinstance(row, dict)), None)
-            return None if bad is None else DataError(
-                f"{path}: row {bad + 1}: expected a JSON object, got {type(data[bad]).__name__}")
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            return DataError(f"{path}:{number}: invalid JSON: {exc.msg}")
-        if not isinstance(row, dict):
-            return DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-    return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text.strip() else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,16 +87,18 @@ def synthetic_unpaired_rows(n: int, seed: int = 0, split: str = "train") -> list
 
 
 def labelled_samples(rows: Iterable[Mapping[str, Any]], *, min_reward: float = 0.5,
-                     holdout_every: int = 3) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) rows from graded samples: each sample labelled by the verifier (reward
-    at least `min_reward`: desirable); every `holdout_every`-th prompt is held out."""
+                     holdout_every: int = 3, where: str = "sample") -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows from graded samples (rows of `where`: a file names a bad row by
+    its line): each sample labelled by the verifier (reward at least `min_reward`: desirable);
+    every `holdout_every`-th prompt is held out."""
+    from ...data.verified_pairs import missing_sample_fields
+
     train: list[dict] = []
     held_out: list[dict] = []
     for i, row in enumerate(rows):
-        missing = [k for k in ("prompt_index", "prompt", "completion", "reward") if k not in row]
-        if missing:
-            raise DataError(f"sample row {i}: missing field(s) {', '.join(missing)} "
-                            "(expected an `rlhf-plugins sample` all.jsonl)")
+        problem = missing_sample_fields(row, where, i)
+        if problem:
+            raise DataError(problem)
         if row["reward"] is None:  # not graded
             continue
         item = {"prompt": row["prompt"], "completion": row["completion"],

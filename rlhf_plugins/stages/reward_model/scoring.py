@@ -23,14 +23,20 @@ def _model_device(model: Any) -> torch.device:
 
 
 def _encode_for_scoring(model: Any, rows: Sequence[Mapping[str, Any]], tokenizer: Any,
-                        template: Any, max_length: int | None) -> list[dict[str, Any]]:
+                        template: Any, max_length: int | None,
+                        where: str | None = None) -> list[dict[str, Any]]:
+    """The head's scoring features of every row; a bad row is named by its 1-based number (in
+    `where`, a data file: its line)."""
+    from ...guard import row_place
+
     encode = member(model.head, "reward_heads", "encode_for_scoring")
     feats = []
     for i, row in enumerate(rows):
         try:
             feats.append(encode(row, tokenizer=tokenizer, template=template, max_length=max_length))
         except DataError as exc:
-            raise DataError(f"score: row {i}: {exc}") from None
+            place = row_place(where, i) if where else f"score: row {i + 1}"
+            raise DataError(f"{place}: {exc}") from None
     return feats
 
 
@@ -91,8 +97,9 @@ def _pad_id(tokenizer: Any) -> int:
 def score(model: Any, rows: Sequence[Mapping[str, Any]], *, tokenizer: Any = None,
           template: Any = None, batch_size: int = 16, max_length: int | None = None,
           sort_by_length: bool = True, padding_side: str = "right", progress: bool = True,
-          return_stats: bool = False) -> Any:
-    """Score rows (``prompt`` + ``completion``, PRM ``steps``, or ``input_ids``) in input order.
+          return_stats: bool = False, where: str | None = None) -> Any:
+    """Score rows (``prompt`` + ``completion``, PRM ``steps``, or ``input_ids``) in input order;
+    `where` (the rows' data file) names a bad row by its line, else by its 1-based number.
 
     Batches are formed from rows sorted by length (longest first) to cut padding; the scores
     come back in the order of `rows`. With `return_stats`, returns ``(scores, stats)`` where
@@ -100,7 +107,7 @@ def score(model: Any, rows: Sequence[Mapping[str, Any]], *, tokenizer: Any = Non
     """
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     template = template if template is not None else model.template
-    feats = _encode_for_scoring(model, rows, tokenizer, template, max_length)
+    feats = _encode_for_scoring(model, rows, tokenizer, template, max_length, where)
     head = model.head
 
     def fn(outputs: torch.Tensor, batch: dict[str, Any]) -> list[float]:
