@@ -53,7 +53,7 @@ def test_samples_without_reward_model_scores_and_bad_options_are_one_line_errors
         scored_pairs([_sample(0, 0, None), _sample(0, 1, None)])
     with pytest.raises(ConfigError, match="min_score_margin"):
         scored_pairs(ROWS, min_margin=-1)
-    with pytest.raises(DataError, match="line 2: missing field"):
+    with pytest.raises(DataError, match="sample row 2: missing field"):
         scored_pairs([_sample(0, 0, 1.0), {"prompt": "x"}])
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError, DataError
@@ -31,21 +30,23 @@ def _score(row: Mapping[str, Any], key: str) -> float | None:
 
 
 def scored_pairs(rows: Iterable[Mapping[str, Any]], *, key: str = "reward_model",
-                 min_margin: float = 0.0, holdout_every: int = 3,
+                 min_margin: float = 0.0, holdout_every: int = 3, where: str = "sample",
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train pairs, held-out pairs): per prompt, best vs worst by the `key` score, when they
-    differ by at least `min_margin`. DataError when no row carries a `key` score."""
+    differ by at least `min_margin`; rows of `where` (a file names a bad row by its line).
+    DataError when no row carries a `key` score."""
+    from .verified_pairs import missing_sample_fields
+
     if isinstance(min_margin, bool) or not isinstance(min_margin, (int, float)) or min_margin < 0:
         raise ConfigError(f"min_score_margin: expected a number >= 0, got {min_margin!r}")
     if holdout_every < 2:
         raise ConfigError(f"holdout_every must be at least 2, got {holdout_every!r}")
     by_prompt: dict[int, list[tuple[float, int, Mapping[str, Any]]]] = defaultdict(list)
     seen = 0
-    for line, row in enumerate(rows, start=1):
-        missing = [k for k in ("prompt_index", "prompt", "completion") if k not in row]
-        if missing:
-            raise DataError(f"line {line}: missing field(s) {', '.join(missing)} "
-                            "(expected an `rlhf-plugins sample` all.jsonl)")
+    for index, row in enumerate(rows):
+        problem = missing_sample_fields(row, where, index)
+        if problem:
+            raise DataError(problem)
         seen += 1
         score = _score(row, key)
         if score is not None:
@@ -70,19 +71,9 @@ def scored_pairs(rows: Iterable[Mapping[str, Any]], *, key: str = "reward_model"
 
 def write_scored_pairs(samples_jsonl: str | os.PathLike, out_dir: str | os.PathLike,
                        **options: Any) -> dict[str, str] | None:
-    """Write ``preference_scored_train.jsonl`` / ``..._heldout.jsonl`` under `out_dir`.
-
-    Returns ``{"pairs_train": path, "pairs_eval": path}``, or None when either side has no pair.
-    """
-    from ..cache import atomic_write_jsonl
-    from .verified_pairs import split_graded_samples
+    """Write ``preference_scored_train.jsonl`` / ``..._heldout.jsonl`` under `out_dir`
+    (None when either side has no pair)."""
+    from .verified_pairs import split_graded_samples, write_pair_files
 
     train, held_out = split_graded_samples(samples_jsonl, scored_pairs, **options)
-    if not train or not held_out:
-        return None
-    out = Path(out_dir)
-    paths = {"pairs_train": out / "preference_scored_train.jsonl",
-             "pairs_eval": out / "preference_scored_heldout.jsonl"}
-    atomic_write_jsonl(paths["pairs_train"], train)
-    atomic_write_jsonl(paths["pairs_eval"], held_out)
-    return {k: str(p) for k, p in paths.items()}
+    return write_pair_files(train, held_out, out_dir, "preference_scored")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 from ..errors import ConfigError, DataError
 from ..guard import row_place
 
-__all__ = ["verified_pairs", "write_verified_pairs", "ON_POLICY_KIND"]
+__all__ = ["verified_pairs", "write_pair_files", "write_verified_pairs", "ON_POLICY_KIND"]
 
 #: ``rejected_kind`` of every pair (the RM's per-kind held-out accuracy is keyed by it)
 ON_POLICY_KIND = "on_policy"
@@ -93,21 +93,27 @@ def split_graded_samples(samples_jsonl: str | os.PathLike,
         raise type(exc)(f"{path}: {exc}") from None
 
 
-def write_verified_pairs(samples_jsonl: str | os.PathLike, out_dir: str | os.PathLike,
-                         **options: Any) -> dict[str, str] | None:
-    """Write ``preference_on_policy_train.jsonl`` / ``..._heldout.jsonl`` under `out_dir`.
+def write_pair_files(train: list[dict[str, Any]], held_out: list[dict[str, Any]],
+                     out_dir: str | os.PathLike, stem: str) -> dict[str, str] | None:
+    """Write ``<stem>_train.jsonl`` / ``<stem>_heldout.jsonl`` under `out_dir`.
 
-    Returns ``{"pairs_train": path, "pairs_eval": path}``, or None when either side has no pair
-    (every prompt all-pass or all-fail): the caller keeps its other data.
+    Returns ``{"pairs_train": path, "pairs_eval": path}``, or None when either side has no pair:
+    the caller keeps its other data.
     """
     from ..cache import atomic_write_jsonl
 
-    train, held_out = split_graded_samples(samples_jsonl, verified_pairs, **options)
     if not train or not held_out:
         return None
     out = Path(out_dir)
-    paths = {"pairs_train": out / "preference_on_policy_train.jsonl",
-             "pairs_eval": out / "preference_on_policy_heldout.jsonl"}
+    paths = {"pairs_train": out / f"{stem}_train.jsonl", "pairs_eval": out / f"{stem}_heldout.jsonl"}
     atomic_write_jsonl(paths["pairs_train"], train)
     atomic_write_jsonl(paths["pairs_eval"], held_out)
     return {key: str(p) for key, p in paths.items()}
+
+
+def write_verified_pairs(samples_jsonl: str | os.PathLike, out_dir: str | os.PathLike,
+                         **options: Any) -> dict[str, str] | None:
+    """Write ``preference_on_policy_train.jsonl`` / ``..._heldout.jsonl`` under `out_dir`
+    (:func:`write_pair_files`; None when every prompt is all-pass or all-fail)."""
+    train, held_out = split_graded_samples(samples_jsonl, verified_pairs, **options)
+    return write_pair_files(train, held_out, out_dir, "preference_on_policy")
