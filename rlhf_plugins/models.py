@@ -390,7 +390,10 @@ def load_peft_model(adapter_dir: str | os.PathLike, *, quantization: QuantSettin
         base = _prepare_quantized(base, gradient_checkpointing)
     elif trainable and gradient_checkpointing:
         _enable_checkpointing(base)
-    return peft_from_pretrained(base, ref, is_trainable=trainable)
+    model = peft_from_pretrained(base, ref, is_trainable=trainable)
+    for config in model.peft_config.values():  # a base relative to the adapter folder, resolved:
+        config.base_model_name_or_path = base_ref  # peft reads it against the cwd when saving
+    return model
 
 
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str:
