@@ -184,6 +184,8 @@ def test_smoke_pipeline_cli_on_the_embedded_model(tmp_path):
     assert set(summary["evals"]) == {"base", "sft", "rejection_sampling", "dpo", "ppo"}
     dpo = summary["stages"]["dpo"]
     assert dpo["metrics"]["global_step"] == 2 and dpo["components"]["loss"] == ["sigmoid"]
+    # at smoke sizes rejection sampling may leave no prompt with a passing and a failing sample
+    assert dpo["components"]["data"] in ("graded samples, verified pairs", "the task's preference pairs")
     assert all(result["n"] == 8 for result in summary["evals"].values())
     check_accuracies_against_per_problem_files(out, summary["evals"])
     print(f"smoke pipeline: {time.time() - started:.0f}s, accuracy "

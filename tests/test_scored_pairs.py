@@ -102,3 +102,16 @@ def test_settings_check_pairs_and_margin():
     with pytest.raises(ConfigError, match="min_score_margin"):
         DPOSettings(min_score_margin=-0.1)
     assert DPOSettings(pairs="reward_model", min_score_margin=0.2).pairs == "reward_model"
+
+
+def test_the_stage_record_names_what_direct_alignment_trained_on(tmp_path):
+    from rlhf_plugins.stage_api import StageContext
+    from rlhf_plugins.stages.dpo.stage import DPOStage, data_source
+
+    ctx = _ctx(tmp_path, {"pairs": "reward_model", "min_score_margin": 0.5})
+    DPOStage().prepare(ctx)
+    assert data_source(ctx, "graded samples, reward_model pairs") == "graded samples, reward_model pairs"
+    fallback = StageContext(name="dpo", policy="m", data={"preference": "x"}, section={})
+    assert data_source(fallback, "graded samples") == "the task's preference pairs"
+    own = StageContext(name="dpo", policy="m", data={"preference": "x"}, section={"dataset": "mine.jsonl"})
+    assert data_source(own, "graded samples") == "dataset"

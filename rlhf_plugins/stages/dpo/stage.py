@@ -18,7 +18,7 @@ from ...stage_api import Stage, StageContext, StageOutputs, StageResult, flat_me
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DPOStage", "direct_defaults"]
+__all__ = ["DPOStage", "data_source", "direct_defaults", "stage_result"]
 
 
 def direct_defaults(ctx: StageContext) -> dict[str, Any]:
@@ -36,6 +36,14 @@ def direct_defaults(ctx: StageContext) -> dict[str, Any]:
     else:
         data = {"dataset": ctx.data["preference"], "eval_dataset": ctx.data["preference_eval"]}
     return {**ctx.common, "model": ctx.policy, "merge": True, **data}
+
+
+def data_source(ctx: StageContext, samples: str) -> str:
+    """What a direct-alignment stage trained on, for its record and the report: `samples` (the
+    earlier stage's graded samples), the section's own dataset, or the task's preference pairs."""
+    if f"{ctx.name}_train" in ctx.data:
+        return samples
+    return "dataset" if "dataset" in ctx.section else "the task's preference pairs"
 
 
 def stage_result(result: Any, ctx: StageContext, components: dict[str, Any]) -> StageResult:
@@ -124,5 +132,5 @@ class DPOStage(Stage):
         return stage_result(result, ctx, {"loss": [s.name for s in settings.loss_specs()],
                                           "rpo_alpha": settings.rpo_alpha,
                                           "template": settings.template, "masking": settings.masking,
-                                          "on_policy_pairs": (settings.pairs if f"{ctx.name}_train" in ctx.data
-                                                              else None)})
+                                          "data": data_source(ctx, f"graded samples, {settings.pairs} "
+                                                                   "pairs")})

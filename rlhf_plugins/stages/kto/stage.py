@@ -12,7 +12,7 @@ from typing import Any
 
 from ...stage_api import Stage, StageContext, StageResult
 from ...config_schema import trl_config_class
-from ..dpo.stage import direct_defaults, stage_result
+from ..dpo.stage import data_source, direct_defaults, stage_result
 
 logger = logging.getLogger(__name__)
 
@@ -72,4 +72,4 @@ class KTOStage(Stage):
 
         result = run_kto(settings, trl_kwargs, output_dir)
         return stage_result(result, ctx, {"template": settings.template, "masking": settings.masking,
-                                          "verifier_labels": f"{ctx.name}_train" in ctx.data})
+                                          "data": data_source(ctx, "graded samples, verifier labels")})
