@@ -54,6 +54,17 @@ def test_mc_labels_problems_file_broken_line_before_any_model_loads(tmp_path):
                "--policy", tmp_path / "no-such-model"], f"{problems}:3: invalid JSON", untouched=[out])
 
 
+def test_mc_labels_problem_without_steps_names_its_line_before_any_model_loads(tmp_path):
+    """Line 3 (after a blank line) has no steps: one error naming the file's line, exit 2, before
+    the (missing) policy would load; nothing written."""
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"prompt": "a", "steps": ["x"]}\n\n{"prompt": "b", "steps": []}\n')
+    out = tmp_path / "labels.jsonl"
+    cli_error(["rm", "mc-labels", "--problems", problems, "--out", out,
+               "--policy", tmp_path / "no-such-model"],
+              f"{problems} row 3: needs 'steps' (a non-empty list of strings)", untouched=[out])
+
+
 def test_evaluation_of_a_dataset_equals_that_of_its_rows(tmp_path):
     """The pipeline evaluates the held-out file as a Dataset: same result as the list of rows."""
     from rlhf_plugins.evaluation import evaluate_policy

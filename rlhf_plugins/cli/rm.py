@@ -72,7 +72,7 @@ def handle_mc_labels(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..models import load_causal_lm, load_tokenizer, resolve_model
     from ..guard import check_output_dir
-    from ..stages.reward_model.train import mc_step_labels, policy_sampler
+    from ..stages.reward_model.train import check_step_rows, mc_step_labels, policy_sampler
 
     out = Path(args.out)
     if out.is_dir():
@@ -88,6 +88,8 @@ def handle_mc_labels(args: argparse.Namespace) -> int:
         problems = load_data_file(path)  # memory-mapped; a broken line is named by its number
         if args.num_problems and len(problems) > args.num_problems:
             problems = problems.select(range(args.num_problems))
+    where = "synthetic" if args.problems == "synthetic" else str(args.problems)
+    check_step_rows(problems, where)  # before any model loads
     template = registry().chat_templates.get(args.template)
     reward = registry().reward_functions.get(args.reward)
     model_path = resolve_model(args.policy)
@@ -96,7 +98,7 @@ def handle_mc_labels(args: argparse.Namespace) -> int:
     sampler = policy_sampler(model, tokenizer, template, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, seed=args.seed)
     rows = mc_step_labels(problems, sampler, reward, num_rollouts=args.num_rollouts, mode=args.mode,
-                          threshold=args.threshold)
+                          threshold=args.threshold, where=where)
     synth.write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} step rows to {args.out}")
     return 0

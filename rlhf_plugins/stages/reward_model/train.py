@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ...cache import atomic_write_figure
 from ...errors import ConfigError, DataError
@@ -278,10 +278,21 @@ def rm_from_config(source: str | os.PathLike | Mapping[str, Any],
 # Monte Carlo PRM labels (Math-Shepherd)
 # --------------------------------------------------------------------------------------------
 
+def check_step_rows(problems: Iterable[Mapping[str, Any]], where: str = "problems") -> None:
+    """DataError naming the first row of `where` without a non-empty `steps` list (its 1-based
+    number: the file's line for JSON lines) - before any model loads."""
+    from ...guard import row_place
+
+    for index, row in enumerate(problems):
+        steps = row.get("steps")
+        if not isinstance(steps, (list, tuple)) or not steps:
+            raise DataError(f"{row_place(where, index)}: needs 'steps' (a non-empty list of strings)")
+
+
 def mc_step_labels(problems: Sequence[Mapping[str, Any]], sample: Callable[..., list[str]],
                    reward: Callable[..., list[float | None]], *, num_rollouts: int = 8,
                    mode: str = "hard", threshold: float = 0.0, delimiter: str = "\n\n",
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   progress: bool = True, where: str = "problems") -> list[dict[str, Any]]:
     """Step rows labelled by rollouts from each step prefix (Math-Shepherd).
 
     `problems` rows have ``prompt`` and ``steps`` (a solution to label) plus any columns the
@@ -298,11 +309,10 @@ def mc_step_labels(problems: Sequence[Mapping[str, Any]], sample: Callable[..., 
         raise ConfigError(f"mc labels: mode must be 'hard' or 'soft', got {mode!r}")
     if num_rollouts < 1:
         raise ConfigError(f"mc labels: num_rollouts must be >= 1, got {num_rollouts}")
+    check_step_rows(problems, where)
     out = []
-    for index, row in enumerate(tqdm(problems, desc="MC step labels", disable=not progress)):
-        steps = row.get("steps")
-        if not isinstance(steps, (list, tuple)) or not steps:
-            raise DataError(f"problem {index}: needs 'steps' (a non-empty list of strings)")
+    for row in tqdm(problems, desc="MC step labels", disable=not progress):
+        steps = row["steps"]
         columns = {k: v for k, v in row.items() if k not in ("prompt", "steps", "labels")}
         rates = []
         for i in range(len(steps)):
