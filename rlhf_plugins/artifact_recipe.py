@@ -44,12 +44,9 @@ PEFT_UNKNOWN_KEY_WARNING = r"Unexpected keyword arguments \['quantization_config
 def bnb_config(quantization: Any) -> dict[str, Any] | None:
     """The `BitsAndBytesConfig(**...)` keywords of a QuantSettings (None when not 4-bit), with
     the compute dtype resolved on this machine (what training used), never "auto"."""
-    if quantization is None or not getattr(quantization, "load_in_4bit", False):
+    if quantization is None:
         return None
-    dtype = str(quantization.resolved_compute_dtype()).removeprefix("torch.")
-    return {"load_in_4bit": True, "bnb_4bit_quant_type": quantization.quant_type,
-            "bnb_4bit_use_double_quant": quantization.double_quant,
-            "bnb_4bit_compute_dtype": dtype}
+    return quantization.bnb_kwargs()
 
 
 def _link_or_copy(src: str, dst: str) -> str:

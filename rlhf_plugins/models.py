@@ -113,19 +113,28 @@ class QuantSettings:
         """The torch dtype for `compute_dtype` on this machine."""
         return resolve_dtype(self.compute_dtype)
 
+    def bnb_kwargs(self) -> dict[str, Any] | None:
+        """The `BitsAndBytesConfig(**...)` keywords, JSON-ready (dtypes by name, the compute
+        dtype resolved on this machine: never "auto"), or None when nothing is quantized. What
+        `to_bnb` builds and what a saved adapter records as its `quantization_config`."""
+        if not self.load_in_4bit:
+            return None
+        kwargs: dict[str, Any] = {
+            "load_in_4bit": True, "bnb_4bit_quant_type": self.quant_type,
+            "bnb_4bit_use_double_quant": self.double_quant,
+            "bnb_4bit_compute_dtype": str(self.resolved_compute_dtype()).removeprefix("torch.")}
+        if self.quant_storage is not None:
+            kwargs["bnb_4bit_quant_storage"] = self.quant_storage
+        return kwargs
+
     def to_bnb(self) -> Any:
         """The equivalent `transformers.BitsAndBytesConfig`, or None when nothing is quantized."""
-        if not self.load_in_4bit:
+        kwargs = self.bnb_kwargs()
+        if kwargs is None:
             return None
         from transformers import BitsAndBytesConfig
 
-        import torch
-
-        storage = {} if self.quant_storage is None else {
-            "bnb_4bit_quant_storage": getattr(torch, self.quant_storage)}
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
-                                  bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=self.resolved_compute_dtype(), **storage)
+        return BitsAndBytesConfig(**kwargs)
 
 
 def quant_settings(value: Any) -> QuantSettings | None:

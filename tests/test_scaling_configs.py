@@ -100,6 +100,23 @@ def test_quant_storage_field():
         QuantSettings(quant_storage="int4")
 
 
+def test_a_saved_adapter_records_quant_storage_as_trained():
+    """The recipe an adapter records (artifact_recipe.bnb_config) is the config training used,
+    storage dtype included, and BitsAndBytesConfig takes it as it is."""
+    pytest.importorskip("torch")
+    from transformers import BitsAndBytesConfig
+
+    from rlhf_plugins.artifact_recipe import bnb_config
+
+    quant = QuantSettings(compute_dtype="bfloat16", quant_storage="bfloat16")
+    recorded = bnb_config(quant)
+    assert recorded == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                        "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16",
+                        "bnb_4bit_quant_storage": "bfloat16"}
+    assert BitsAndBytesConfig(**recorded).to_dict() == quant.to_bnb().to_dict()
+    assert "bnb_4bit_quant_storage" not in bnb_config(QuantSettings())  # bitsandbytes' default
+
+
 def test_trl_model_config_name_maps_to_quant_storage():
     from rlhf_plugins.config import map_model_config_names
 
