@@ -60,7 +60,7 @@ def scored_pairs(rows: Iterable[Mapping[str, Any]], *, key: str = "reward_model"
         # best = highest score (first completion on ties), worst = lowest (last on ties)
         ordered = sorted(by_prompt[index], key=lambda t: (-t[0], t[1]))
         (best, _, chosen), (worst, _, rejected) = ordered[0], ordered[-1]
-        if len(ordered) < 2 or best - worst < min_margin or best == worst:
+        if best == worst or best - worst < min_margin:  # one sample, a tie, or too close
             continue
         pair = {"prompt": chosen["prompt"], "chosen": chosen["completion"],
                 "rejected": rejected["completion"], "rejected_kind": SCORED_KIND,
