@@ -10,12 +10,17 @@ One command, one run, the embedded model on 2 CPU cores:
    `rpo_alpha` NLL on the chosen completion;
 3. KTO from the SFT model on the same samples, each labelled by the verifier, for as many
    steps as DPO took;
-4. every model greedily on the same held-out problems as the quickstart (`exact_answer`), with
+4. DPO the way a `dpo` stage after `rejection_sampling` in the quickstart runs it: from the
+   rejection-sampling SFT model, on the same pairs;
+5. every model greedily on the same held-out problems as the quickstart (`exact_answer`), with
    Wilson intervals, and paired bootstrap intervals + McNemar against SFT and against RS-SFT.
 
     python bench/direct_alignment.py --run runs/direct [--eval-split test] [--dpo-lr 1e-4] [--float32]
 
-Tune on `--eval-split validation` only; report `test`. Results: bench/README.md.
+The models are trained the same whatever the split (the pipeline's task keeps `eval_split:
+validation`; test problems are answered by a second evaluation over the same models), so tune
+on `--eval-split validation`, then rerun the same command with `--eval-split test`: nothing is
+trained again. Results: bench/README.md.
 """
 from __future__ import annotations
 
@@ -46,24 +51,38 @@ def float32_config() -> dict[str, Any]:
     return config
 
 
-def _pipeline(run: Path, eval_split: str, float32: bool = False) -> tuple[Any, str, str]:
-    """SFT + rejection sampling as the quickstart runs them; (pipeline, SFT policy, samples)."""
+def _settings(run: Path, eval_split: str, float32: bool) -> Any:
     from rlhf_plugins.stages.gate import GateSettings
-    from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
+    from rlhf_plugins.stages.pipeline import load_pipeline_config
 
     source = float32_config() if float32 else ROOT / "examples" / "quickstart.yaml"
     settings = load_pipeline_config(source, output_dir=str(run))
-    settings = dataclasses.replace(settings, stages=["sft", "rejection_sampling"], gate=GateSettings(),
-                                   task=dataclasses.replace(settings.task, eval_split=eval_split))
-    pipeline = Pipeline(settings, config_label="examples/quickstart.yaml [sft, rejection_sampling]")
+    return dataclasses.replace(settings, stages=["sft", "rejection_sampling"], gate=GateSettings(),
+                               task=dataclasses.replace(settings.task, eval_split=eval_split))
+
+
+def _pipeline(run: Path, float32: bool = False) -> tuple[Any, str, str, str]:
+    """SFT + rejection sampling as the quickstart runs them, evaluated on validation problems;
+    (pipeline, SFT stage outputs, samples, rejection-sampling stage outputs)."""
+    from rlhf_plugins.stages.pipeline import Pipeline
+
+    pipeline = Pipeline(_settings(run, "validation", float32),
+                        config_label="examples/quickstart.yaml [sft, rejection_sampling]")
     pipeline.run()
-    return (pipeline, pipeline.records["sft"].outputs["policy"],
-            pipeline.records["rejection_sampling"].outputs["samples"])
+    rs = pipeline.records["rejection_sampling"].outputs
+    return pipeline, pipeline.records["sft"].outputs, rs["samples"], rs
 
 
-def _evaluate(pipeline: Any, label: str, policy: str, adapter: str) -> dict[str, Any]:
-    """The pipeline's own evaluation (same problems, decoding and cache) of policy + adapter."""
-    return pipeline.evaluate(label, policy, adapter)
+def _evaluator(run: Path, eval_split: str, float32: bool, pipeline: Any) -> Any:
+    """What answers the `eval_split` problems: the training pipeline itself for validation, else a
+    pipeline over the test task in `run/test_eval` used only to evaluate (same decoding)."""
+    if eval_split == "validation":
+        return pipeline
+    from rlhf_plugins.stages.pipeline import Pipeline
+
+    evaluator = Pipeline(_settings(run / "test_eval", eval_split, float32), config_label="test problems")
+    evaluator.paths = evaluator.write_data()
+    return evaluator
 
 
 def _train(kind: str, run: Path, policy: str, train: str, held_out: str | None, lr: float,
@@ -80,10 +99,10 @@ def _train(kind: str, run: Path, policy: str, train: str, held_out: str | None, 
         config["max_steps"] = steps
     else:
         config["num_train_epochs"] = 1
-    if kind == "dpo":
+    if kind.startswith("dpo"):
         config.update(loss="sigmoid", loss_options={"beta": 0.1}, rpo_alpha=0.5)
     started = time.time()
-    result = (dpo_from_config if kind == "dpo" else kto_from_config)(config, run / kind)
+    result = (dpo_from_config if kind.startswith("dpo") else kto_from_config)(config, run / f"{kind}-lr{lr:g}")
     return result, time.time() - started
 
 
@@ -113,7 +132,8 @@ def main() -> None:
     from rlhf_plugins.stages.kto.data import write_labelled_samples
 
     started = time.time()
-    pipeline, sft_policy, samples = _pipeline(args.run, args.eval_split, args.float32)
+    pipeline, sft, samples, rs = _pipeline(args.run, args.float32)
+    sft_policy, rs_policy = sft["policy"], rs["policy"]
     pairs = write_verified_pairs(samples, args.run / "data" / "bench_dpo", seed=0, max_per_prompt=2)
     labelled = write_labelled_samples(samples, args.run / "data" / "bench_kto")
     if pairs is None or labelled is None:
@@ -123,21 +143,31 @@ def main() -> None:
     steps = int(dpo.metrics.get("global_step") or 0) or None
     kto, kto_s = _train("kto", args.run, sft_policy, labelled["train"], labelled.get("eval"),
                         args.kto_lr, steps)
-    evals = {"sft": pipeline.evals["sft"], "rs_sft": pipeline.evals["rejection_sampling"]}
-    evals["dpo"] = _evaluate(pipeline, "bench_dpo", sft_policy, str(args.run / "dpo"))
-    evals["kto"] = _evaluate(pipeline, "bench_kto", sft_policy, str(args.run / "kto"))
+    dpo_rs, dpo_rs_s = _train("dpo_after_rs", args.run, rs_policy, pairs["pairs_train"],
+                              pairs.get("pairs_eval"), args.dpo_lr, None)
+    evaluator = _evaluator(args.run, args.eval_split, args.float32, pipeline)
+    evals = {"sft": evaluator.evaluate("sft", sft_policy, sft.get("policy_adapter")),
+             "rs_sft": evaluator.evaluate("rejection_sampling", rs_policy, rs.get("policy_adapter")),
+             "dpo": evaluator.evaluate("bench_dpo", sft_policy, str(dpo.output_dir)),
+             "kto": evaluator.evaluate("bench_kto", sft_policy, str(kto.output_dir)),
+             "dpo_after_rs": evaluator.evaluate("bench_dpo_after_rs", rs_policy, str(dpo_rs.output_dir))}
     rows = [_row("sft", evals["sft"], {}),
             _row("rejection-sampling SFT", evals["rs_sft"], {"sft": evals["sft"]}),
             _row("DPO + NLL", evals["dpo"], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]}),
-            _row("KTO", evals["kto"], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]})]
+            _row("KTO", evals["kto"], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]}),
+            _row("RS-SFT, then DPO + NLL", evals["dpo_after_rs"],
+                 {"sft": evals["sft"], "rs_sft": evals["rs_sft"]})]
     out = {"eval_split": args.eval_split, "float32": args.float32, "wall_s": round(time.time() - started, 1),
            "dpo": {"seconds": round(dpo_s, 1), **{k: v for k, v in dpo.metrics.items()
                                                   if isinstance(v, (int, float, str))}},
            "kto": {"seconds": round(kto_s, 1), **{k: v for k, v in kto.metrics.items()
                                                   if isinstance(v, (int, float, str))}},
+           "dpo_after_rs": {"seconds": round(dpo_rs_s, 1), **{k: v for k, v in dpo_rs.metrics.items()
+                                                              if isinstance(v, (int, float, str))}},
+           "stage_seconds": {n: r.metrics.get("train_runtime") for n, r in pipeline.records.items()},
            "rs_selected": pipeline.records["rejection_sampling"].metrics.get("selected"),
            "rows": rows}
-    (args.run / "direct_alignment.json").write_text(json.dumps(out, indent=2, default=str))
+    (args.run / f"direct_alignment_{args.eval_split}.json").write_text(json.dumps(out, indent=2, default=str))
     for row in rows:
         lo, hi = row["ci"]
         parts = [f"{row['model']:24s} {row['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"]

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Sequence
 
 from .errors import ConfigError, DataError
 from .sdk import SelectionRule, option, reward_value
+from .selection_contract import call_selection_rule
 
 __all__ = ["NonzeroVariance", "completion_keep_mask", "group_filter_metrics", "group_keep_mask"]
 
@@ -87,10 +88,7 @@ def group_keep_mask(rule: Any, rewards: Any, num_generations: int) -> list[bool]
     flat = _flat_rewards(rewards)
     n_groups = _check_groups(len(flat), num_generations)
     grouped = [flat[g * num_generations:(g + 1) * num_generations] for g in range(n_groups)]
-    selected = {int(i) for i, _ in rule.select(grouped)}
-    if any(i < 0 or i >= n_groups for i in selected):
-        raise DataError(f"group filter: rule {getattr(rule, 'name', rule)!r} selected a prompt "
-                        f"index outside 0..{n_groups - 1}")
+    selected = {i for i, _ in call_selection_rule(rule, grouped)}
     return [g in selected for g in range(n_groups)]
 
 

@@ -3,6 +3,7 @@ and the dropped-fraction metrics."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -95,6 +96,40 @@ def test_errors():
     with pytest.raises(ConfigError, match="not a selection rule"):
         group_keep_mask(lambda r: r, [1.0, 2.0], 2)
 
+
+
+class _Rule:
+    """A selection rule returning whatever it is given (the contract's inputs), by name."""
+
+    name = "odd_rule"
+
+    def __init__(self, returned):
+        self.returned = returned
+
+    def select(self, rewards):
+        if isinstance(self.returned, Exception):
+            raise self.returned
+        return self.returned
+
+
+@pytest.mark.parametrize("returned, needle", [
+    (None, "returned NoneType, expected a list of (prompt, completion) pairs"),
+    ([(0,)], "returned (0,), not a (prompt, completion) pair of integers"),
+    ([(2, 0)], "returned (2, 0), outside the reward matrix (2 prompts)"),
+    ([(0, 2)], "returned (0, 2), outside the reward matrix"),
+    ([(1, 1)], "selected the unscored (NaN or -inf) completion (1, 1)"),
+    (KeyError("boom"), "raised KeyError in select(): 'boom'"),
+])
+def test_a_group_filter_rule_is_held_to_the_selection_contract(returned, needle):
+    """The rule a PPO group filter asks gets rejection sampling's checks: one ComponentError
+    naming the rule (before: an out-of-range index was a DataError, an unscored completion or a
+    one-element pair passed or crashed with an IndexError)."""
+    from rlhf_plugins.errors import ComponentError
+
+    with pytest.raises(ComponentError, match=r"selection rule 'odd_rule' " + re.escape(needle)):
+        group_keep_mask(_Rule(returned), [1.0, 0.0, 1.0, NAN], 2)
+    # a well-behaved answer goes through: group 0 kept by its completion 1
+    assert group_keep_mask(_Rule([(0, 1), [0, 1]]), [1.0, 0.0, 1.0, NAN], 2) == [True, False]
 
 def test_importing_the_module_does_not_import_torch():
     code = "import sys, rlhf_plugins.group_filters\nassert 'torch' not in sys.modules, 'torch imported'"

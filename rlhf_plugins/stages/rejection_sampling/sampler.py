@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from ...cache import JsonCache, model_fingerprint
 from ...config import config_hash
-from ...errors import DataError, PluginError
+from ...errors import DataError
 from .components import SamplingComponents
 from .settings import REWARD_MODEL_KEY, SamplingSettings
 
@@ -313,25 +313,6 @@ class SamplingRun:
 
     # -- selection ---------------------------------------------------------------------------
     def select(self, totals: list[list[float]]) -> list[tuple[int, int]]:
-        from ...guard import guarded
+        from ...selection_contract import call_selection_rule
 
-        with guarded(self.c.rule, "selection_rules", "select()"):  # names rule, plugin, distribution
-            pairs = self.c.rule.select(totals)
-        out = []
-        if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
-            raise PluginError(f"selection rule {self.s.selection!r} returned "
-                              f"{type(pairs).__name__}, expected a list of (prompt, completion) pairs")
-        for pair in pairs:
-            try:
-                i, j = int(pair[0]), int(pair[1])
-            except (TypeError, ValueError, IndexError, KeyError):
-                raise PluginError(f"selection rule {self.s.selection!r} returned {pair!r}, not a "
-                                  "(prompt, completion) pair of integers") from None
-            if not (0 <= i < len(totals) and 0 <= j < len(totals[i])):
-                raise PluginError(f"selection rule {self.s.selection!r} returned {pair!r}, "
-                                  "outside the reward matrix")
-            if math.isnan(totals[i][j]) or totals[i][j] == -math.inf:
-                raise PluginError(f"selection rule {self.s.selection!r} selected the unscored "
-                                  f"(NaN or -inf) completion {pair!r}")
-            out.append((i, j))
-        return sorted(set(out))
+        return call_selection_rule(self.c.rule, totals)  # names rule, plugin, distribution
