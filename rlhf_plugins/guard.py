@@ -22,12 +22,12 @@ import copy
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .errors import ComponentError, ConfigError, DataError, RlhfPluginsError
 from .protocols import FAMILIES
 
-__all__ = ["FAMILY_LABELS", "call_component", "check_mask", "check_model_ref", "check_output_dir",
+__all__ = ["FAMILY_LABELS", "call_component", "check_mask", "check_metrics", "check_model_ref", "check_output_dir",
            "component_error", "component_origin", "guarded", "located", "one_line", "row_errors",
            "row_number", "row_place"]
 
@@ -124,6 +124,24 @@ def check_mask(mask: Any, n_tokens: int, component: Any) -> list[int]:
         else:
             raise fail(f"{value!r} at token {i} (values must be 0 or 1)")
     return out
+
+
+def check_metrics(metrics: Any, component: Any, family: str, what: str) -> None:
+    """A component's `.metrics`: a mapping of names to numbers (ints, floats or one-element
+    tensors); else a ComponentError "<what> returned .metrics ...; expected ..." naming it."""
+    from numbers import Real
+
+    def number(v: Any) -> bool:
+        return isinstance(v, Real) or (hasattr(v, "numel") and hasattr(v, "item") and v.numel() == 1)
+
+    if isinstance(metrics, Mapping) and all(isinstance(k, str) and number(v) for k, v in metrics.items()):
+        return
+    text = repr(metrics)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    name, origin = component_origin(component, family)
+    raise ComponentError(f"{what} {name!r} returned .metrics {text}; expected a mapping of names to "
+                         f"numbers [{origin}]", family=family, component=name, plugin=origin,
+                         action="__call__()")
 
 
 def located(exc: RlhfPluginsError, where: str) -> RlhfPluginsError:

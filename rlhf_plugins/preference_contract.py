@@ -12,11 +12,10 @@ Light module: torch is imported inside the call.
 """
 from __future__ import annotations
 
-from numbers import Real
 from typing import Any, Mapping
 
 from .errors import ComponentError
-from .guard import component_origin, guarded
+from .guard import check_metrics, component_origin, guarded
 
 __all__ = ["call_preference_loss"]
 
@@ -41,23 +40,8 @@ def call_preference_loss(loss: Any, chosen_logps: Any, rejected_logps: Any, *ref
         if tuple(value.shape) != (batch,):
             raise _error(loss, f"returned .{field} of shape {list(value.shape)} for log-probs of shape "
                                f"[{batch}]; expected [B] = [{batch}] (one value per pair)")
-    metrics = getattr(result, "metrics", None)
-    if not isinstance(metrics, Mapping) or not all(
-            isinstance(k, str) and (isinstance(v, Real) or _scalar(v)) for k, v in metrics.items()):
-        raise _error(loss, f"returned .metrics {_short(metrics)}; expected a mapping of names to "
-                           "numbers")
+    check_metrics(getattr(result, "metrics", None), loss, FAMILY, "preference loss")
     return result
-
-
-def _scalar(value: Any) -> bool:
-    import torch
-
-    return isinstance(value, torch.Tensor) and value.numel() == 1
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _error(loss: Any, what: str) -> ComponentError:

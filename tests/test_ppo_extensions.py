@@ -575,3 +575,34 @@ def test_issue15_config_errors_come_before_any_model_loads(no_model_loading, tmp
     base.update(settings)
     with pytest.raises(error, match=match):
         run_ppo(PPOSettings(**base), _trl_kwargs(**trl), tmp_path / "out")
+
+
+def test_a_policy_loss_breaking_its_contract_stops_the_run_naming_it(tiny_dir, tmp_path, rlhf_plugin):
+    """The trainer calls the loss under rlhf_plugins/policy_loss_contract.py: a per-token loss is
+    one ComponentError naming it (before: torch's "grad can be implicitly created only for
+    scalar outputs" from TRL's backward)."""
+    from rlhf_plugins.errors import ComponentError
+    from rlhf_plugins.policy_loss_base import PolicyObjective
+    from rlhf_plugins.sdk import PolicyLoss
+
+    @dataclass(frozen=True)
+    class PerToken(PolicyObjective):
+        name: ClassVar[str] = "test_per_token_pg"
+        description: ClassVar[str] = "test: forgets to aggregate"
+
+        def __call__(self, log_probs, old_log_probs, advantages, mask, *, ref_log_probs=None, **kw):
+            return PolicyLoss(-advantages[:, None] * log_probs * mask)
+
+    class Plugin:
+        @hookimpl
+        def register_policy_losses(self, register):
+            register(PerToken())
+
+        @hookimpl
+        def register_reward_functions(self, register):
+            register(a_count, name="test_a_count")
+
+    rlhf_plugin(Plugin())
+    with pytest.raises(ComponentError, match=r"policy loss 'test_per_token_pg' returned \.loss of shape "
+                                             r"\[4, \d+\] .*expected one number"):
+        _run_yaml(tiny_dir, tmp_path, "per_token", "policy_loss: test_per_token_pg")

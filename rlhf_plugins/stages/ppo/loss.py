@@ -48,6 +48,7 @@ class PluginPolicyLoss:
 
     def _policy_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """The configured policy loss on TRL's per-token log-probs, plus TRL's KL term (beta)."""
+        from ...policy_loss_contract import call_policy_loss
         from ...policy_objectives import AGG_MODES, aggregate
 
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -61,8 +62,8 @@ class PluginPolicyLoss:
         ref = inputs.get("ref_per_token_logps")
         mode = "train" if self.model.training else "eval"
         kwargs, divisor = self._loss_normaliser(inputs, mode)
-        result = self.policy_objective(per_token_logps, old, inputs["advantages"], mask,
-                                       ref_log_probs=ref, **kwargs)
+        result = call_policy_loss(self.policy_objective, per_token_logps, old, inputs["advantages"],
+                                  mask, ref_log_probs=ref, **kwargs)
         loss = result.loss
         metrics = self._metrics[mode]
         if self.beta != 0.0:  # TRL's k3 term, aggregated like the policy loss

@@ -1,0 +1,52 @@
+"""The contract between the `ppo` trainer and a policy loss, checked at every call.
+
+A ``policy_losses`` component is called as ``loss(log_probs, old_log_probs, advantages, mask, *,
+ref_log_probs=None, [norm_constant=...])`` on ``[B, T]`` tensors. Its result must have ``loss``:
+one number as a tensor (0-dim or one element), differentiable in ``log_probs`` while they carry
+a gradient, and ``metrics``: a mapping of names to numbers. Anything else, and any exception
+raised inside the loss, is a ComponentError naming the loss, its plugin and what it returned,
+instead of torch's "grad can be implicitly created only for scalar outputs" from TRL's backward
+(a per-token ``[B, T]`` loss), a step that silently trains nothing (a detached loss), or a crash
+in the trainer's logging (a metric that is not a number).
+
+Light module: torch is imported inside the call.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .errors import ComponentError
+from .guard import check_metrics, component_origin, guarded
+
+__all__ = ["call_policy_loss"]
+
+FAMILY = "policy_losses"
+
+
+def call_policy_loss(loss: Any, log_probs: Any, old_log_probs: Any, advantages: Any, mask: Any,
+                     **kwargs: Any) -> Any:
+    """`loss(log_probs, old_log_probs, advantages, mask, **kwargs)` under the contract (module
+    docstring); returns its result."""
+    import torch
+
+    with guarded(loss, FAMILY, "__call__()"):
+        result = loss(log_probs, old_log_probs, advantages, mask, **kwargs)
+    value = getattr(result, "loss", None)
+    if not isinstance(value, torch.Tensor):
+        raise _error(loss, f"returned {type(result).__name__} whose .loss is {type(value).__name__}, "
+                           "expected a tensor holding one number (a PolicyLoss)")
+    if value.numel() != 1:
+        raise _error(loss, f"returned .loss of shape {list(value.shape)} for log-probs of shape "
+                           f"{list(log_probs.shape)}; expected one number (aggregate over tokens "
+                           "and sequences, e.g. with rlhf_plugins.policy_objectives.aggregate)")
+    if torch.is_grad_enabled() and getattr(log_probs, "requires_grad", False) and not value.requires_grad:
+        raise _error(loss, "returned a .loss that does not depend on log_probs (detached): the "
+                           "update would train nothing")
+    check_metrics(getattr(result, "metrics", None), loss, FAMILY, "policy loss")
+    return result
+
+
+def _error(loss: Any, what: str) -> ComponentError:
+    name, origin = component_origin(loss, FAMILY)
+    return ComponentError(f"policy loss {name!r} {what} [{origin}]", family=FAMILY,
+                          component=name, plugin=origin, action="__call__()")
