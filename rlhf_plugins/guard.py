@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from .errors import ComponentError, ConfigError, DataError, RlhfPluginsError
 from .protocols import FAMILIES
 
-__all__ = ["FAMILY_LABELS", "call_component", "check_mask", "check_metrics", "check_model_ref", "check_output_dir",
+__all__ = ["FAMILY_LABELS", "call_component", "check_loss", "check_mask", "check_metrics", "check_model_ref", "check_output_dir",
            "component_error", "component_origin", "guarded", "located", "one_line", "row_errors",
            "row_number", "row_place"]
 
@@ -124,6 +124,27 @@ def check_mask(mask: Any, n_tokens: int, component: Any) -> list[int]:
         else:
             raise fail(f"{value!r} at token {i} (values must be 0 or 1)")
     return out
+
+
+def check_loss(value: Any, component: Any, family: str, what: str, action: str, *,
+               needs_grad: bool = False, given: str = "") -> Any:
+    """A component's loss: a tensor holding one number that carries a gradient when `needs_grad`;
+    else a ComponentError "<what> '<name>' returned ..." naming it (`given` describes the inputs)."""
+    name, origin = component_origin(component, family)
+
+    def fail(why: str) -> ComponentError:
+        return ComponentError(f"{what} {name!r} returned {why} [{origin}]", family=family,
+                              component=name, plugin=origin, action=action)
+
+    if not (hasattr(value, "numel") and hasattr(value, "requires_grad")):
+        raise fail(f"a loss of type {type(value).__name__}, expected a tensor holding one number")
+    if value.numel() != 1:
+        raise fail(f"a loss of shape {list(value.shape)}{given}; expected one number (aggregate "
+                   "over the batch)")
+    if needs_grad and not value.requires_grad:
+        raise fail("a loss that does not depend on the model's outputs (detached): the update "
+                   "would train nothing")
+    return value
 
 
 def check_metrics(metrics: Any, component: Any, family: str, what: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .errors import ComponentError
-from .guard import check_metrics, component_origin, guarded
+from .guard import check_loss, check_metrics, component_origin, guarded
 
 __all__ = ["call_policy_loss"]
 
@@ -31,17 +31,11 @@ def call_policy_loss(loss: Any, log_probs: Any, old_log_probs: Any, advantages: 
 
     with guarded(loss, FAMILY, "__call__()"):
         result = loss(log_probs, old_log_probs, advantages, mask, **kwargs)
-    value = getattr(result, "loss", None)
-    if not isinstance(value, torch.Tensor):
-        raise _error(loss, f"returned {type(result).__name__} whose .loss is {type(value).__name__}, "
-                           "expected a tensor holding one number (a PolicyLoss)")
-    if value.numel() != 1:
-        raise _error(loss, f"returned .loss of shape {list(value.shape)} for log-probs of shape "
-                           f"{list(log_probs.shape)}; expected one number (aggregate over tokens "
-                           "and sequences, e.g. with rlhf_plugins.policy_objectives.aggregate)")
-    if torch.is_grad_enabled() and getattr(log_probs, "requires_grad", False) and not value.requires_grad:
-        raise _error(loss, "returned a .loss that does not depend on log_probs (detached): the "
-                           "update would train nothing")
+    if not hasattr(result, "loss"):
+        raise _error(loss, f"returned {type(result).__name__}, expected a PolicyLoss(loss, metrics)")
+    check_loss(result.loss, loss, FAMILY, "policy loss", "__call__()",
+               needs_grad=torch.is_grad_enabled() and bool(getattr(log_probs, "requires_grad", False)),
+               given=f" for log-probs of shape {list(log_probs.shape)}")
     check_metrics(getattr(result, "metrics", None), loss, FAMILY, "policy loss")
     return result
 

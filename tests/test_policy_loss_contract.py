@@ -65,11 +65,11 @@ class _Broken(PolicyObjective):
 
 
 @pytest.mark.parametrize("mode, needle", [
-    ("per_token", "returned .loss of shape [3, 5] for log-probs of shape [3, 5]; expected one number"),
-    ("detached", "returned a .loss that does not depend on log_probs (detached)"),
-    ("float", "returned PolicyLoss whose .loss is float, expected a tensor holding one number"),
+    ("per_token", "returned a loss of shape [3, 5] for log-probs of shape [3, 5]; expected one number"),
+    ("detached", "returned a loss that does not depend on the model's outputs (detached)"),
+    ("float", "returned a loss of type float, expected a tensor holding one number"),
     ("metrics", "returned .metrics {'clip': [0.1, 0.2]}; expected a mapping of names to numbers"),
-    ("tuple", "returned tuple whose .loss is NoneType"),
+    ("tuple", "returned tuple, expected a PolicyLoss(loss, metrics)"),
     ("raise", "raised KeyError in __call__(): 'ratio'"),
 ])
 def test_a_loss_breaking_the_contract_is_one_error_naming_it(mode, needle):

@@ -603,6 +603,6 @@ def test_a_policy_loss_breaking_its_contract_stops_the_run_naming_it(tiny_dir, t
             register(a_count, name="test_a_count")
 
     rlhf_plugin(Plugin())
-    with pytest.raises(ComponentError, match=r"policy loss 'test_per_token_pg' returned \.loss of shape "
+    with pytest.raises(ComponentError, match=r"policy loss 'test_per_token_pg' returned a loss of shape "
                                              r"\[4, \d+\] .*expected one number"):
         _run_yaml(tiny_dir, tmp_path, "per_token", "policy_loss: test_per_token_pg")

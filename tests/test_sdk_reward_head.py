@@ -147,3 +147,35 @@ def test_head_missing_encode_fails_its_plugin_with_one_line(rlhf_plugin):
     assert "ComponentTypeError" in info.error and "forgetful-plugin" in info.error
     assert "reward_heads" in info.error and "missing encode()" in info.error
     assert "no_encode" not in reg.reward_heads
+
+
+@dataclass(frozen=True)
+class PerRowLossHead(SdkOutcomeHead):
+    """Forgets to average its BCE: one loss per row."""
+
+    name = "per_row_outcome"
+
+    def compute_loss(self, head_outputs: Any, batch: Any) -> Any:
+        logits = self._logits(head_outputs, batch)
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, batch["label"].to(logits.device), reduction="none")
+
+
+def test_a_head_loss_that_is_not_one_number_is_one_error_naming_the_head(tmp_path, tiny_dir, rlhf_plugin):
+    """The RM trainer checks compute_loss()'s result at the call (rlhf_plugins.guard.check_loss):
+    before, a per-row loss was torch's "grad can be implicitly created only for scalar outputs"
+    from the Trainer's backward."""
+    from rlhf_plugins.errors import ComponentError
+    from rlhf_plugins.models import LoraSettings
+    from rlhf_plugins.stages.reward_model.settings import RMSettings
+    from rlhf_plugins.stages.reward_model.train import run_rm
+
+    rlhf_plugin(component_plugin("reward_heads", PerRowLossHead(), name="per_row_outcome"), name="per-row")
+    data = tmp_path / "outcomes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    settings = RMSettings(model=str(tiny_dir), head="per_row_outcome", dataset=str(data), eval_size=4,
+                          lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    with pytest.raises(ComponentError, match=r"reward head 'per_row_outcome' returned a loss of shape \[4\] "
+                                             r"for a batch of 4 sequences; expected one number"):
+        run_rm(settings, {"max_steps": 1, "per_device_train_batch_size": 4, "logging_steps": 1,
+                          "save_strategy": "no", "report_to": "none", "seed": 0}, tmp_path / "rm")

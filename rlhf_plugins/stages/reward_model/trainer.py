@@ -15,7 +15,7 @@ from transformers import Trainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from ...errors import ConfigError
-from ...guard import guarded
+from ...guard import check_loss, guarded
 from ...protocols import member
 from .artifact import load_weights_into, save_reward_model
 from .model import RewardModel
@@ -90,6 +90,9 @@ class RewardHeadTrainer(Trainer):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         with guarded(head, "reward_heads", "compute_loss()"):
             loss = head.compute_loss(outputs, inputs)
+        check_loss(loss, head, "reward_heads", "reward head", "compute_loss()",
+                   needs_grad=torch.is_grad_enabled() and model.training,
+                   given=f" for a batch of {inputs['input_ids'].shape[0]} sequences")
         coef = getattr(self.args, "center_rewards_coefficient", None)
         if coef and "pair_chosen" in inputs:
             with guarded(head, "reward_heads", "sequence_scores()"):
@@ -97,11 +100,11 @@ class RewardHeadTrainer(Trainer):
             loss = loss + coef * torch.mean(scores ** 2)
         mode = "train" if model.training else "eval"
         with guarded(head, "reward_heads", "batch_metrics()"):
-            head_metrics = member(head, "reward_heads", "batch_metrics")(outputs, inputs).items()
-        for key, (total, count) in head_metrics:
-            acc = self._head_metrics[mode][key]
-            acc[0] += total
-            acc[1] += count
+            head_metrics = member(head, "reward_heads", "batch_metrics")(outputs, inputs)
+            for key, (total, count) in head_metrics.items():  # (sum, count) per metric name
+                acc = self._head_metrics[mode][str(key)]
+                acc[0] += float(total)
+                acc[1] += float(count)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
