@@ -16,7 +16,7 @@ from typing import Any
 
 from .advantage_types import Advantages
 from .errors import ComponentError
-from .guard import component_origin, guarded
+from .guard import contract_error, guarded
 from .protocols import member
 
 __all__ = ["call_estimator", "sequence_rewards"]
@@ -63,8 +63,8 @@ def _tensor(estimator: Any, result: Any, field: str) -> Any:
     import torch
 
     if not hasattr(result, field):
-        raise _error(estimator, f"returned {type(result).__name__}, expected Advantages(advantages, "
-                                "returns)")
+        raise contract_error(estimator, FAMILY, f"returned {type(result).__name__}, expected "
+                                                "Advantages(advantages, returns)")
     value = getattr(result, field)
     if isinstance(value, torch.Tensor):
         return value
@@ -73,11 +73,5 @@ def _tensor(estimator: Any, result: Any, field: str) -> Any:
 
 
 def _shape_error(estimator: Any, field: str, value: Any, expected: str, given: list[int]) -> ComponentError:
-    return _error(estimator, f"returned {field} of shape {list(value.shape)} for rewards of shape "
-                             f"{given}; expected {expected}")
-
-
-def _error(estimator: Any, what: str) -> ComponentError:
-    name, origin = component_origin(estimator, FAMILY)
-    return ComponentError(f"advantage estimator {name!r} {what} [{origin}]", family=FAMILY,
-                          component=name, plugin=origin, action="__call__()")
+    return contract_error(estimator, FAMILY, f"returned {field} of shape {list(value.shape)} for "
+                                             f"rewards of shape {given}; expected {expected}")

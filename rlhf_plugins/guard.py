@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from .errors import ComponentError, ConfigError, DataError, RlhfPluginsError
 from .protocols import FAMILIES
 
-__all__ = ["FAMILY_LABELS", "call_component", "check_loss", "check_mask", "check_metrics", "check_model_ref", "check_output_dir",
-           "component_error", "component_origin", "guarded", "located", "one_line", "row_errors",
-           "row_number", "row_place"]
+__all__ = ["FAMILY_LABELS", "call_component", "check_loss", "check_mask", "check_metrics",
+           "check_model_ref", "check_output_dir", "component_error", "component_origin",
+           "contract_error", "guarded", "located", "one_line", "row_errors", "row_number", "row_place"]
 
 #: how a family's component is called in messages
 FAMILY_LABELS = {name: spec.label for name, spec in FAMILIES.items()}
@@ -76,12 +76,17 @@ def component_origin(component: Any, family: str) -> tuple[str, str]:
 
 def component_error(component: Any, family: str, action: str, exc: BaseException) -> ComponentError:
     """The one-line ComponentError for `exc` raised by `component` in `action`."""
+    detail = one_line(str(exc), _MAX_MESSAGE)
+    return contract_error(component, family, f"raised {type(exc).__name__} in {action}"
+                          + (f": {detail}" if detail else ""), action)
+
+
+def contract_error(component: Any, family: str, what: str, action: str = "__call__()") -> ComponentError:
+    """"<kind> '<name>' <what> [<plugin>]": `component` raised or broke its family's contract."""
     name, origin = component_origin(component, family)
     kind = FAMILY_LABELS.get(family, f"{family} component")
-    detail = one_line(str(exc), _MAX_MESSAGE)
-    message = (f"{kind} {name!r} raised {type(exc).__name__} in {action}"
-               + (f": {detail}" if detail else "") + f" [{origin}]")
-    return ComponentError(message, family=family, component=name, plugin=origin, action=action)
+    return ComponentError(f"{kind} {name!r} {what} [{origin}]", family=family, component=name,
+                          plugin=origin, action=action)
 
 
 @contextlib.contextmanager
@@ -104,12 +109,8 @@ def call_component(component: Any, family: str, action: str, fn: Callable[..., A
 
 def check_mask(mask: Any, n_tokens: int, component: Any) -> list[int]:
     """A masking strategy's output as a list of 0/1 ints, one per token; ComponentError otherwise."""
-    name, origin = component_origin(component, "masking_strategies")
-
     def fail(why: str) -> ComponentError:
-        return ComponentError(f"masking strategy {name!r} returned {why} [{origin}]",
-                              family="masking_strategies", component=name, plugin=origin,
-                              action="mask()")
+        return contract_error(component, "masking_strategies", f"returned {why}", "mask()")
 
     if hasattr(mask, "tolist") and not isinstance(mask, (list, tuple)):
         mask = mask.tolist()  # numpy arrays / tensors, without importing either
@@ -126,30 +127,25 @@ def check_mask(mask: Any, n_tokens: int, component: Any) -> list[int]:
     return out
 
 
-def check_loss(value: Any, component: Any, family: str, what: str, action: str, *,
+def check_loss(value: Any, component: Any, family: str, action: str = "__call__()", *,
                needs_grad: bool = False, given: str = "") -> Any:
     """A component's loss: a tensor holding one number that carries a gradient when `needs_grad`;
-    else a ComponentError "<what> '<name>' returned ..." naming it (`given` describes the inputs)."""
-    name, origin = component_origin(component, family)
-
-    def fail(why: str) -> ComponentError:
-        return ComponentError(f"{what} {name!r} returned {why} [{origin}]", family=family,
-                              component=name, plugin=origin, action=action)
-
+    else a :func:`contract_error` (`given` describes the inputs)."""
     if not (hasattr(value, "numel") and hasattr(value, "requires_grad")):
-        raise fail(f"a loss of type {type(value).__name__}, expected a tensor holding one number")
+        raise contract_error(component, family, f"returned a loss of type {type(value).__name__}, "
+                             "expected a tensor holding one number", action)
     if value.numel() != 1:
-        raise fail(f"a loss of shape {list(value.shape)}{given}; expected one number (aggregate "
-                   "over the batch)")
+        raise contract_error(component, family, f"returned a loss of shape {list(value.shape)}{given}; "
+                             "expected one number (aggregate over the batch)", action)
     if needs_grad and not value.requires_grad:
-        raise fail("a loss that does not depend on the model's outputs (detached): the update "
-                   "would train nothing")
+        raise contract_error(component, family, "returned a loss that does not depend on the model's "
+                             "outputs (detached): the update would train nothing", action)
     return value
 
 
-def check_metrics(metrics: Any, component: Any, family: str, what: str) -> None:
+def check_metrics(metrics: Any, component: Any, family: str, action: str = "__call__()") -> None:
     """A component's `.metrics`: a mapping of names to numbers (ints, floats or one-element
-    tensors); else a ComponentError "<what> returned .metrics ...; expected ..." naming it."""
+    tensors); else a :func:`contract_error`."""
     from numbers import Real
 
     def number(v: Any) -> bool:
@@ -159,10 +155,8 @@ def check_metrics(metrics: Any, component: Any, family: str, what: str) -> None:
         return
     text = repr(metrics)
     text = text if len(text) <= 80 else text[:77] + "..."
-    name, origin = component_origin(component, family)
-    raise ComponentError(f"{what} {name!r} returned .metrics {text}; expected a mapping of names to "
-                         f"numbers [{origin}]", family=family, component=name, plugin=origin,
-                         action="__call__()")
+    raise contract_error(component, family, f"returned .metrics {text}; expected a mapping of names "
+                         "to numbers", action)
 
 
 def located(exc: RlhfPluginsError, where: str) -> RlhfPluginsError:

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .errors import ComponentError
-from .guard import check_loss, check_metrics, component_origin, guarded
+from .guard import check_loss, check_metrics, contract_error, guarded
 
 __all__ = ["call_policy_loss"]
 
@@ -32,15 +31,10 @@ def call_policy_loss(loss: Any, log_probs: Any, old_log_probs: Any, advantages: 
     with guarded(loss, FAMILY, "__call__()"):
         result = loss(log_probs, old_log_probs, advantages, mask, **kwargs)
     if not hasattr(result, "loss"):
-        raise _error(loss, f"returned {type(result).__name__}, expected a PolicyLoss(loss, metrics)")
-    check_loss(result.loss, loss, FAMILY, "policy loss", "__call__()",
+        raise contract_error(loss, FAMILY, f"returned {type(result).__name__}, expected a "
+                                           "PolicyLoss(loss, metrics)")
+    check_loss(result.loss, loss, FAMILY,
                needs_grad=torch.is_grad_enabled() and bool(getattr(log_probs, "requires_grad", False)),
                given=f" for log-probs of shape {list(log_probs.shape)}")
-    check_metrics(getattr(result, "metrics", None), loss, FAMILY, "policy loss")
+    check_metrics(getattr(result, "metrics", None), loss, FAMILY)
     return result
-
-
-def _error(loss: Any, what: str) -> ComponentError:
-    name, origin = component_origin(loss, FAMILY)
-    return ComponentError(f"policy loss {name!r} {what} [{origin}]", family=FAMILY,
-                          component=name, plugin=origin, action="__call__()")

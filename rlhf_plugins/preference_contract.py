@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .errors import ComponentError
-from .guard import check_metrics, component_origin, guarded
+from .guard import check_metrics, contract_error, guarded
 
 __all__ = ["call_preference_loss"]
 
@@ -34,17 +33,12 @@ def call_preference_loss(loss: Any, chosen_logps: Any, rejected_logps: Any, *ref
     for field in FIELDS:
         value = getattr(result, field, None)
         if not isinstance(value, torch.Tensor):
-            raise _error(loss, f"returned {type(result).__name__} whose .{field} is "
-                               f"{type(value).__name__}, expected a tensor of shape [B] = [{batch}] "
-                               "(a PreferenceLoss)")
+            raise contract_error(loss, FAMILY, f"returned {type(result).__name__} whose .{field} "
+                                               f"is {type(value).__name__}, expected a tensor of "
+                                               f"shape [B] = [{batch}] (a PreferenceLoss)")
         if tuple(value.shape) != (batch,):
-            raise _error(loss, f"returned .{field} of shape {list(value.shape)} for log-probs of shape "
-                               f"[{batch}]; expected [B] = [{batch}] (one value per pair)")
-    check_metrics(getattr(result, "metrics", None), loss, FAMILY, "preference loss")
+            raise contract_error(loss, FAMILY, f"returned .{field} of shape {list(value.shape)} for "
+                                               f"log-probs of shape [{batch}]; expected [B] = "
+                                               f"[{batch}] (one value per pair)")
+    check_metrics(getattr(result, "metrics", None), loss, FAMILY)
     return result
-
-
-def _error(loss: Any, what: str) -> ComponentError:
-    name, origin = component_origin(loss, FAMILY)
-    return ComponentError(f"preference loss {name!r} {what} [{origin}]", family=FAMILY,
-                          component=name, plugin=origin, action="__call__()")

@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .errors import ComponentError
-from .guard import component_origin, guarded
+from .guard import contract_error, guarded
 
 __all__ = ["call_selection_rule"]
 
@@ -25,27 +24,23 @@ FAMILY = "selection_rules"
 
 def call_selection_rule(rule: Any, rewards: Sequence[Sequence[float]]) -> list[tuple[int, int]]:
     """`rule.select(rewards)` under the contract (module docstring): the sorted, distinct pairs."""
+    def fail(what: str) -> Exception:
+        return contract_error(rule, FAMILY, what, "select()")
+
     with guarded(rule, FAMILY, "select()"):
         pairs = rule.select(rewards)
     if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
-        raise _error(rule, f"returned {type(pairs).__name__}, expected a list of (prompt, completion) "
-                           "pairs")
+        raise fail(f"returned {type(pairs).__name__}, expected a list of (prompt, completion) pairs")
     out = set()
     for pair in pairs:
         try:
             i, j = int(pair[0]), int(pair[1])
         except (TypeError, ValueError, IndexError, KeyError):
-            raise _error(rule, f"returned {pair!r}, not a (prompt, completion) pair of integers") from None
+            raise fail(f"returned {pair!r}, not a (prompt, completion) pair of integers") from None
         if not (0 <= i < len(rewards) and 0 <= j < len(rewards[i])):
-            raise _error(rule, f"returned {pair!r}, outside the reward matrix ({len(rewards)} prompts)")
+            raise fail(f"returned {pair!r}, outside the reward matrix ({len(rewards)} prompts)")
         value = rewards[i][j]
         if value is None or math.isnan(value) or value == -math.inf:
-            raise _error(rule, f"selected the unscored (NaN or -inf) completion {pair!r}")
+            raise fail(f"selected the unscored (NaN or -inf) completion {pair!r}")
         out.add((i, j))
     return sorted(out)
-
-
-def _error(rule: Any, what: str) -> ComponentError:
-    name, origin = component_origin(rule, FAMILY)
-    return ComponentError(f"selection rule {name!r} {what} [{origin}]", family=FAMILY,
-                          component=name, plugin=origin, action="select()")

@@ -90,7 +90,7 @@ class RewardHeadTrainer(Trainer):
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         with guarded(head, "reward_heads", "compute_loss()"):
             loss = head.compute_loss(outputs, inputs)
-        check_loss(loss, head, "reward_heads", "reward head", "compute_loss()",
+        check_loss(loss, head, "reward_heads", "compute_loss()",
                    needs_grad=torch.is_grad_enabled() and model.training,
                    given=f" for a batch of {inputs['input_ids'].shape[0]} sequences")
         coef = getattr(self.args, "center_rewards_coefficient", None)
