@@ -8,35 +8,24 @@ from typing import Any, Mapping
 
 from ...config import check_strings
 from ...errors import ConfigError
-from ...models import LoraSettings, QuantSettings, resolve_adapter_settings
-from ..bad_rows import BadRowsSettings
-from ..skeleton import SYNTHETIC
+from ..training_settings import TrainingSettings
 
 #: how a PRM reward model's step outputs become the PPO reward (see PPOSettings.prm_reward)
 PRM_REWARDS = ("probability", "sign", "score")
 
-@dataclass
-class PPOSettings(BadRowsSettings):
-    """Our part of a PPO/GRPO config (the rest are TRL `GRPOConfig` fields, e.g. `beta`)."""
 
-    #: HF model directory, hub id, .gguf file, saved LoRA adapter, or None for the embedded SmolLM2
-    model: str | None = None
-    #: "synthetic" (the verifiable arithmetic task), a JSONL/JSON file or a saved HF dataset
-    #: with a `prompt` column (string or message list) plus the columns reward functions read
-    dataset: str = SYNTHETIC
-    dataset_split: str = "train"
-    dataset_config: str | None = None
-    num_examples: int | None = None
-    dataset_seed: int = 0
+@dataclass
+class PPOSettings(TrainingSettings):
+    """Our part of a PPO/GRPO config (the rest are TRL `GRPOConfig` fields, e.g. `beta`); the shared
+    fields (model, dataset, eval_*, lora, quantization, ...) are :class:`TrainingSettings`'.
+    `dataset` rows have a `prompt` (string or message list) plus the columns reward functions
+    read; `eval_split` / `eval_dataset`: see `eval_examples`."""
+
     #: held-out prompts for TRL's evaluation; 0 disables it unless `eval_split`/`eval_dataset`
     #: is set. They never overlap the training prompts: the synthetic task's "test" split,
     #: `eval_split` of `eval_dataset` (default: `dataset`), or else `eval_examples` rows carved
     #: from the training data (seeded by `dataset_seed`) and removed from training
     eval_examples: int = 0
-    #: the split (of `eval_dataset`, default `dataset`) evaluated on; None: see `eval_examples`
-    eval_split: str | None = None
-    #: where held-out prompts come from (same forms as `dataset`); None: `dataset`
-    eval_dataset: str | None = None
     #: evaluate before training too (metrics `eval_reward_before`)
     eval_before: bool = True
     #: chat template plugin whose Jinja becomes the tokenizer's chat_template (None: keep it)
@@ -78,18 +67,9 @@ class PPOSettings(BadRowsSettings):
     #: a PRM reward model's reward: per-step P(correct) ("probability"), +1/0/-1 by the arg-max
     #: class ("sign"), both as step rewards at the step ends; or its aggregated score ("score")
     prm_reward: str = "probability"
-    lora: LoraSettings | None = None
-    peft: LoraSettings | None = None
-    quantization: QuantSettings | None = None
-    resume: bool = True
-    #: replace what the output directory holds (files of another program, a finished run)
-    overwrite: bool = False
 
     def __post_init__(self) -> None:
-
-        self.lora, self.quantization = resolve_adapter_settings(self.lora, self.peft,
-                                                                self.quantization)
-        self.peft = None
+        super().__post_init__()
         if self.reward_adapter is not None and self.lora is None:
             raise ConfigError("reward_adapter: attaching a reward adapter to the policy's base needs "
                               "a LoRA policy (`lora`)")
@@ -116,13 +96,7 @@ class PPOSettings(BadRowsSettings):
         if self.prm_reward not in PRM_REWARDS:
             raise ConfigError(f"prm_reward: expected one of {', '.join(PRM_REWARDS)}, got "
                               f"{self.prm_reward!r}")
-        check_strings(self, ("dataset", "advantage_estimator", "dataset_split"),
-                      ("eval_split", "eval_dataset"))
-        self.check_bad_rows()
-        for name in ("num_examples",):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name}: expected a positive integer, got {value!r}")
+        check_strings(self, ("advantage_estimator",), ("template",))
         if not isinstance(self.eval_examples, int) or isinstance(self.eval_examples, bool) \
                 or self.eval_examples < 0:
             raise ConfigError(f"eval_examples: expected an integer >= 0, got {self.eval_examples!r}")
