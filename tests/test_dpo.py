@@ -412,3 +412,27 @@ def test_pipeline_sft_rejection_sampling_then_direct_alignment(tmp_path, stage):
     record = summary["stages"][stage]
     assert record["metrics"]["global_step"] == 2 and record["components"]["template"] == "chatml"
     assert record["outputs"]["policy"].endswith("merged")
+
+
+@pytest.mark.slow
+def test_pipeline_sample_and_grade_only_then_dpo_starts_from_the_sft_model(tmp_path):
+    """examples/direct_alignment.yaml's shape: rejection sampling with `finetune: false` only
+    draws and grades samples; it is not evaluated again (its policy is the SFT model) and DPO
+    trains the SFT model (on pairs of those samples; this random model's have none, so the
+    task's pairs)."""
+    from test_pipeline import FAST, run_pipeline, tiny_config
+
+    model = make_tiny_model_dir(tmp_path / "m")
+    config = tiny_config(model, tmp_path / "run", stages=["sft", "rejection_sampling", "dpo"],
+                         dpo={"max_steps": 2, "per_device_train_batch_size": 2, "rpo_alpha": 0.5, **FAST})
+    config["rejection_sampling"] = {**config["rejection_sampling"], "finetune": False}
+    del config["rejection_sampling"]["sft"]
+    pipeline, _ = run_pipeline(config)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["evals"]) == {"base", "sft", "dpo"}
+    assert not (tmp_path / "run" / "rejection_sampling" / "sft").exists()
+    sft_policy = summary["stages"]["sft"]["outputs"]["policy"]
+    assert summary["stages"]["rejection_sampling"]["outputs"]["evaluate"] is False
+    adapter = json.loads((tmp_path / "run" / "dpo" / "adapter_config.json").read_text())
+    base = adapter["base_model_name_or_path"]
+    assert (tmp_path / "run" / "dpo" / base).resolve() == Path(sft_policy).resolve()

@@ -296,3 +296,18 @@ def test_each_section_is_parsed_once_and_bound_to_what_earlier_stages_produced(t
         if name != "reward_model":
             assert bound[1].reward_model == str(tmp_path / "rm")   # placeholder None when checked
         assert pipeline.parsed[name][1].model == "<policy of the previous stage>"  # kept as checked
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "direct_alignment.yaml"])
+def test_the_pipeline_examples_validate(tmp_path, name):
+    """Every section of the example pipelines parses and checks (before anything loads), at full
+    and at smoke sizes; direct_alignment.yaml samples and grades without fine-tuning."""
+    from rlhf_plugins.stages.pipeline import Pipeline, load_pipeline_config
+
+    for smoke in (False, True):
+        settings = load_pipeline_config(ROOT / "examples" / name, smoke=smoke, output_dir=str(tmp_path / "r"))
+        Pipeline(settings, config_label=name, smoke=smoke).validate()
+    if name == "direct_alignment.yaml":
+        assert settings.stages == ["sft", "rejection_sampling", "dpo"]
+        assert settings.section("rejection_sampling")["finetune"] is False
+        assert settings.section("dpo")["rpo_alpha"] == 0.5

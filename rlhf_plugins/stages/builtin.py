@@ -160,8 +160,10 @@ class RejectionSamplingStage(Stage):
         metrics = {k: v for k, v in result.summary.items()
                    if isinstance(v, (int, float, str)) and k not in ("policy", "config_hash")}
         sft = result.sft
+        # `finetune: false` (sample and grade only): the policy is the one the stage started
+        # from, already evaluated; later stages get the graded samples
         outputs = StageOutputs(policy=str(sft.merged_dir) if sft is not None and sft.merged_dir
-                               else ctx.policy)
+                               else ctx.policy, evaluate=settings.finetune)
         if (output_dir / "all.jsonl").is_file():  # every graded sample (on-policy RM pairs)
             outputs.samples = str(output_dir / "all.jsonl")
         history = sft.metrics.get("log_history", []) if sft is not None else []
