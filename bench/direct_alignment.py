@@ -16,6 +16,7 @@ One command, one run, the embedded model on 2 CPU cores:
    Wilson intervals, and paired bootstrap intervals + McNemar against SFT and against RS-SFT.
 
     python bench/direct_alignment.py --run runs/direct [--eval-split test] [--dpo-lr 1e-4] [--float32]
+                                     [--only-dpo]
 
 The models are trained the same whatever the split (the pipeline's task keeps `eval_split:
 validation`; test problems are answered by a second evaluation over the same models), so tune
@@ -122,6 +123,9 @@ def main() -> None:
     parser.add_argument("--eval-split", choices=("test", "validation"), default="test")
     parser.add_argument("--dpo-lr", type=float, default=1e-4)
     parser.add_argument("--kto-lr", type=float, default=1e-4)
+    parser.add_argument("--only-dpo", action="store_true",
+                        help="tuning: train and evaluate DPO from the SFT model alone (no KTO, no DPO "
+                             "after RS-SFT)")
     parser.add_argument("--float32", action="store_true",
                         help="train and decode in float32 (CPUs without AVX512-BF16)")
     args = parser.parse_args()
@@ -138,36 +142,35 @@ def main() -> None:
     labelled = write_labelled_samples(samples, args.run / "data" / "bench_kto")
     if pairs is None or labelled is None:
         raise SystemExit("the graded samples hold no prompt with both a passing and a failing sample")
-    dpo, dpo_s = _train("dpo", args.run, sft_policy, pairs["pairs_train"], pairs.get("pairs_eval"),
-                        args.dpo_lr, None)
-    steps = int(dpo.metrics.get("global_step") or 0) or None
-    kto, kto_s = _train("kto", args.run, sft_policy, labelled["train"], labelled.get("eval"),
-                        args.kto_lr, steps)
-    dpo_rs, dpo_rs_s = _train("dpo_after_rs", args.run, rs_policy, pairs["pairs_train"],
-                              pairs.get("pairs_eval"), args.dpo_lr, None)
+    trained = {"dpo": _train("dpo", args.run, sft_policy, pairs["pairs_train"], pairs.get("pairs_eval"),
+                             args.dpo_lr, None)}
+    if not args.only_dpo:
+        steps = int(trained["dpo"][0].metrics.get("global_step") or 0) or None
+        trained["kto"] = _train("kto", args.run, sft_policy, labelled["train"], labelled.get("eval"),
+                                args.kto_lr, steps)
+        trained["dpo_after_rs"] = _train("dpo_after_rs", args.run, rs_policy, pairs["pairs_train"],
+                                         pairs.get("pairs_eval"), args.dpo_lr, None)
+    start = {"dpo": sft_policy, "kto": sft_policy, "dpo_after_rs": rs_policy}
+    labels = {"dpo": "DPO + NLL", "kto": "KTO", "dpo_after_rs": "RS-SFT, then DPO + NLL"}
     evaluator = _evaluator(args.run, args.eval_split, args.float32, pipeline)
     evals = {"sft": evaluator.evaluate("sft", sft_policy, sft.get("policy_adapter")),
-             "rs_sft": evaluator.evaluate("rejection_sampling", rs_policy, rs.get("policy_adapter")),
-             "dpo": evaluator.evaluate("bench_dpo", sft_policy, str(dpo.output_dir)),
-             "kto": evaluator.evaluate("bench_kto", sft_policy, str(kto.output_dir)),
-             "dpo_after_rs": evaluator.evaluate("bench_dpo_after_rs", rs_policy, str(dpo_rs.output_dir))}
+             "rs_sft": evaluator.evaluate("rejection_sampling", rs_policy, rs.get("policy_adapter"))}
+    for key, (result, _) in trained.items():
+        evals[key] = evaluator.evaluate(f"bench_{key}", start[key], str(result.output_dir))
     rows = [_row("sft", evals["sft"], {}),
-            _row("rejection-sampling SFT", evals["rs_sft"], {"sft": evals["sft"]}),
-            _row("DPO + NLL", evals["dpo"], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]}),
-            _row("KTO", evals["kto"], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]}),
-            _row("RS-SFT, then DPO + NLL", evals["dpo_after_rs"],
-                 {"sft": evals["sft"], "rs_sft": evals["rs_sft"]})]
-    out = {"eval_split": args.eval_split, "float32": args.float32, "wall_s": round(time.time() - started, 1),
-           "dpo": {"seconds": round(dpo_s, 1), **{k: v for k, v in dpo.metrics.items()
-                                                  if isinstance(v, (int, float, str))}},
-           "kto": {"seconds": round(kto_s, 1), **{k: v for k, v in kto.metrics.items()
-                                                  if isinstance(v, (int, float, str))}},
-           "dpo_after_rs": {"seconds": round(dpo_rs_s, 1), **{k: v for k, v in dpo_rs.metrics.items()
-                                                              if isinstance(v, (int, float, str))}},
+            _row("rejection-sampling SFT", evals["rs_sft"], {"sft": evals["sft"]})]
+    rows += [_row(labels[key], evals[key], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]})
+             for key in trained]
+    out = {"eval_split": args.eval_split, "float32": args.float32, "dpo_lr": args.dpo_lr,
+           "kto_lr": args.kto_lr, "wall_s": round(time.time() - started, 1),
+           **{key: {"seconds": round(seconds, 1), **{k: v for k, v in result.metrics.items()
+                                                     if isinstance(v, (int, float, str))}}
+              for key, (result, seconds) in trained.items()},
            "stage_seconds": {n: r.metrics.get("train_runtime") for n, r in pipeline.records.items()},
            "rs_selected": pipeline.records["rejection_sampling"].metrics.get("selected"),
            "rows": rows}
-    (args.run / f"direct_alignment_{args.eval_split}.json").write_text(json.dumps(out, indent=2, default=str))
+    name = f"direct_alignment_{args.eval_split}_dpo-lr{args.dpo_lr:g}{'_only-dpo' if args.only_dpo else ''}"
+    (args.run / f"{name}.json").write_text(json.dumps(out, indent=2, default=str))
     for row in rows:
         lo, hi = row["ci"]
         parts = [f"{row['model']:24s} {row['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"]
@@ -178,8 +181,8 @@ def main() -> None:
                              f"p={c['mcnemar_p']:.3f}")
         print("  ".join(parts))
     print(json.dumps({k: out[k] for k in ("wall_s", "rs_selected")}), yaml.safe_dump(
-        {"dpo_train_pairs": out["dpo"].get("train_pairs"), "dpo_s": out["dpo"]["seconds"],
-         "kto_s": out["kto"]["seconds"]}, default_flow_style=True).strip())
+        {"dpo_train_pairs": out["dpo"].get("train_pairs"),
+         **{f"{key}_s": out[key]["seconds"] for key in trained}}, default_flow_style=True).strip())
 
 
 if __name__ == "__main__":
