@@ -16,7 +16,7 @@ One command, one run, the embedded model on 2 CPU cores:
    Wilson intervals, and paired bootstrap intervals + McNemar against SFT and against RS-SFT.
 
     python bench/direct_alignment.py --run runs/direct [--eval-split test] [--dpo-lr 1e-4] [--float32]
-                                     [--only-dpo]
+                                     [--rpo-alpha 0.5] [--only-dpo]
 
 The models are trained the same whatever the split (the pipeline's task keeps `eval_split:
 validation`; test problems are answered by a second evaluation over the same models), so tune
@@ -87,7 +87,7 @@ def _evaluator(run: Path, eval_split: str, float32: bool, pipeline: Any) -> Any:
 
 
 def _train(kind: str, run: Path, policy: str, train: str, held_out: str | None, lr: float,
-           steps: int | None) -> tuple[Any, float]:
+           steps: int | None, rpo_alpha: float = 0.5) -> tuple[Any, float]:
     from rlhf_plugins.stages.dpo.run import dpo_from_config
     from rlhf_plugins.stages.kto.run import kto_from_config
 
@@ -101,9 +101,10 @@ def _train(kind: str, run: Path, policy: str, train: str, held_out: str | None, 
     else:
         config["num_train_epochs"] = 1
     if kind.startswith("dpo"):
-        config.update(loss="sigmoid", loss_options={"beta": 0.1}, rpo_alpha=0.5)
+        config.update(loss="sigmoid", loss_options={"beta": 0.1}, rpo_alpha=rpo_alpha)
     started = time.time()
-    result = (dpo_from_config if kind.startswith("dpo") else kto_from_config)(config, run / f"{kind}-lr{lr:g}")
+    name = f"{kind}-lr{lr:g}" + (f"-rpo{rpo_alpha:g}" if kind.startswith("dpo") and rpo_alpha != 0.5 else "")
+    result = (dpo_from_config if kind.startswith("dpo") else kto_from_config)(config, run / name)
     return result, time.time() - started
 
 
@@ -123,6 +124,7 @@ def main() -> None:
     parser.add_argument("--eval-split", choices=("test", "validation"), default="test")
     parser.add_argument("--dpo-lr", type=float, default=1e-4)
     parser.add_argument("--kto-lr", type=float, default=1e-4)
+    parser.add_argument("--rpo-alpha", type=float, default=0.5, help="weight of DPO's NLL term")
     parser.add_argument("--only-dpo", action="store_true",
                         help="tuning: train and evaluate DPO from the SFT model alone (no KTO, no DPO "
                              "after RS-SFT)")
@@ -143,25 +145,27 @@ def main() -> None:
     if pairs is None or labelled is None:
         raise SystemExit("the graded samples hold no prompt with both a passing and a failing sample")
     trained = {"dpo": _train("dpo", args.run, sft_policy, pairs["pairs_train"], pairs.get("pairs_eval"),
-                             args.dpo_lr, None)}
+                             args.dpo_lr, None, args.rpo_alpha)}
     if not args.only_dpo:
         steps = int(trained["dpo"][0].metrics.get("global_step") or 0) or None
         trained["kto"] = _train("kto", args.run, sft_policy, labelled["train"], labelled.get("eval"),
                                 args.kto_lr, steps)
         trained["dpo_after_rs"] = _train("dpo_after_rs", args.run, rs_policy, pairs["pairs_train"],
-                                         pairs.get("pairs_eval"), args.dpo_lr, None)
+                                         pairs.get("pairs_eval"), args.dpo_lr, None, args.rpo_alpha)
     start = {"dpo": sft_policy, "kto": sft_policy, "dpo_after_rs": rs_policy}
     labels = {"dpo": "DPO + NLL", "kto": "KTO", "dpo_after_rs": "RS-SFT, then DPO + NLL"}
     evaluator = _evaluator(args.run, args.eval_split, args.float32, pipeline)
     evals = {"sft": evaluator.evaluate("sft", sft_policy, sft.get("policy_adapter")),
              "rs_sft": evaluator.evaluate("rejection_sampling", rs_policy, rs.get("policy_adapter"))}
     for key, (result, _) in trained.items():
-        evals[key] = evaluator.evaluate(f"bench_{key}", start[key], str(result.output_dir))
+        evals[key] = evaluator.evaluate(f"bench_{result.output_dir.name}", start[key],
+                                        str(result.output_dir))
     rows = [_row("sft", evals["sft"], {}),
             _row("rejection-sampling SFT", evals["rs_sft"], {"sft": evals["sft"]})]
     rows += [_row(labels[key], evals[key], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]})
              for key in trained]
     out = {"eval_split": args.eval_split, "float32": args.float32, "dpo_lr": args.dpo_lr,
+           "rpo_alpha": args.rpo_alpha,
            "kto_lr": args.kto_lr, "wall_s": round(time.time() - started, 1),
            **{key: {"seconds": round(seconds, 1), **{k: v for k, v in result.metrics.items()
                                                      if isinstance(v, (int, float, str))}}
@@ -169,7 +173,8 @@ def main() -> None:
            "stage_seconds": {n: r.metrics.get("train_runtime") for n, r in pipeline.records.items()},
            "rs_selected": pipeline.records["rejection_sampling"].metrics.get("selected"),
            "rows": rows}
-    name = f"direct_alignment_{args.eval_split}_dpo-lr{args.dpo_lr:g}{'_only-dpo' if args.only_dpo else ''}"
+    name = (f"direct_alignment_{args.eval_split}_dpo-lr{args.dpo_lr:g}-rpo{args.rpo_alpha:g}"
+            f"{'_only-dpo' if args.only_dpo else ''}")
     (args.run / f"{name}.json").write_text(json.dumps(out, indent=2, default=str))
     for row in rows:
         lo, hi = row["ci"]
