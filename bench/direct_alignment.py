@@ -16,7 +16,7 @@ One command, one run, the embedded model on 2 CPU cores:
    Wilson intervals, and paired bootstrap intervals + McNemar against SFT and against RS-SFT.
 
     python bench/direct_alignment.py --run runs/direct [--eval-split test] [--dpo-lr 1e-4] [--float32]
-                                     [--rpo-alpha 0.5] [--only-dpo]
+                                     [--rpo-alpha 0.5] [--kto-desirable-weight 1] [--only dpo|kto]
 
 The models are trained the same whatever the split (the pipeline's task keeps `eval_split:
 validation`; test problems are answered by a second evaluation over the same models), so tune
@@ -87,7 +87,7 @@ def _evaluator(run: Path, eval_split: str, float32: bool, pipeline: Any) -> Any:
 
 
 def _train(kind: str, run: Path, policy: str, train: str, held_out: str | None, lr: float,
-           steps: int | None, rpo_alpha: float = 0.5) -> tuple[Any, float]:
+           steps: int | None, rpo_alpha: float = 0.5, desirable_weight: float = 1.0) -> tuple[Any, float]:
     from rlhf_plugins.stages.dpo.run import dpo_from_config
     from rlhf_plugins.stages.kto.run import kto_from_config
 
@@ -104,6 +104,9 @@ def _train(kind: str, run: Path, policy: str, train: str, held_out: str | None, 
         config.update(loss="sigmoid", loss_options={"beta": 0.1}, rpo_alpha=rpo_alpha)
     started = time.time()
     name = f"{kind}-lr{lr:g}" + (f"-rpo{rpo_alpha:g}" if kind.startswith("dpo") and rpo_alpha != 0.5 else "")
+    if kind == "kto" and desirable_weight != 1.0:  # TRL: weight x desirable ~ undesirable rows
+        config.update(desirable_weight=desirable_weight, eval_before=False)
+        name += f"-dw{desirable_weight:g}"
     result = (dpo_from_config if kind.startswith("dpo") else kto_from_config)(config, run / name)
     return result, time.time() - started
 
@@ -125,9 +128,10 @@ def main() -> None:
     parser.add_argument("--dpo-lr", type=float, default=1e-4)
     parser.add_argument("--kto-lr", type=float, default=1e-4)
     parser.add_argument("--rpo-alpha", type=float, default=0.5, help="weight of DPO's NLL term")
-    parser.add_argument("--only-dpo", action="store_true",
-                        help="tuning: train and evaluate DPO from the SFT model alone (no KTO, no DPO "
-                             "after RS-SFT)")
+    parser.add_argument("--kto-desirable-weight", type=float, default=1.0,
+                        help="KTO's desirable_weight (TRL: desirable x weight ~ undesirable rows)")
+    parser.add_argument("--only", choices=("dpo", "kto"),
+                        help="tuning: train and evaluate this one from the SFT model alone")
     parser.add_argument("--float32", action="store_true",
                         help="train and decode in float32 (CPUs without AVX512-BF16)")
     args = parser.parse_args()
@@ -144,12 +148,17 @@ def main() -> None:
     labelled = write_labelled_samples(samples, args.run / "data" / "bench_kto")
     if pairs is None or labelled is None:
         raise SystemExit("the graded samples hold no prompt with both a passing and a failing sample")
-    trained = {"dpo": _train("dpo", args.run, sft_policy, pairs["pairs_train"], pairs.get("pairs_eval"),
-                             args.dpo_lr, None, args.rpo_alpha)}
-    if not args.only_dpo:
-        steps = int(trained["dpo"][0].metrics.get("global_step") or 0) or None
+    trained = {}
+    if args.only in (None, "dpo"):
+        trained["dpo"] = _train("dpo", args.run, sft_policy, pairs["pairs_train"],
+                                pairs.get("pairs_eval"), args.dpo_lr, None, args.rpo_alpha)
+    if args.only in (None, "kto"):  # as many steps as DPO took with the default settings
+        steps = int((trained.get("dpo") or _train("dpo", args.run, sft_policy, pairs["pairs_train"],
+                                                  pairs.get("pairs_eval"), 1e-4, None))[0]
+                    .metrics.get("global_step") or 0) or None
         trained["kto"] = _train("kto", args.run, sft_policy, labelled["train"], labelled.get("eval"),
-                                args.kto_lr, steps)
+                                args.kto_lr, steps, desirable_weight=args.kto_desirable_weight)
+    if args.only is None:
         trained["dpo_after_rs"] = _train("dpo_after_rs", args.run, rs_policy, pairs["pairs_train"],
                                          pairs.get("pairs_eval"), args.dpo_lr, None, args.rpo_alpha)
     start = {"dpo": sft_policy, "kto": sft_policy, "dpo_after_rs": rs_policy}
@@ -165,7 +174,7 @@ def main() -> None:
     rows += [_row(labels[key], evals[key], {"sft": evals["sft"], "rs_sft": evals["rs_sft"]})
              for key in trained]
     out = {"eval_split": args.eval_split, "float32": args.float32, "dpo_lr": args.dpo_lr,
-           "rpo_alpha": args.rpo_alpha,
+           "rpo_alpha": args.rpo_alpha, "kto_desirable_weight": args.kto_desirable_weight,
            "kto_lr": args.kto_lr, "wall_s": round(time.time() - started, 1),
            **{key: {"seconds": round(seconds, 1), **{k: v for k, v in result.metrics.items()
                                                      if isinstance(v, (int, float, str))}}
@@ -173,8 +182,8 @@ def main() -> None:
            "stage_seconds": {n: r.metrics.get("train_runtime") for n, r in pipeline.records.items()},
            "rs_selected": pipeline.records["rejection_sampling"].metrics.get("selected"),
            "rows": rows}
-    name = (f"direct_alignment_{args.eval_split}_dpo-lr{args.dpo_lr:g}-rpo{args.rpo_alpha:g}"
-            f"{'_only-dpo' if args.only_dpo else ''}")
+    name = "_".join(f"{key}-{trained[key][0].output_dir.name}" for key in trained)
+    name = f"direct_alignment_{args.eval_split}_{name}"
     (args.run / f"{name}.json").write_text(json.dumps(out, indent=2, default=str))
     for row in rows:
         lo, hi = row["ci"]
@@ -186,8 +195,7 @@ def main() -> None:
                              f"p={c['mcnemar_p']:.3f}")
         print("  ".join(parts))
     print(json.dumps({k: out[k] for k in ("wall_s", "rs_selected")}), yaml.safe_dump(
-        {"dpo_train_pairs": out["dpo"].get("train_pairs"),
-         **{f"{key}_s": out[key]["seconds"] for key in trained}}, default_flow_style=True).strip())
+        {f"{key}_s": out[key]["seconds"] for key in trained}, default_flow_style=True).strip())
 
 
 if __name__ == "__main__":
