@@ -1,4 +1,5 @@
-"""The fields every training stage's settings share: :class:`TrainingSettings`.
+"""The fields the stages' settings share: :class:`SourceSettings` (every stage reading a model
+and a dataset), :class:`TrainingSettings` (the training stages) and :class:`HoldOutSettings`.
 
 `sft`, `reward_model`, `ppo`, `dpo` and `kto` all read a model and a dataset, may evaluate on
 another split or source, train a LoRA adapter on an optionally 4-bit base, resume and refuse to
@@ -19,12 +20,13 @@ from ..models import LoraSettings, QuantSettings, resolve_adapter_settings
 from .bad_rows import BadRowsSettings
 from .skeleton import SYNTHETIC
 
-__all__ = ["HoldOutSettings", "TrainingSettings", "check_positive_ints"]
+__all__ = ["HoldOutSettings", "SourceSettings", "TrainingSettings", "check_positive_ints"]
 
 
 @dataclass
-class TrainingSettings(BadRowsSettings):
-    """Where a training stage's model and data come from, its adapter, resuming, overwriting."""
+class SourceSettings(BadRowsSettings):
+    """Where a stage's model and rows come from, and what it may replace (every stage that reads
+    a model and a dataset: the training stages and rejection sampling)."""
 
     #: HF model directory, hub id, .gguf file, saved LoRA adapter (an earlier stage's output), or
     #: None / "default" for the embedded SmolLM2
@@ -35,16 +37,32 @@ class TrainingSettings(BadRowsSettings):
     dataset_split: str = "train"
     #: `load_dataset` configuration name (hub/script datasets only)
     dataset_config: str | None = None
-    #: keep at most this many rows (synthetic: how many problems to generate)
-    num_examples: int | None = None
     #: seed of the synthetic task
     dataset_seed: int = 0
+    #: the chat_templates plugin rendering every row (its Jinja is saved with the model)
+    template: str = "chatml"
+    #: replace what the output directory holds (files of another program, a finished run)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
+            raise ConfigError(f"model: expected a string, got {self.model!r}")
+        check_strings(self, ("dataset", "dataset_split"))
+        if isinstance(self.dataset_seed, bool) or not isinstance(self.dataset_seed, int):
+            raise ConfigError(f"dataset_seed: expected an integer, got {self.dataset_seed!r}")
+        self.check_bad_rows()
+
+
+@dataclass
+class TrainingSettings(SourceSettings):
+    """A training stage's source plus its data limits, evaluation source, adapter and resuming."""
+
+    #: keep at most this many rows (synthetic: how many problems to generate)
+    num_examples: int | None = None
     #: evaluate on this split (of `eval_dataset`, default `dataset`) instead of a hold-out
     eval_split: str | None = None
     #: evaluation rows from another source (same forms as `dataset`)
     eval_dataset: str | None = None
-    #: the chat_templates plugin rendering every row (its Jinja is saved with the model)
-    template: str = "chatml"
     #: LoRA adapter (None: full fine-tuning); `lora: {}` in YAML means the defaults
     lora: LoraSettings | None = None
     #: the same as `lora` (the issue's name for it); give one of the two
@@ -53,17 +71,13 @@ class TrainingSettings(BadRowsSettings):
     quantization: QuantSettings | None = None
     #: resume from the last checkpoint in the output directory when there is one
     resume: bool = True
-    #: replace what the output directory holds (files of another program, a finished run)
-    overwrite: bool = False
 
     def __post_init__(self) -> None:
         self.lora, self.quantization = resolve_adapter_settings(self.lora, self.peft,
                                                                 self.quantization)
         self.peft = None
-        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
-            raise ConfigError(f"model: expected a string, got {self.model!r}")
-        check_strings(self, ("dataset", "dataset_split"), ("eval_split", "eval_dataset"))
-        self.check_bad_rows()
+        super().__post_init__()
+        check_strings(self, (), ("eval_split", "eval_dataset"))
         check_positive_ints(self, "num_examples")
 
 

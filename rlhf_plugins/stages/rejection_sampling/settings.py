@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 from ...config import build_dataclass, check_strings
 from ...errors import ConfigError
 from ...models import QuantSettings, check_dtype
-from ..bad_rows import BadRowsSettings
-from ..skeleton import SYNTHETIC, read_stage_source
+from ..skeleton import read_stage_source
+from ..training_settings import SourceSettings
 
 BACKENDS = ("hf",)
 #: refused with REMOVED_BACKEND's reason (docs/scaling.md, "vLLM")
@@ -33,22 +33,14 @@ RESERVED_COLUMNS = frozenset({"prompt_index", "completion_index", "prompt", "com
 
 
 @dataclass
-class SamplingSettings(BadRowsSettings):
-    """A rejection-sampling / best-of-N config (YAML fields of `rlhf-plugins sample`)."""
+class SamplingSettings(SourceSettings):
+    """A rejection-sampling / best-of-N config (YAML fields of `rlhf-plugins sample`); the policy
+    and prompt source fields (model, dataset, template, overwrite, ...) are :class:`SourceSettings`'."""
 
-    #: policy: HF model dir, PEFT adapter dir, hub id, .gguf, or None/"default" (embedded SmolLM2)
-    model: str | None = None
-    #: JSONL/JSON file, saved HF dataset dir, or "synthetic" (the built-in verifiable task)
-    dataset: str = SYNTHETIC
-    dataset_split: str = "train"
-    #: `load_dataset` configuration name (hub/script datasets only)
-    dataset_config: str | None = None
     #: column holding the prompt: a message list (conversational) or a string (one user turn)
     prompt_field: str = "prompt"
     #: use at most this many prompts (synthetic: how many problems; default 64)
     num_prompts: int | None = None
-    dataset_seed: int = 0
-    template: str = "chatml"
     #: N, completions per prompt
     num_samples: int = 4
     max_new_tokens: int = 128
@@ -89,8 +81,6 @@ class SamplingSettings(BadRowsSettings):
     #: SFT stage config (SFTSettings + TRL SFTConfig fields); model/dataset/template default
     #: to the policy, the selection and `template`
     sft: dict[str, Any] = field(default_factory=dict)
-    #: replace what the output directory holds (files of another program, a finished run)
-    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype, "dtype")
@@ -116,10 +106,8 @@ class SamplingSettings(BadRowsSettings):
                 raise ConfigError(f"stop_pattern: not a valid regular expression: {exc}") from None
         if self.num_prompts is not None:
             _positive_int(self, "num_prompts")
-        for name in ("seed", "dataset_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed: expected an integer, got {self.seed!r}")
         if _not_number(self.temperature) or self.temperature < 0:
             raise ConfigError(f"temperature: expected a number >= 0, got {self.temperature!r}")
         if _not_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -131,8 +119,8 @@ class SamplingSettings(BadRowsSettings):
             raise ConfigError(REMOVED_BACKEND.format(self.backend))
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        check_strings(self, ("dataset", "template", "selection", "prompt_field", "dataset_split"))
-        self.check_bad_rows()
+        super().__post_init__()
+        check_strings(self, ("template", "selection", "prompt_field"))
         if not isinstance(self.reward_functions, (list, tuple)):
             self.reward_functions = [self.reward_functions]
         self.reward_functions = list(self.reward_functions)
