@@ -13,7 +13,7 @@ from ...config import build_dataclass, check_strings
 from ...errors import ConfigError
 from ...models import QuantSettings, check_dtype
 from ..skeleton import read_stage_source
-from ..training_settings import SourceSettings
+from ..training_settings import SourceSettings, check_positive_ints
 
 BACKENDS = ("hf",)
 #: refused with REMOVED_BACKEND's reason (docs/scaling.md, "vLLM")
@@ -104,8 +104,7 @@ class SamplingSettings(SourceSettings):
                 re.compile(self.stop_pattern)
             except re.error as exc:
                 raise ConfigError(f"stop_pattern: not a valid regular expression: {exc}") from None
-        if self.num_prompts is not None:
-            _positive_int(self, "num_prompts")
+        check_positive_ints(self, "num_prompts")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed: expected an integer, got {self.seed!r}")
         if _not_number(self.temperature) or self.temperature < 0:
